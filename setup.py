@@ -1,0 +1,119 @@
+"""Build sgkernels and its extension sgkernels._C.
+
+* The C++ CPU kernels (csrc/*.cpp) are always built, with OpenMP.
+* The CUDA kernels (csrc/cuda/*.cu) are built whenever nvcc is found, with or without a GPU.
+  ``SGKERNELS_CUDA=1`` requires them (error if nvcc is missing), ``SGKERNELS_CUDA=0`` skips them.
+  ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0". A CUDA compile error fails the build: there is
+  no silent CPU-only fallback.
+* The CUDA library headers that torch's own headers include (cusparse.h, cublas_v2.h) are taken
+  from torch's ``nvidia`` wheels when the toolkit lacks them.
+
+Install with ``pip install --no-build-isolation -e .`` into an environment that already has torch.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _nvidia_include_dirs() -> list[str]:
+    """Include folders shipped by torch's nvidia-* wheels (cu13 layout and the older per-lib one)."""
+    try:
+        import nvidia  # namespace package installed with CUDA builds of torch
+    except ImportError:
+        return []
+    dirs = []
+    for base in list(nvidia.__path__):
+        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _want_cuda(cuda_home: str | None) -> bool:
+    flag = os.environ.get("SGKERNELS_CUDA", "").strip()
+    nvcc = cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not nvcc:
+            sys.exit("SGKERNELS_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        return True
+    if not nvcc:
+        import torch
+
+        if torch.version.cuda is not None:
+            print(
+                "\n*** sgkernels: torch is a CUDA build but nvcc was not found: building WITHOUT the "
+                "CUDA kernels (set CUDA_HOME, or SGKERNELS_CUDA=0 to silence this). ***\n",
+                file=sys.stderr,
+            )
+        return False
+    return True
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    with_cuda = _want_cuda(CUDA_HOME) and bool(cu_sources)
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    define_macros = [("SGK_WITH_CUDA", "1" if with_cuda else "0")]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not with_cuda:
+        define_macros.append(("SGK_CUDA_ARCHS", '""'))
+        return [
+            CppExtension(
+                "sgkernels._C",
+                sources,
+                include_dirs=include_dirs,
+                define_macros=define_macros,
+                extra_compile_args={"cxx": cxx},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    define_macros.append(("SGK_CUDA_ARCHS", '"' + archs + '"'))
+    include_dirs += _nvidia_include_dirs()
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    return [
+        CUDAExtension(
+            "sgkernels._C",
+            sources + cu_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="sgkernels",
+    version="0.1.0",
+    description="Fused kernels for self-guided sampling of masked generative models",
+    packages=find_packages(include=["sgkernels", "sgkernels.*"]),
+    package_data={"sgkernels": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy", "tqdm"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest", "scipy"],
+        "diffusers": ["diffusers"],
+    },
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    entry_points={"console_scripts": ["sgkernels=sgkernels.cli:main"]},
+)

@@ -1,0 +1,38 @@
+"""sgkernels: fused kernels for self-guided sampling of masked generative models.
+
+Quick use::
+
+    import sgkernels as sgk
+    tokens, logp = sgk.guided_sample(logits, guide_logits, guidance_scale=1.0, seed=0)
+    new_tokens, new_mask = sgk.self_guided_step(tokens, is_masked, logits, guide_logits, n,
+                                                guidance_scale=1.0, choice_temperature=25.0, seed=0, offset=step)
+"""
+from . import _C  # noqa: F401  (registers the torch.ops.sgkernels schemas and C++/CUDA kernels)
+from ._backend import get_backend, use_backend
+from .ops import (
+    check_errors,
+    guided_sample,
+    guided_sample_reference,
+    remask_lowest_confidence,
+    remask_reference,
+    self_guided_step,
+    self_guided_step_reference,
+)
+from .schedule import choice_temperature, mask_len, mask_ratio
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "check_errors",
+    "choice_temperature",
+    "get_backend",
+    "guided_sample",
+    "guided_sample_reference",
+    "mask_len",
+    "mask_ratio",
+    "remask_lowest_confidence",
+    "remask_reference",
+    "self_guided_step",
+    "self_guided_step_reference",
+    "use_backend",
+]

@@ -1,0 +1,15 @@
+"""The fused ops. Each module: thin wrapper, fake kernel, kernel registration, PyTorch reference."""
+from ._status import check_errors
+from .guided_sample import guided_sample, guided_sample_reference
+from .remask import remask_lowest_confidence, remask_reference
+from .self_guided_step import self_guided_step, self_guided_step_reference
+
+__all__ = [
+    "check_errors",
+    "guided_sample",
+    "guided_sample_reference",
+    "remask_lowest_confidence",
+    "remask_reference",
+    "self_guided_step",
+    "self_guided_step_reference",
+]

@@ -1,0 +1,76 @@
+"""Argument checks shared by the sampling ops. Every message names the argument and what was expected."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_logits(name: str, x, *, min_dim: int = 1) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32, bfloat16 or float16 logits, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dims [..., V], got shape {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name}: expected vocabulary size V >= 1, got shape {tuple(x.shape)}")
+
+
+def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (same as {ref_name}), got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (same as {ref_name}), got {x.device}")
+
+
+def check_scalar(name: str, value, *, allow_zero: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a finite float >= 0, got {value}")
+    return value
+
+
+def check_guidance_scale(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"guidance_scale: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"guidance_scale: expected a finite float, got {value}")
+    return value
+
+
+def check_mask(name: str, mask, shape: torch.Size, device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: expected a bool tensor, got {mask.dtype}")
+    if mask.shape != shape:
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {mask.device}")
+
+
+def num_to_mask_tensor(num_to_mask, batch: int, device: torch.device) -> torch.Tensor:
+    """``num_to_mask`` as an int64 tensor [B] on ``device``; ints are checked here, tensors in-kernel."""
+    if isinstance(num_to_mask, bool):
+        raise TypeError("num_to_mask: expected an int or an int64 tensor [B], got bool")
+    if isinstance(num_to_mask, int):
+        if num_to_mask < 0:
+            raise ValueError(f"num_to_mask: expected a value >= 0, got {num_to_mask}")
+        return torch.full((batch,), num_to_mask, dtype=torch.int64, device=device)
+    if not isinstance(num_to_mask, torch.Tensor):
+        raise TypeError(f"num_to_mask: expected an int or an int64 tensor [B], got {type(num_to_mask).__name__}")
+    if num_to_mask.dtype.is_floating_point or num_to_mask.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise TypeError(f"num_to_mask: expected an integer tensor, got {num_to_mask.dtype}")
+    if num_to_mask.dim() == 0:
+        num_to_mask = num_to_mask.expand(batch)
+    if num_to_mask.shape != (batch,):
+        raise ValueError(f"num_to_mask: expected shape ({batch},), got {tuple(num_to_mask.shape)}")
+    if num_to_mask.device != device:
+        raise ValueError(f"num_to_mask: expected device {device}, got {num_to_mask.device}")
+    return num_to_mask.to(torch.int64).contiguous()

@@ -1,0 +1,139 @@
+"""``guided_sample``: blend base and guide logits, sample a token per row, return its log-probability.
+
+One op, ``torch.ops.sgkernels.guided_sample``: C++ CPU kernel (csrc/sampling.cpp), Triton CUDA
+kernel (sgkernels/kernels/sampling.py), fake kernel here, and :func:`guided_sample_reference`, the
+plain-PyTorch spec the kernels are tested against.
+
+Sampling method (all backends): exact inverse CDF with one float64 uniform per row (``_rng``
+words w0, w1), the running sum in float64, so the tail of the distribution is kept.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _rng
+from .._backend import triton_available
+from . import _status, _validate
+from ._dispatch import choose_impl
+
+def guided_logits(logits: torch.Tensor, guide_logits: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    """``guide + (1 + s) * (logits - guide)`` in float32 (``logits`` as float32 when no guide)."""
+    g = logits.float()
+    if guide_logits is None:
+        return g
+    u = guide_logits.float()
+    return u + (1.0 + guidance_scale) * (g - u)
+
+
+def _sample_rows_reference(g: torch.Tensor, temperature: float, u: torch.Tensor):
+    """Inverse-CDF sample of each row of float32 ``g`` [R, V] with uniforms ``u`` [R] (float64)."""
+    g64 = g.double()
+    log_z = torch.logsumexp(g64, dim=-1)
+    if temperature == 0.0:
+        tokens = torch.argmax(g64, dim=-1)
+    else:
+        w = torch.softmax(g64 / temperature, dim=-1)
+        cdf = torch.cumsum(w, dim=-1)
+        r = u.to(cdf.device) * cdf[:, -1]
+        tokens = (cdf <= r[:, None]).sum(dim=-1)
+        last_nonzero = g.shape[-1] - 1 - torch.argmax(torch.flip(w > 0, dims=[-1]).to(torch.int8), dim=-1)
+        tokens = torch.minimum(tokens, last_nonzero)
+    logp = (g64.gather(-1, tokens[:, None])[:, 0] - log_z).float()
+    return tokens, logp
+
+
+def bad_rows(g: torch.Tensor) -> torch.Tensor:
+    """Rows of float ``g`` [..., V] that cannot be sampled: NaN or +inf anywhere, or all -inf."""
+    return torch.isnan(g).any(-1) | torch.isposinf(g).any(-1) | torch.isneginf(g).all(-1)
+
+
+def guided_sample_reference(
+    logits: torch.Tensor,
+    guide_logits: torch.Tensor | None = None,
+    *,
+    guidance_scale: float = 0.0,
+    temperature: float = 1.0,
+    seed: int,
+    offset: int = 0,
+):
+    """Plain-PyTorch spec of :func:`guided_sample` (float64 softmax and CDF, same Philox stream).
+
+    Raises ValueError for a row that cannot be sampled (see :func:`bad_rows`).
+    """
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    g = guided_logits(logits, guide_logits, guidance_scale).reshape(-1, vocab)
+    if bool(bad_rows(g).any()):
+        raise ValueError("logits: a sampled row had NaN or +inf guided logits (or all -inf)")
+    w0, w1, _, _ = _rng.row_words(seed, offset, torch.arange(g.shape[0], device=g.device))
+    tokens, logp = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
+    return tokens.reshape(lead), logp.reshape(lead)
+
+
+def guided_sample(
+    logits: torch.Tensor,
+    guide_logits: torch.Tensor | None = None,
+    *,
+    guidance_scale: float = 0.0,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    offset: int = 0,
+):
+    """Sample one token per row from the self-guided logits, in one pass over the logits.
+
+    ``g = guide + (1 + s) * (logits - guide)`` (``g = logits`` without a guide);
+    ``tokens ~ Categorical(softmax(g / temperature))``, argmax when ``temperature == 0``.
+
+    Args:
+        logits: ``[..., V]`` float32/bfloat16/float16, any strides (a ``[..., :K]`` slice of a larger
+            head output is read in place).
+        guide_logits: ``[..., V]``, same shape and device, or None.
+        guidance_scale: s; any finite float (s = 0 gives the base logits, up to float rounding).
+        temperature: >= 0 token temperature.
+        seed: int in [0, 2**63), or None to draw one from torch's default generator.
+        offset: stream offset (e.g. the step index); the same seed/offset reproduce exactly.
+    Returns:
+        ``tokens`` int64 ``[...]`` and ``logp`` float32 ``[...]``: ``log_softmax(g)[token]`` under the
+        untempered guided distribution.
+    Raises:
+        TypeError/ValueError on bad arguments. A row with NaN/+inf guided logits (or all -inf) raises
+        ValueError at once on CPU; on CUDA it sets a device flag that
+        :func:`sgkernels.check_errors` raises (the sampler calls it once at its end).
+    """
+    _validate.check_logits("logits", logits)
+    if guide_logits is not None:
+        _validate.check_logits("guide_logits", guide_logits)
+        _validate.check_same("guide_logits", guide_logits, "logits", logits)
+    guidance_scale = _validate.check_guidance_scale(guidance_scale)
+    temperature = _validate.check_scalar("temperature", temperature)
+    seed = _rng.resolve_seed(seed)
+    offset = _rng.check_offset(offset)
+    impl = choose_impl(logits.device)
+    if impl == "torch":
+        return guided_sample_reference(
+            logits, guide_logits, guidance_scale=guidance_scale, temperature=temperature, seed=seed, offset=offset
+        )
+    status = _status.status_buffer(logits.device)
+    fn = torch.ops.sgkernels.guided_sample if impl == "op" else _triton().guided_sample_triton
+    tokens, logp = fn(logits, guide_logits, guidance_scale, temperature, seed, offset, status)
+    _status.check_now_if_cpu(logits.device)
+    return tokens, logp
+
+
+@torch.library.register_fake("sgkernels::guided_sample")
+def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, seed, offset, status):
+    lead = logits.shape[:-1]
+    return logits.new_empty(lead, dtype=torch.int64), logits.new_empty(lead, dtype=torch.float32)
+
+
+def _triton():
+    from ..kernels import sampling
+
+    return sampling
+
+
+def _guided_sample_cuda(*args):
+    return _triton().guided_sample_triton(*args)
+
+
+if triton_available():
+    torch.library.register_kernel("sgkernels::guided_sample", "cuda", _guided_sample_cuda)

@@ -1,0 +1,129 @@
+"""``self_guided_step``: one fused MaskGIT step with self-guidance.
+
+Masked positions get a token sampled from the guided logits (as :func:`guided_sample`); known
+positions keep theirs and their logits are never read. Then the ``num_to_mask`` least confident of
+the positions just sampled are masked again (as :func:`remask_lowest_confidence`, same seed and
+offset), and their token is reset to what ``tokens`` held there (the mask id).
+
+One op, ``torch.ops.sgkernels.self_guided_step``: C++ CPU kernel (csrc/sampling.cpp), Triton CUDA
+kernels (sgkernels/kernels/sampling.py), fake kernel and reference here.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _rng
+from .._backend import triton_available
+from . import _status, _validate
+from ._dispatch import choose_impl
+from .guided_sample import _sample_rows_reference, bad_rows, guided_logits
+from .remask import confidence_reference, select_lowest_reference
+
+
+def self_guided_step_reference(
+    tokens, is_masked, logits, guide_logits, num_to_mask, *, guidance_scale, temperature, choice_temperature, seed, offset=0
+):
+    """Plain-PyTorch spec of :func:`self_guided_step`."""
+    batch, n_tok, vocab = logits.shape
+    n = _validate.num_to_mask_tensor(num_to_mask, batch, logits.device)
+    if bool((n < 0).any()):
+        raise ValueError("num_to_mask: expected values >= 0, got a negative entry")
+    flat_mask = is_masked.reshape(-1)
+    rows = torch.nonzero(flat_mask).reshape(-1)
+    g = guided_logits(logits.reshape(-1, vocab)[rows], None if guide_logits is None else guide_logits.reshape(-1, vocab)[rows], guidance_scale)
+    if bool(bad_rows(g).any()):
+        raise ValueError("logits: a sampled row had NaN or +inf guided logits (or all -inf)")
+    w0, w1, _, _ = _rng.row_words(seed, offset, rows)
+    sampled, logp_rows = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
+    new_tokens = tokens.reshape(-1).clone()
+    logp = torch.zeros(batch * n_tok, dtype=torch.float32, device=logits.device)
+    new_tokens[rows] = sampled.to(new_tokens.dtype)
+    logp[rows] = logp_rows
+    conf = confidence_reference(logp.reshape(batch, n_tok), choice_temperature, seed, offset)
+    remask = select_lowest_reference(conf, is_masked, n)
+    new_tokens = torch.where(remask, tokens, new_tokens.reshape(batch, n_tok))
+    return new_tokens, remask
+
+
+def self_guided_step(
+    tokens: torch.Tensor,
+    is_masked: torch.Tensor,
+    logits: torch.Tensor,
+    guide_logits: torch.Tensor | None,
+    num_to_mask,
+    *,
+    guidance_scale: float = 0.0,
+    temperature: float = 1.0,
+    choice_temperature: float = 0.0,
+    seed: int | None = None,
+    offset: int = 0,
+):
+    """One fused MaskGIT step: sample masked positions, re-mask the least confident.
+
+    Args:
+        tokens: ``[B, N]`` int64 (int32 is accepted); masked positions hold the mask id.
+        is_masked: ``[B, N]`` bool.
+        logits, guide_logits: ``[B, N, V]`` float32/bfloat16/float16 (guide may be None), any strides.
+        num_to_mask: int or int64 tensor ``[B]``: how many just-sampled positions to mask again.
+        guidance_scale, temperature, choice_temperature: s, t_tok >= 0, tau >= 0.
+        seed, offset: the RNG stream; use a distinct offset per step (e.g. the step index).
+    Returns:
+        ``new_tokens`` int64 ``[B, N]`` and ``new_is_masked`` bool ``[B, N]``. A known position is
+        never re-masked.
+    Raises:
+        as :func:`guided_sample` and :func:`remask_lowest_confidence` (only masked rows are checked
+        for NaN; on CUDA through :func:`sgkernels.check_errors`).
+    """
+    _validate.check_logits("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits: expected shape [B, N, V], got {tuple(logits.shape)}")
+    if guide_logits is not None:
+        _validate.check_logits("guide_logits", guide_logits)
+        _validate.check_same("guide_logits", guide_logits, "logits", logits)
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens: expected an int64 tensor [B, N], got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tokens: expected an int64 (or int32) tensor, got {tokens.dtype}")
+    if tokens.shape != logits.shape[:2] or tokens.device != logits.device:
+        raise ValueError(
+            f"tokens: expected shape {tuple(logits.shape[:2])} on {logits.device} (logits' [B, N]), "
+            f"got {tuple(tokens.shape)} on {tokens.device}"
+        )
+    _validate.check_mask("is_masked", is_masked, tokens.shape, logits.device)
+    n = _validate.num_to_mask_tensor(num_to_mask, logits.shape[0], logits.device)
+    guidance_scale = _validate.check_guidance_scale(guidance_scale)
+    temperature = _validate.check_scalar("temperature", temperature)
+    tau = _validate.check_scalar("choice_temperature", choice_temperature)
+    seed = _rng.resolve_seed(seed)
+    offset = _rng.check_offset(offset)
+    tokens = tokens.to(torch.int64)
+    impl = choose_impl(logits.device)
+    if impl == "torch":
+        return self_guided_step_reference(
+            tokens, is_masked, logits, guide_logits, n, guidance_scale=guidance_scale, temperature=temperature,
+            choice_temperature=tau, seed=seed, offset=offset,
+        )
+    status = _status.status_buffer(logits.device)
+    fn = torch.ops.sgkernels.self_guided_step if impl == "op" else _triton().self_guided_step_triton
+    out = fn(tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset, status)
+    _status.check_now_if_cpu(logits.device)
+    return out
+
+
+@torch.library.register_fake("sgkernels::self_guided_step")
+def _self_guided_step_fake(tokens, is_masked, logits, guide_logits, num_to_mask, s, t, tau, seed, offset, status):
+    return torch.empty_like(tokens), torch.empty_like(is_masked)
+
+
+def _triton():
+    from ..kernels import sampling
+
+    return sampling
+
+
+def _self_guided_step_cuda(*args):
+    return _triton().self_guided_step_triton(*args)
+
+
+if triton_available():
+    torch.library.register_kernel("sgkernels::self_guided_step", "cuda", _self_guided_step_cuda)
