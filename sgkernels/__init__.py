@@ -7,6 +7,8 @@ Quick use::
     new_tokens, new_mask = sgk.self_guided_step(tokens, is_masked, logits, guide_logits, n,
                                                 guidance_scale=1.0, choice_temperature=25.0, seed=0, offset=step)
 """
+import torch  # noqa: F401  (loads libc10/libtorch before the extension)
+
 from . import _C  # noqa: F401  (registers the torch.ops.sgkernels schemas and C++/CUDA kernels)
 from ._backend import get_backend, use_backend
 from .ops import (

@@ -1,0 +1,71 @@
+"""``python -m sgkernels.info``: versions, available backends, compiled CUDA archs, CPU ISA."""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa() -> str:
+    """The widest x86 vector ISA this CPU offers that the C++ kernels dispatch on."""
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw"} <= flags:
+        return "avx512 (kernels use avx2+fma)"
+    if {"avx2", "fma"} <= flags:
+        return "avx2+fma"
+    return platform.machine() + " (portable path)"
+
+
+def collect() -> dict:
+    import torch
+
+    from . import _C
+    from ._backend import get_backend, triton_available, triton_interpret
+
+    info = {
+        "sgkernels": __import__("sgkernels").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none",
+        "triton": "not installed",
+        "backend": get_backend() + (" (SGKERNELS_BACKEND)" if "SGKERNELS_BACKEND" in os.environ else ""),
+        "C++ CPU kernels": "yes" + (" (OpenMP, %d threads)" % torch.get_num_threads() if _C.WITH_OPENMP else " (no OpenMP)"),
+        "CUDA kernels compiled": "yes, archs " + _C.CUDA_ARCHS if _C.WITH_CUDA else "no",
+        "CUDA device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "Triton": "no",
+        "CPU ISA": cpu_isa(),
+    }
+    if triton_available():
+        import triton
+
+        info["triton"] = triton.__version__
+        if torch.cuda.is_available():
+            info["Triton"] = "yes (CUDA)"
+        else:
+            info["Triton"] = "interpreter on CPU tensors" if triton_interpret() else "set TRITON_INTERPRET=1 to run on CPU"
+    try:
+        import xformers  # noqa: F401
+
+        info["attention"] = "xformers memory_efficient_attention on CUDA, SDPA otherwise"
+    except ImportError:
+        info["attention"] = "torch scaled_dot_product_attention"
+    return info
+
+
+def main() -> None:
+    for key, value in collect().items():
+        print(f"{key:>22}: {value}")
+
+
+if __name__ == "__main__":
+    main()
