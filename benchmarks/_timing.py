@@ -1,0 +1,103 @@
+"""Timing and memory measurement shared by the benchmarks."""
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+
+import torch
+
+
+def _fixed_mmap_threshold() -> None:
+    """Make glibc serve big blocks with mmap and give them back on free, so peak RSS is meaningful.
+
+    By default the threshold grows after the first free, and freed blocks stay resident: the CPU
+    peak-memory column would then read ~0 for every eager baseline.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
+
+
+_fixed_mmap_threshold()
+
+# HBM bandwidth of the devices we are lent, bytes/s (vendor datasheets).
+PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: str, *, repeats: int = 10, warmup: int = 2, min_time: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in ms over ``repeats`` runs after ``warmup`` runs.
+
+    CUDA runs are timed with CUDA events around each call.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_time:
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * repeats:
+            break
+    return statistics.median(times)
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_mb(fn, device: str) -> float | None:
+    """Extra peak memory of one ``fn()`` call, in MB (CUDA: allocator peak; CPU: peak RSS growth)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (Linux)
+    except OSError:
+        return None
+    base = _rss_kb("VmRSS:")
+    fn()
+    return max(0, _rss_kb("VmHWM:") - base) / 1024
+
+
+def peak_bandwidth(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_BANDWIDTH.items():
+        if key in name:
+            return value
+    return None
+
+
+def measure(fn, device: str, quick: bool, **row) -> dict:
+    """One result row: median ms and peak extra memory of ``fn``."""
+    repeats = 3 if quick else 10
+    row["ms"] = median_ms(fn, device, repeats=repeats, warmup=1 if quick else 3)
+    row["peak_mb"] = peak_mb(fn, device)
+    return row
