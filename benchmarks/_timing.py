@@ -8,19 +8,21 @@ import time
 import torch
 
 
-def _fixed_mmap_threshold() -> None:
-    """Make glibc serve big blocks with mmap and give them back on free, so peak RSS is meaningful.
+def _mmap_threshold(nbytes: int) -> None:
+    """Set glibc's M_MMAP_THRESHOLD: blocks above it are mmapped, and unmapped on free.
 
-    By default the threshold grows after the first free, and freed blocks stay resident: the CPU
-    peak-memory column would then read ~0 for every eager baseline.
+    The peak-RSS measurement sets it low, so every big tensor shows up as fresh RSS (by default
+    freed blocks stay resident and the CPU peak would read ~0); timing runs set it high, as glibc's
+    own steady state, since mmapping every tensor would slow the eager baselines several-fold.
     """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)
     except (OSError, AttributeError):
         pass
 
 
-_fixed_mmap_threshold()
+_MMAP_FOR_PEAK, _MMAP_FOR_TIMING = 1 << 20, 32 << 20
+_mmap_threshold(_MMAP_FOR_TIMING)
 
 # HBM bandwidth of the devices we are lent, bytes/s (vendor datasheets).
 PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -75,14 +77,18 @@ def peak_mb(fn, device: str) -> float | None:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _mmap_threshold(_MMAP_FOR_PEAK)
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (Linux)
-    except OSError:
-        return None
-    base = _rss_kb("VmRSS:")
-    fn()
-    return max(0, _rss_kb("VmHWM:") - base) / 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS (Linux)
+        except OSError:
+            return None
+        base = _rss_kb("VmRSS:")
+        fn()
+        return max(0, _rss_kb("VmHWM:") - base) / 1024
+    finally:
+        _mmap_threshold(_MMAP_FOR_TIMING)
 
 
 def peak_bandwidth(device: str) -> float | None:
