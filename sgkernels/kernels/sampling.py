@@ -1,0 +1,555 @@
+"""Triton kernels of the sampling ops: ``guided_sample``, ``remask_lowest_confidence``, ``self_guided_step``.
+
+Two kernels do all the work:
+
+* :func:`_sample_rows_kernel`: one pass over each row's logits: self-guidance blend, online
+  max / log-sum-exp, exact inverse-CDF token draw, log-probability of the token.
+* :func:`_remask_kernel`: one program per batch row: Gumbel confidence, k-th smallest by a
+  bitwise binary search, stable (lowest index first) tie break; in the fused step it also writes
+  the new tokens.
+
+``self_guided_step`` = sampler (only masked rows read their logits) + remask kernel, two launches,
+no host sync. The random stream is :mod:`sgkernels._rng` bit for bit: ``tl.philox(seed, r_lo, r_hi,
+off_lo, off_hi)`` per row/position ``r``, words w0, w1 -> token uniform, w2, w3 -> Gumbel noise.
+
+Launchers go through ``torch.library.wrap_triton`` (so ``torch.compile`` traces the launches);
+under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (bf16 inputs are upcast to fp32 there,
+the interpreter cannot load bf16).
+
+Why inverse CDF and not Gumbel-max for the token: Gumbel-max (``argmax(g / T + G_v)``) needs one
+Philox draw and two logarithms per *vocabulary element* (V per row, V = 126464 for LLaDA), which
+makes the kernel compute bound instead of memory bound, and the stream would depend on V. The
+inverse CDF needs *one* Philox draw per row: ``r = u * Z`` against the float64 running sum of
+``exp((g - M) / T)``; it is exact (the float64 sum keeps the tail of the distribution) and costs
+one ``exp`` per element, which the log-sum-exp for ``logp`` needs anyway when T == 1.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+# V up to this: the whole row sits in registers (single-tile path). Above: tiles of _TILE_V.
+# Tests shrink both (monkeypatch) to exercise the multi-tile path on small V.
+# Register budget (ptxas, sm_90, no spills): ~8 elements per thread -> 64-74 registers; 8192 in one
+# tile with 16 warps -> 128 registers; the multi-tile loop with 2048-wide tiles, 8 warps -> 64.
+_MAX_SINGLE_TILE_V = 8192
+_TILE_V = 2048
+# Rows of small vocabularies are packed into one program up to this many elements.
+_ROW_ELEMS = 2048
+_ELEMS_PER_THREAD = 8
+# remask: one program holds a whole batch row in registers.
+MAX_REMASK_N = 4096
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _row_words(seed, offset, r):
+    """The four Philox4x32-10 words (uint32) of row/position indices ``r`` (int64 tensor)."""
+    off = offset.to(tl.uint64)
+    c0 = (r & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (r >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    c2 = zero + (off & 0xFFFFFFFF).to(tl.uint32)
+    c3 = zero + (off >> 32).to(tl.uint32)
+    return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def _token_uniform(w0, w1):
+    """float64 uniform strictly inside (0, 1) from words w0, w1 (as ``_rng.token_uniform``)."""
+    u52 = (w0.to(tl.uint64) << 20) | (w1 >> 12).to(tl.uint64)
+    return (u52.to(tl.float64) + 0.5) * 2.220446049250313e-16
+
+
+@triton.jit
+def _gumbel(w2, w3):
+    """float32 Gumbel(0, 1) noise from words w2, w3 (as ``_rng.gumbel``: fp32 v, fp64 logs)."""
+    hi = (w2 & 0x7FFFFFFF).to(tl.float32) * 2.3283064365386963e-10
+    lo = (w3.to(tl.float32) + 1.0) * 5.421010862427522e-20
+    v = (hi + lo).to(tl.float64)
+    # log1p(-v) accurate for tiny v (Goldberg's trick: log(y) * x / (y - 1), y = 1 + x rounded);
+    # portable: libdevice.log1p does not exist in the interpreter.
+    x = -v
+    y = 1.0 + x
+    log1p_x = tl.where(y == 1.0, x, tl.log(y) * (x / (y - 1.0)))
+    e = tl.where((w2 >> 31) == 1, -tl.log(v), -log1p_x)
+    return (-tl.log(e)).to(tl.float32)
+
+
+@triton.jit
+def _load_guided(l_ptrs, u_ptrs, m, scale, HAS_GUIDE: tl.constexpr):
+    """``u + scale * (l - u)`` in float32 (``l`` without guide); -inf where ``m`` is False."""
+    x = tl.load(l_ptrs, mask=m, other=0.0).to(tl.float32)
+    if HAS_GUIDE:
+        y = tl.load(u_ptrs, mask=m, other=0.0).to(tl.float32)
+        x = y + scale * (x - y)
+    return tl.where(m, x, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Row sampler
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _sample_rows_kernel(
+    logits_ptr,
+    guide_ptr,
+    rowmask_ptr,
+    tokens_ptr,
+    logp_ptr,
+    status_ptr,
+    n_rows,
+    V,
+    stride_lr,
+    stride_lv,
+    stride_ur,
+    stride_uv,
+    scale,
+    inv_temp,
+    seed,
+    offset,
+    HAS_GUIDE: tl.constexpr,
+    HAS_ROWMASK: tl.constexpr,
+    GREEDY: tl.constexpr,
+    TEMP_ONE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    NUM_TILES: tl.constexpr,
+):
+    """Sample one token per row of ``g = u + scale * (l - u)`` by inverse CDF; write token and logp.
+
+    Reads: ``logits`` (and ``guide_logits``) ``[R, V]`` (any dtype, any strides) once, plus
+    ``rowmask`` (bool [R], step only: rows with False are skipped without reading their logits).
+    Writes: ``tokens`` int64 [R], ``logp`` float32 [R], and ORs 1 into ``status[0]`` for a bad
+    row (NaN/+inf in g, or all -inf; its token is 0 and logp NaN).
+
+    Roofline: memory bound, bytes per vocabulary element = itemsize(logits) (+ itemsize(guide)):
+    2 B (bf16) / 4 B (fp32), doubled with a guide; the multi-tile path reads one tile again
+    (x (1 + 1/num_tiles)). Per element: ~1 fma, 1-2 exp (fp32), a float64 add (the CDF).
+
+    Single tile (NUM_TILES == 1, V <= BLOCK_V): BLOCK_R whole rows in registers: M = max g,
+    e = exp((g - M) / T), float64 cumsum, token = #(cdf <= u * Z) clamped to the last e > 0.
+    Multi-tile (NUM_TILES = next pow2 of the tile count, BLOCK_R == 1): one loop over the tiles
+    keeps each tile's max and float64 sums of exp((g - m_t) / T) (and of exp(g - m_t)) in a small
+    register vector [NUM_TILES]; afterwards the tile is chosen by a float64 cumsum of the rescaled
+    tile sums against u * Z, and only that tile is read again to find the index inside it.
+    (Registers instead of a global scratch buffer: no extra traffic, no block barrier.)
+    logp = g_k - M - log(sum exp(g - M)) (untempered), float64 at the end. GREEDY (T == 0): the
+    first argmax. TEMP_ONE: the tempered and untempered sums are the same and computed once.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    if HAS_ROWMASK:
+        active = row_ok & (tl.load(rowmask_ptr + rows64, mask=row_ok, other=0) != 0)
+    else:
+        active = row_ok
+    cols = tl.arange(0, BLOCK_V)
+    l_row = logits_ptr + rows64 * stride_lr
+    u_row = guide_ptr + rows64 * stride_ur
+    NEG_INF: tl.constexpr = float("-inf")
+    POS_INF: tl.constexpr = float("inf")
+
+    if not GREEDY:
+        w0, w1, _w2, _w3 = _row_words(seed, offset, rows64)
+        u = _token_uniform(w0, w1)
+
+    if NUM_TILES == 1:
+        # ---------------- single tile: whole rows in registers ----------------
+        c64 = cols.to(tl.int64)
+        m2 = active[:, None] & (cols[None, :] < V)
+        g = _load_guided(
+            l_row[:, None] + c64[None, :] * stride_lv, u_row[:, None] + c64[None, :] * stride_uv, m2, scale, HAS_GUIDE
+        )
+        M = tl.max(g, axis=1)
+        n_bad = tl.sum(((g != g) | (g == POS_INF)).to(tl.int32), axis=1)
+        bad = active & ((n_bad > 0) | (M == NEG_INF) | (M != M))
+        Mz = tl.where(bad | (M == NEG_INF), 0.0, M)
+        d = g - Mz[:, None]
+        eu = tl.exp(d)
+        z_u = tl.sum(eu.to(tl.float64), axis=1)
+        if GREEDY:
+            # NaN rows are flagged bad; keep them out of argmax (the interpreter rejects all-NaN)
+            tok = tl.argmax(tl.where(g != g, NEG_INF, g), axis=1).to(tl.int32)
+            gk = M
+        else:
+            if TEMP_ONE:
+                e = eu
+            else:
+                e = tl.exp(d * inv_temp)
+            cdf = tl.cumsum(e.to(tl.float64), axis=1)
+            z = tl.max(cdf, axis=1)
+            r = u * z
+            cnt = tl.sum((cdf <= r[:, None]).to(tl.int32), axis=1)
+            last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
+            tok = tl.minimum(cnt, last_nz)
+            gk = tl.sum(tl.where(cols[None, :] == tok[:, None], g, 0.0), axis=1)
+    else:
+        # ---------------- multi-tile: one pass over the tiles, then one tile again ----------------
+        tids = tl.arange(0, NUM_TILES)
+        t_max = tl.full([BLOCK_R, NUM_TILES], NEG_INF, tl.float32)
+        t_usum = tl.zeros([BLOCK_R, NUM_TILES], tl.float64)
+        t_sum = tl.zeros([BLOCK_R, NUM_TILES], tl.float64)
+        bad_acc = tl.zeros([BLOCK_R, BLOCK_V], tl.int32)  # reduced once, after the loop
+        best = tl.full([BLOCK_R], NEG_INF, tl.float32)
+        best_idx = tl.zeros([BLOCK_R], tl.int32)
+        n_tiles = tl.cdiv(V, BLOCK_V)
+        # programs whose rows are all known (step) do not loop at all
+        n_iter = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, n_tiles, 0)
+        for t in range(0, n_iter):
+            c = t * BLOCK_V + cols
+            c64 = c.to(tl.int64)
+            m2 = active[:, None] & (c[None, :] < V)
+            g = _load_guided(
+                l_row[:, None] + c64[None, :] * stride_lv,
+                u_row[:, None] + c64[None, :] * stride_uv,
+                m2,
+                scale,
+                HAS_GUIDE,
+            )
+            m_t = tl.max(g, axis=1)
+            bad_acc = bad_acc | ((g != g) | (g == POS_INF)).to(tl.int32)
+            m_s = tl.where((m_t == NEG_INF) | (m_t != m_t), 0.0, m_t)
+            d = g - m_s[:, None]
+            eu = tl.exp(d)
+            sel = tids[None, :] == t
+            t_max = tl.where(sel, m_t[:, None], t_max)
+            t_usum = tl.where(sel, tl.sum(eu.to(tl.float64), axis=1)[:, None], t_usum)
+            if GREEDY:
+                a_t = tl.argmax(tl.where(g != g, NEG_INF, g), axis=1).to(tl.int32)
+                upd = m_t > best
+                best_idx = tl.where(upd, t * BLOCK_V + a_t, best_idx)
+                best = tl.where(upd, m_t, best)
+            elif not TEMP_ONE:
+                e = tl.exp(d * inv_temp)
+                t_sum = tl.where(sel, tl.sum(e.to(tl.float64), axis=1)[:, None], t_sum)
+        M = tl.max(t_max, axis=1)
+        n_bad = tl.max(bad_acc, axis=1)
+        bad = active & ((n_bad > 0) | (M == NEG_INF) | (M != M))
+        Mz = tl.where(bad | (M == NEG_INF), 0.0, M)
+        dm = t_max.to(tl.float64) - Mz.to(tl.float64)[:, None]
+        scale_u = tl.exp(dm)
+        z_u = tl.sum(t_usum * scale_u, axis=1)
+        if GREEDY:
+            tok = best_idx
+            gk = M
+        else:
+            if TEMP_ONE:
+                t_scale = scale_u
+                w = t_usum * scale_u
+            else:
+                t_scale = tl.exp(dm * inv_temp)
+                w = t_sum * t_scale
+            cdf_t = tl.cumsum(w, axis=1)
+            z = tl.max(cdf_t, axis=1)
+            r = u * z
+            j = tl.sum((cdf_t <= r[:, None]).to(tl.int32), axis=1)
+            last_t = tl.max(tl.where(w > 0.0, tids[None, :], 0), axis=1)
+            j = tl.minimum(j, last_t)
+            before = tl.sum(tl.where(tids[None, :] == (j - 1)[:, None], cdf_t, 0.0), axis=1)
+            sc_j = tl.sum(tl.where(tids[None, :] == j[:, None], t_scale, 0.0), axis=1)
+            m_j = tl.sum(tl.where(tids[None, :] == j[:, None], t_max, 0.0), axis=1)
+            m_j = tl.where((m_j == NEG_INF) | (m_j != m_j), 0.0, m_j)
+            sc_j = tl.where(sc_j > 0.0, sc_j, 1.0)
+            r_loc = (r - before) / sc_j
+            c = j[:, None] * BLOCK_V + cols[None, :]
+            c64 = c.to(tl.int64)
+            m2 = (active & ~bad)[:, None] & (c < V)
+            g = _load_guided(l_row[:, None] + c64 * stride_lv, u_row[:, None] + c64 * stride_uv, m2, scale, HAS_GUIDE)
+            d = g - m_j[:, None]
+            if TEMP_ONE:
+                e = tl.exp(d)
+            else:
+                e = tl.exp(d * inv_temp)
+            cdf = tl.cumsum(e.to(tl.float64), axis=1)
+            k = tl.sum((cdf <= r_loc[:, None]).to(tl.int32), axis=1)
+            last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
+            k = tl.minimum(k, last_nz)
+            tok = j * BLOCK_V + k
+            gk = tl.sum(tl.where(cols[None, :] == k[:, None], g, 0.0), axis=1)
+
+    ok = active & ~bad
+    logz = tl.log(tl.where(ok, z_u, 1.0))
+    logp = ((gk.to(tl.float64) - Mz.to(tl.float64)) - logz).to(tl.float32)
+    logp = tl.where(bad, float("nan"), tl.where(active, logp, 0.0))
+    tok = tl.where(bad | ~active, 0, tok)
+    tl.store(tokens_ptr + rows64, tok.to(tl.int64), mask=row_ok)
+    tl.store(logp_ptr + rows64, logp, mask=row_ok)
+    any_bad = tl.max(bad.to(tl.int32), axis=0)
+    tl.atomic_or(status_ptr, 1, mask=any_bad > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Remask / select (and the token update of the fused step)
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _remask_kernel(
+    logp_ptr,
+    mask_ptr,
+    num_ptr,
+    out_mask_ptr,
+    tokens_ptr,
+    sampled_ptr,
+    out_tokens_ptr,
+    status_ptr,
+    N,
+    tau,
+    seed,
+    offset,
+    FUSED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Per batch row b: choose the ``k = min(n_b, #candidates)`` candidates of smallest (conf, index).
+
+    ``conf = logp + tau * G`` in float32 with ``G`` the Gumbel noise of position ``b * N + n``
+    (words w2, w3; computed here, never stored). Reads ``logp`` f32, ``is_masked`` bool,
+    ``num_to_mask[b]`` int64 (and, FUSED, ``tokens`` int64 and ``sampled`` int64); writes
+    ``new_is_masked`` bool (and, FUSED, ``new_tokens = where(masked & !chosen, sampled, tokens)``).
+    Bytes per position: 5 read + 1 written (remask), 21 read + 9 written (fused step): a
+    negligible kernel next to the sampler (N positions vs N * V logits).
+
+    Selection without a sort: conf -> order-preserving uint32 key (NaN largest, -0 == +0),
+    the k-th smallest key by a 32-step bitwise binary search (each step one count), then
+    ``key < thr`` plus the first ``k - #(key < thr)`` positions with ``key == thr`` (cumsum), so
+    ties go to the lower index. ``n_b < 0`` ORs 2 into ``status[0]`` and counts as 0.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    inb = cols < N
+    pos = b * N + cols.to(tl.int64)
+    cand = inb & (tl.load(mask_ptr + pos, mask=inb, other=0) != 0)
+    lp = tl.load(logp_ptr + pos, mask=cand, other=0.0).to(tl.float32)
+    _w0, _w1, w2, w3 = _row_words(seed, offset, pos)
+    gum = _gumbel(w2, w3)
+    # the float32 product tau * G, exact-then-rounded in float64 (never fused into an fma with the add)
+    noise = (gum.to(tl.float64) * tau).to(tl.float32)
+    conf = lp + noise
+    conf = tl.where(conf == 0.0, 0.0, conf)  # -0 -> +0
+    bits = conf.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    key = tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
+    key = tl.where(conf != conf, 0xFFFFFFFF, key)
+    key = tl.where(cand, key, 0x100000000)  # non-candidates: above every key
+
+    n_b = tl.load(num_ptr + b).to(tl.int64)
+    tl.atomic_or(status_ptr, 2, mask=n_b < 0)
+    n_b = tl.maximum(n_b, 0)
+    n_cand = tl.sum(cand.to(tl.int32), axis=0).to(tl.int64)
+    k = tl.minimum(n_b, n_cand)
+
+    # thr = the k-th smallest key: the largest value with #(key < thr) < k
+    thr = tl.zeros([], tl.int64)
+    one = tl.full([], 1, tl.int64)
+    for i in range(0, 32):
+        trial = thr | (one << (31 - i))
+        cnt = tl.sum((key < trial).to(tl.int32), axis=0).to(tl.int64)
+        thr = tl.where(cnt < k, trial, thr)
+    less = key < thr
+    n_less = tl.sum(less.to(tl.int32), axis=0).to(tl.int64)
+    eq = key == thr
+    rank = tl.cumsum(eq.to(tl.int32), axis=0).to(tl.int64)
+    chosen = less | (eq & (rank <= k - n_less))
+    tl.store(out_mask_ptr + pos, chosen, mask=inb)
+    if FUSED:
+        old = tl.load(tokens_ptr + pos, mask=inb, other=0)
+        smp = tl.load(sampled_ptr + pos, mask=cand, other=0)
+        tl.store(out_tokens_ptr + pos, tl.where(cand & ~chosen, smp, old), mask=inb)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _philox_words_kernel(rows_ptr, out_ptr, n, seed, offset, BLOCK: tl.constexpr):
+    """Test helper: the four Philox words of each int64 row index (out int64 [4, n])."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    r = tl.load(rows_ptr + i, mask=m, other=0)
+    w0, w1, w2, w3 = _row_words(seed, offset, r)
+    tl.store(out_ptr + i, w0.to(tl.int64), mask=m)
+    tl.store(out_ptr + n + i, w1.to(tl.int64), mask=m)
+    tl.store(out_ptr + 2 * n + i, w2.to(tl.int64), mask=m)
+    tl.store(out_ptr + 3 * n + i, w3.to(tl.int64), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (the kernels take float32 scalars; round once, on the host)."""
+    return struct.unpack("f", struct.pack("f", float(x)))[0]
+
+
+def _launch(kernel):
+    """``wrap_triton(kernel)`` for a compiled kernel; the kernel itself under TRITON_INTERPRET."""
+    if isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def _interpreted() -> bool:
+    return not isinstance(_sample_rows_kernel, JITFunction)
+
+
+def _prep_logits(x: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``x`` as [R, V] (a view when possible); bf16 upcast for the CPU interpreter."""
+    x = x.reshape(-1, vocab)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _interpreted():
+        x = x.float()
+    return x
+
+
+def _sampler_config(n_rows: int, vocab: int):
+    """(BLOCK_R, BLOCK_V, NUM_TILES, num_warps) for the row sampler."""
+    if vocab <= _MAX_SINGLE_TILE_V:
+        block_v = triton.next_power_of_2(vocab)
+        num_tiles = 1
+        block_r = max(1, min(_ROW_ELEMS // block_v, triton.next_power_of_2(max(n_rows, 1))))
+    else:
+        block_v = triton.next_power_of_2(_TILE_V)
+        num_tiles = triton.next_power_of_2(triton.cdiv(vocab, block_v))
+        block_r = 1
+    num_warps = max(1, min(16, block_r * block_v // (32 * _ELEMS_PER_THREAD)))
+    return block_r, block_v, num_tiles, num_warps
+
+
+def _launch_sampler(x, u, rowmask, tokens, logp, status, guidance_scale, temperature, seed, offset):
+    n_rows, vocab = x.shape
+    block_r, block_v, num_tiles, num_warps = _sampler_config(n_rows, vocab)
+    greedy = temperature == 0.0
+    temp_one = temperature == 1.0
+    inv_temp = 1.0 if (greedy or temp_one) else 1.0 / temperature
+    has_guide = u is not None
+    if u is None:
+        u = x
+    has_rowmask = rowmask is not None
+    if rowmask is None:
+        rowmask = status  # never read
+    grid = (triton.cdiv(n_rows, block_r),)
+    _launch(_sample_rows_kernel)[grid](
+        x,
+        u,
+        rowmask,
+        tokens,
+        logp,
+        status,
+        n_rows,
+        vocab,
+        x.stride(0),
+        x.stride(1),
+        u.stride(0),
+        u.stride(1),
+        _f32(1.0 + guidance_scale),
+        _f32(inv_temp),
+        seed,
+        offset,
+        HAS_GUIDE=has_guide,
+        HAS_ROWMASK=has_rowmask,
+        GREEDY=greedy,
+        TEMP_ONE=temp_one,
+        BLOCK_R=block_r,
+        BLOCK_V=block_v,
+        NUM_TILES=num_tiles,
+        num_warps=num_warps,
+    )
+
+
+def _check_n(n_pos: int) -> None:
+    if n_pos > MAX_REMASK_N:
+        raise ValueError(
+            f"remask: the Triton kernel holds a row of N positions in one program, N <= {MAX_REMASK_N}; got N = {n_pos}"
+        )
+
+
+def _launch_remask(logp, is_masked, num_to_mask, out_mask, status, tau, seed, offset, tokens=None, sampled=None, out_tokens=None):
+    batch, n_pos = is_masked.shape
+    block_n = triton.next_power_of_2(n_pos)
+    fused = tokens is not None
+    if not fused:
+        tokens = sampled = out_tokens = num_to_mask  # never read
+    _launch(_remask_kernel)[(batch,)](
+        logp,
+        is_masked,
+        num_to_mask,
+        out_mask,
+        tokens,
+        sampled,
+        out_tokens,
+        status,
+        n_pos,
+        _f32(tau),
+        seed,
+        offset,
+        FUSED=fused,
+        BLOCK_N=block_n,
+        num_warps=max(1, min(8, block_n // 256)),  # 16 warps spill (f64 logs) at N = 4096
+    )
+
+
+def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed, offset, status):
+    """CUDA kernel of ``torch.ops.sgkernels.guided_sample`` (see the op for the arguments)."""
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    x = _prep_logits(logits, vocab)
+    u = None if guide_logits is None else _prep_logits(guide_logits, vocab)
+    n_rows = x.shape[0]
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
+    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows > 0:
+        _launch_sampler(x, u, None, tokens, logp, status, float(guidance_scale), float(temperature), int(seed), int(offset))
+    return tokens.reshape(lead), logp.reshape(lead)
+
+
+def remask_triton(logp, is_masked, num_to_mask, choice_temperature, seed, offset, status):
+    """CUDA kernel of ``torch.ops.sgkernels.remask_lowest_confidence``."""
+    batch, n_pos = logp.shape
+    _check_n(n_pos)
+    out = torch.empty((batch, n_pos), dtype=torch.bool, device=logp.device)
+    if batch > 0 and n_pos > 0:
+        _launch_remask(
+            logp.float().contiguous(),
+            is_masked.contiguous(),
+            num_to_mask.to(torch.int64).contiguous(),
+            out,
+            status,
+            float(choice_temperature),
+            int(seed),
+            int(offset),
+        )
+    return out
+
+
+def self_guided_step_triton(
+    tokens, is_masked, logits, guide_logits, num_to_mask, guidance_scale, temperature, choice_temperature, seed, offset, status
+):
+    """CUDA kernels of ``torch.ops.sgkernels.self_guided_step``: sampler (masked rows only) + remask."""
+    batch, n_pos, vocab = logits.shape
+    _check_n(n_pos)
+    device = logits.device
+    new_tokens = torch.empty((batch, n_pos), dtype=torch.int64, device=device)
+    new_mask = torch.empty((batch, n_pos), dtype=torch.bool, device=device)
+    if batch == 0 or n_pos == 0:
+        return new_tokens, new_mask
+    x = _prep_logits(logits, vocab)
+    u = None if guide_logits is None else _prep_logits(guide_logits, vocab)
+    mask = is_masked.contiguous()
+    sampled = torch.empty(batch * n_pos, dtype=torch.int64, device=device)
+    logp = torch.empty(batch * n_pos, dtype=torch.float32, device=device)
+    seed, offset = int(seed), int(offset)
+    _launch_sampler(x, u, mask.reshape(-1), sampled, logp, status, float(guidance_scale), float(temperature), seed, offset)
+    _launch_remask(
+        logp,
+        mask,
+        num_to_mask.to(torch.int64).contiguous(),
+        new_mask,
+        status,
+        float(choice_temperature),
+        seed,
+        offset,
+        tokens=tokens.to(torch.int64).contiguous(),
+        sampled=sampled,
+        out_tokens=new_tokens,
+    )
+    return new_tokens, new_mask
