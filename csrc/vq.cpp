@@ -5,7 +5,7 @@
 //  * "micro" path: z tiles (fp32 copies, any input dtype/strides) against the codebook packed into
 //    panels of NR codes; an MR x NR register-blocked FMA micro-kernel with the running argmin fused
 //    into its epilogue (csrc/vq_cpu_kernel.h). Small D (4..32) is a template parameter (unrolled).
-//  * "gemm" path (large D): per thread, at::mm (MKL sgemm) of a z tile against a codebook chunk
+//  * "gemm" path (opt-in, SGK_VQ_PATH=gemm): per thread, at::mm (MKL sgemm) of a z tile against a codebook chunk
 //    into a small buffer (kGemmRows x kGemmCodes floats), then a fused SIMD argmin scan of it.
 //  * ISA: AVX-512F, AVX2+FMA, or portable C++, picked at run time with __builtin_cpu_supports
 //    (`#pragma GCC target` regions; the build never uses -march=native).
@@ -241,8 +241,10 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cpu(const at::Tensor& z, const at::
   const Isa isa = select_isa();
   const char* path_env = std::getenv("SGK_VQ_PATH");
   const std::string path = path_env ? path_env : "";
-  // GEMM-backed path for large D, where MKL's sgemm beats the fused micro-kernel.
-  const bool use_gemm = path == "gemm" || (path != "micro" && D >= 64 && K >= 64);
+  // The fused micro-kernel beat the sgemm path at every shape measured (D = 8..256; MKL re-packs the
+  // codebook chunk for every z tile, and the extra pass over the buffer costs too), so "gemm" is
+  // opt-in only.
+  const bool use_gemm = path == "gemm";
   const int W = isa.W;
   const int MR = isa.MR;
   const int NR = isa.NV * isa.W;
