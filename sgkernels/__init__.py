@@ -19,6 +19,8 @@ from .ops import (
     remask_reference,
     self_guided_step,
     self_guided_step_reference,
+    vq_lookup,
+    vq_lookup_reference,
 )
 from .schedule import choice_temperature, mask_len, mask_ratio
 
@@ -37,4 +39,6 @@ __all__ = [
     "self_guided_step",
     "self_guided_step_reference",
     "use_backend",
+    "vq_lookup",
+    "vq_lookup_reference",
 ]

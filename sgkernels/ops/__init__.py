@@ -3,6 +3,7 @@ from ._status import check_errors
 from .guided_sample import guided_sample, guided_sample_reference
 from .remask import remask_lowest_confidence, remask_reference
 from .self_guided_step import self_guided_step, self_guided_step_reference
+from .vq_lookup import vq_lookup, vq_lookup_reference
 
 __all__ = [
     "check_errors",
@@ -12,4 +13,6 @@ __all__ = [
     "remask_reference",
     "self_guided_step",
     "self_guided_step_reference",
+    "vq_lookup",
+    "vq_lookup_reference",
 ]

@@ -1,0 +1,4 @@
+"""nn.Modules built on the sgkernels ops."""
+from .vector_quantizer import DiffusersVectorQuantizer, VectorQuantizer
+
+__all__ = ["DiffusersVectorQuantizer", "VectorQuantizer"]
