@@ -34,6 +34,28 @@ def _nvidia_include_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
+def _locate_cuda_home() -> None:
+    """Set CUDA_HOME for torch.utils.cpp_extension when it is unset.
+
+    torch guesses it as the parent of ``which nvcc``, which is wrong when nvcc on PATH is a wrapper
+    (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local, no lib64/libcudart): take the first of the
+    nvcc parent, its symlink target's parent and /usr/local/cuda that really holds the toolkit.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [os.path.dirname(os.path.dirname(nvcc)), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _want_cuda(cuda_home: str | None) -> bool:
     flag = os.environ.get("SGKERNELS_CUDA", "").strip()
     nvcc = cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
@@ -57,6 +79,7 @@ def _want_cuda(cuda_home: str | None) -> bool:
 
 
 def _extensions():
+    _locate_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
