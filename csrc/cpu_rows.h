@@ -143,10 +143,11 @@ struct Load8<c10::Half> {
   }
 };
 
+// fast_expf on 8 lanes (inputs <= 0; lanes below kExpLo, -inf included, give 0).
 SGK_AVX2_FN __m256 exp8(__m256 x) {
-  const __m256 valid = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_GE_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(kExpHi)), _mm256_set1_ps(kExpLo));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_GE_OQ);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), _mm256_set1_ps(12582912.0f));
+  const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(12582912.0f));
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
   __m256 p = _mm256_set1_ps(kExpP0);
@@ -157,8 +158,9 @@ SGK_AVX2_FN __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
   const __m256 r2 = _mm256_mul_ps(r, r);
   const __m256 y = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(k)), valid);
+  const __m256i k = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B400000)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(k)), keep);
 }
 
 // One vector of g from 8 logits (and 8 guide logits). Returns g; updates max and bad.
@@ -315,10 +317,11 @@ struct Load16<c10::Half> {
   }
 };
 
+// fast_expf on 16 lanes (inputs <= 0; lanes below kExpLo, -inf included, give 0).
 SGK_AVX512_FN __m512 exp16(__m512 x) {
-  const __mmask16 valid = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_GE_OQ);
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(kExpHi)), _mm512_set1_ps(kExpLo));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_GE_OQ);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(12582912.0f));
+  const __m512 n = _mm512_sub_ps(t, _mm512_set1_ps(12582912.0f));
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
   __m512 p = _mm512_set1_ps(kExpP0);
@@ -329,8 +332,7 @@ SGK_AVX512_FN __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
   const __m512 r2 = _mm512_mul_ps(r, r);
   const __m512 y = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i k = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(valid, y, _mm512_castsi512_ps(k));
+  return _mm512_maskz_scalef_ps(keep, y, n);  // y * 2^n, n >= -126 on the kept lanes
 }
 
 template <typename TL, typename TU, bool kGuide>
