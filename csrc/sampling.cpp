@@ -19,3 +19,415 @@ TORCH_LIBRARY_FRAGMENT(sgkernels, m) {
       "Tensor num_to_mask, float guidance_scale, float temperature, float choice_temperature, "
       "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
 }
+
+// ================================================================================================
+// CPU kernels.
+//
+// guided_sample: one OpenMP task per row. The row's guided logits are computed once from memory
+// into a thread-local float32 buffer (any strides: a row with a non-unit last-dim stride is first
+// gathered), with its max and a NaN/+inf check in the same pass. Then e_i = exp((g_i - M) / T)
+// (a vectorised polynomial exp) with the float64 sum of every 64-element block, and the token is
+// the first i whose float64 running sum exceeds u * Z: found by walking the block sums, then the
+// one block holding the crossing. logp = g_k - M - log(sum_i exp(g_i - M)).
+// remask_lowest_confidence: per batch row, composite keys (order_key(conf) << 32 | n) of the
+// candidates and std::nth_element.
+// self_guided_step: both, in one parallel region; known rows never touch their logits.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu_math.h"
+#include "cpu_rows.h"
+#include "philox.h"
+
+namespace sgk {
+namespace {
+
+constexpr int kNonfiniteLogits = 1;
+constexpr int kNegativeNumToMask = 2;
+
+struct Scratch {
+  std::vector<float> g, e;
+  std::vector<double> bsum;
+  std::vector<float> raw_l, raw_u;  // gathered rows of a non-unit last-dim stride (bytes)
+  std::vector<uint64_t> keys;
+};
+
+Scratch& scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+template <typename T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+int dtype_index(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: return -1;
+  }
+}
+
+// A pointer to `v` contiguous elements of `es` bytes: `p` itself for a unit stride, else a copy.
+const void* contiguous_row(const char* p, int64_t stride, int64_t v, int64_t es, std::vector<float>& buf) {
+  if (stride == 1) return p;
+  char* out = reinterpret_cast<char*>(grow(buf, (v * es + 3) / 4));
+  if (es == 4) {
+    for (int64_t i = 0; i < v; ++i) std::memcpy(out + 4 * i, p + 4 * i * stride, 4);
+  } else {
+    for (int64_t i = 0; i < v; ++i) std::memcpy(out + 2 * i, p + 2 * i * stride, 2);
+  }
+  return out;
+}
+
+struct SampleParams {
+  int64_t vocab;
+  float c;         // 1 + guidance_scale
+  float scale;     // 1 / temperature (clamped to FLT_MAX)
+  bool argmax;     // temperature == 0
+  int tl, tu;      // dtype indices of logits / guide
+  int64_t esl, esu;
+  int64_t vs_l, vs_u;  // last-dim strides (elements)
+};
+
+SampleParams make_params(const at::Tensor& logits, const std::optional<at::Tensor>& guide, double s, double t) {
+  SampleParams p{};
+  p.vocab = logits.size(-1);
+  p.c = static_cast<float>(1.0 + s);
+  p.argmax = t == 0.0;
+  const double inv = p.argmax ? 1.0 : 1.0 / t;
+  p.scale = inv > std::numeric_limits<float>::max() ? std::numeric_limits<float>::max() : static_cast<float>(inv);
+  p.tl = dtype_index(logits.scalar_type());
+  p.esl = logits.element_size();
+  p.vs_l = logits.stride(-1);
+  if (guide.has_value()) {
+    p.tu = dtype_index(guide->scalar_type());
+    p.esu = guide->element_size();
+    p.vs_u = guide->stride(-1);
+  } else {
+    p.tu = -1;
+  }
+  return p;
+}
+
+// First i < v whose running float64 sum of e exceeds thr (e >= 0, bsum = per-block sums), or -1.
+int64_t cdf_search(const float* e, const double* bsum, int64_t nblocks, int64_t v, double thr) {
+  double prefix = 0.0;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const double next = prefix + bsum[b];
+    if (next > thr) {
+      double c = prefix;
+      const int64_t end = std::min((b + 1) * kBlock, v);
+      for (int64_t i = b * kBlock; i < end; ++i) {
+        c += static_cast<double>(e[i]);
+        if (c > thr) return i;
+      }
+      prefix = c;  // rounding put the crossing past this block after all
+    } else {
+      prefix = next;
+    }
+  }
+  return -1;
+}
+
+struct RowOut {
+  int64_t token;
+  float logp;
+  bool bad;
+};
+
+RowOut sample_row(const char* l, const char* u, const SampleParams& p, double uniform, Scratch& s) {
+  const CpuKernels& k = cpu_kernels();
+  const int64_t v = p.vocab, vp = padded_len(v);
+  const void* lrow = contiguous_row(l, p.vs_l, v, p.esl, s.raw_l);
+  const void* urow = u == nullptr ? nullptr : contiguous_row(u, p.vs_u, v, p.esu, s.raw_u);
+  float* g = grow(s.g, vp);
+  const LoadResult lr = k.load[p.tl][u == nullptr ? p.tl : p.tu](lrow, urow, v, vp, p.c, g);
+  const float m = lr.max;
+  if (lr.bad || m == -std::numeric_limits<float>::infinity()) {
+    return {0, std::numeric_limits<float>::quiet_NaN(), true};
+  }
+  int64_t tok = 0;
+  double sum;
+  if (p.argmax) {
+    while (g[tok] != m) ++tok;
+    sum = k.sum_exp(g, vp, m);
+  } else {
+    float* e = grow(s.e, vp);
+    double* bsum = grow(s.bsum, vp / kBlock);
+    const double z = k.exp_blocks(g, vp, m, p.scale, e, bsum);
+    sum = p.scale == 1.0f ? z : k.sum_exp(g, vp, m);
+    tok = cdf_search(e, bsum, vp / kBlock, v, uniform * z);
+    if (tok < 0) {  // u * Z rounded up to Z: the last token of nonzero weight
+      tok = v - 1;
+      while (tok > 0 && !(e[tok] > 0.0f)) --tok;
+    }
+  }
+  const double lp = static_cast<double>(g[tok]) - static_cast<double>(m) - std::log(sum);
+  return {tok, static_cast<float>(lp), false};
+}
+
+// The n smallest keys (n <= keys.size()) of a row: their low 32 bits (positions) set in `out`.
+void mark_smallest(std::vector<uint64_t>& keys, int64_t n, bool* out) {
+  const int64_t cnt = static_cast<int64_t>(keys.size());
+  if (n <= 0) return;
+  if (n < cnt) std::nth_element(keys.begin(), keys.begin() + n, keys.end());
+  for (int64_t i = 0; i < std::min(n, cnt); ++i) out[keys[i] & 0xFFFFFFFFu] = true;
+}
+
+inline float confidence(float logp, float tau, uint32_t w2, uint32_t w3) {
+  float noise = tau * gumbel(w2, w3);
+  SGK_NO_CONTRACT(noise);
+  return logp + noise;
+}
+
+int num_threads_for(int64_t work) {
+  const int nt = at::get_num_threads();
+  return work < 32768 ? 1 : std::max(nt, 1);
+}
+
+void or_status(const at::Tensor& status, int flags) {
+  if (flags != 0) status.mutable_data_ptr<int32_t>()[0] |= flags;
+}
+
+void check_status(const at::Tensor& status) {
+  TORCH_CHECK(status.device().is_cpu() && status.scalar_type() == at::kInt && status.numel() >= 1,
+              "status: expected an int32 CPU tensor with at least one element");
+}
+
+void check_logits(const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), name, ": expected a CPU tensor");
+  TORCH_CHECK(dtype_index(x.scalar_type()) >= 0, name, ": expected float32, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, name, ": expected shape [..., V] with V >= 1, got ", x.sizes());
+}
+
+void check_common(const at::Tensor& logits, const std::optional<at::Tensor>& guide, double t, int64_t seed,
+                  int64_t offset) {
+  check_logits("logits", logits);
+  if (guide.has_value()) {
+    check_logits("guide_logits", *guide);
+    TORCH_CHECK(guide->sizes() == logits.sizes(), "guide_logits: expected shape ", logits.sizes(), ", got ",
+                guide->sizes());
+  }
+  TORCH_CHECK(std::isfinite(t) && t >= 0.0, "temperature: expected a finite float >= 0, got ", t);
+  TORCH_CHECK(seed >= 0 && offset >= 0, "seed and offset: expected values >= 0");
+}
+
+// ------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> guided_sample_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& guide,
+                                                     double guidance_scale, double temperature, int64_t seed,
+                                                     int64_t offset, const at::Tensor& status) {
+  check_common(logits, guide, temperature, seed, offset);
+  TORCH_CHECK(std::isfinite(guidance_scale), "guidance_scale: expected a finite float");
+  check_status(status);
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  at::Tensor tokens = at::empty(lead, logits.options().dtype(at::kLong));
+  at::Tensor logp = at::empty(lead, logits.options().dtype(at::kFloat));
+  const int64_t rows = tokens.numel();
+  if (rows == 0) return {tokens, logp};
+  const SampleParams p = make_params(logits, guide, guidance_scale, temperature);
+  const int nd = static_cast<int>(lead.size());
+  std::vector<int64_t> sizes(lead.begin(), lead.end()), lstr(nd), ustr(nd, 0);
+  for (int d = 0; d < nd; ++d) {
+    lstr[d] = logits.stride(d) * p.esl;
+    if (guide.has_value()) ustr[d] = guide->stride(d) * p.esu;
+  }
+  const char* lbase = static_cast<const char*>(logits.const_data_ptr());
+  const char* ubase = guide.has_value() ? static_cast<const char*>(guide->const_data_ptr()) : nullptr;
+  int64_t* tok_out = tokens.mutable_data_ptr<int64_t>();
+  float* logp_out = logp.mutable_data_ptr<float>();
+  const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
+  const int nt = num_threads_for(rows * p.vocab);
+  const int64_t chunk = std::max<int64_t>(1, rows / (static_cast<int64_t>(nt) * 16));
+  int flags = 0;
+#pragma omp parallel num_threads(nt) reduction(| : flags)
+  {
+    Scratch& s = scratch();
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t rem = r, loff = 0, uoffb = 0;
+      for (int d = nd - 1; d >= 0; --d) {
+        const int64_t i = rem % sizes[d];
+        rem /= sizes[d];
+        loff += i * lstr[d];
+        uoffb += i * ustr[d];
+      }
+      const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
+      const RowOut o = sample_row(lbase + loff, ubase == nullptr ? nullptr : ubase + uoffb, p,
+                                  token_uniform(w.w0, w.w1), s);
+      tok_out[r] = o.token;
+      logp_out[r] = o.logp;
+      if (o.bad) flags |= kNonfiniteLogits;
+    }
+  }
+  or_status(status, flags);
+  return {tokens, logp};
+}
+
+// ------------------------------------------------------------------------------------------------
+at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const at::Tensor& num_to_mask,
+                      double choice_temperature, int64_t seed, int64_t offset, const at::Tensor& status) {
+  TORCH_CHECK(logp.device().is_cpu() && logp.scalar_type() == at::kFloat && logp.dim() == 2,
+              "logp: expected a float32 CPU tensor [B, N], got ", logp.scalar_type(), " ", logp.sizes());
+  TORCH_CHECK(is_masked.device().is_cpu() && is_masked.scalar_type() == at::kBool && is_masked.sizes() == logp.sizes(),
+              "is_masked: expected a bool CPU tensor of shape ", logp.sizes());
+  const int64_t batch = logp.size(0), n_tok = logp.size(1);
+  TORCH_CHECK(num_to_mask.device().is_cpu() && num_to_mask.scalar_type() == at::kLong && num_to_mask.dim() == 1 &&
+                  num_to_mask.size(0) == batch,
+              "num_to_mask: expected an int64 CPU tensor of shape [", batch, "]");
+  TORCH_CHECK(std::isfinite(choice_temperature) && choice_temperature >= 0.0,
+              "choice_temperature: expected a finite float >= 0");
+  TORCH_CHECK(seed >= 0 && offset >= 0, "seed and offset: expected values >= 0");
+  TORCH_CHECK(n_tok < (int64_t(1) << 32), "N must be < 2**32");
+  check_status(status);
+  at::Tensor out = at::zeros({batch, n_tok}, is_masked.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  const at::Tensor lp = logp.contiguous(), mk = is_masked.contiguous(), nm = num_to_mask.contiguous();
+  const float* lpp = lp.const_data_ptr<float>();
+  const bool* mkp = mk.const_data_ptr<bool>();
+  const int64_t* nmp = nm.const_data_ptr<int64_t>();
+  bool* outp = out.mutable_data_ptr<bool>();
+  const float tau = static_cast<float>(choice_temperature);
+  const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
+  const int nt = std::min<int64_t>(num_threads_for(batch * n_tok * 16), batch);
+  int flags = 0;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : flags)
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<uint64_t>& keys = scratch().keys;
+    keys.clear();
+    for (int64_t n = 0; n < n_tok; ++n) {
+      const int64_t r = b * n_tok + n;
+      if (!mkp[r]) continue;
+      const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
+      const float conf = confidence(lpp[r], tau, w.w2, w.w3);
+      keys.push_back(static_cast<uint64_t>(order_key(conf)) << 32 | static_cast<uint64_t>(n));
+    }
+    int64_t nb = nmp[b];
+    if (nb < 0) {
+      flags |= kNegativeNumToMask;
+      nb = 0;
+    }
+    mark_smallest(keys, nb, outp + b * n_tok);
+  }
+  or_status(status, flags);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens, const at::Tensor& is_masked,
+                                                        const at::Tensor& logits,
+                                                        const std::optional<at::Tensor>& guide,
+                                                        const at::Tensor& num_to_mask, double guidance_scale,
+                                                        double temperature, double choice_temperature, int64_t seed,
+                                                        int64_t offset, const at::Tensor& status) {
+  check_common(logits, guide, temperature, seed, offset);
+  TORCH_CHECK(logits.dim() == 3, "logits: expected shape [B, N, V], got ", logits.sizes());
+  TORCH_CHECK(std::isfinite(guidance_scale), "guidance_scale: expected a finite float");
+  TORCH_CHECK(std::isfinite(choice_temperature) && choice_temperature >= 0.0,
+              "choice_temperature: expected a finite float >= 0");
+  const int64_t batch = logits.size(0), n_tok = logits.size(1);
+  TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 2 &&
+                  tokens.size(0) == batch && tokens.size(1) == n_tok,
+              "tokens: expected an int64 CPU tensor of shape [", batch, ", ", n_tok, "]");
+  TORCH_CHECK(is_masked.device().is_cpu() && is_masked.scalar_type() == at::kBool && is_masked.sizes() == tokens.sizes(),
+              "is_masked: expected a bool CPU tensor of shape [", batch, ", ", n_tok, "]");
+  TORCH_CHECK(num_to_mask.device().is_cpu() && num_to_mask.scalar_type() == at::kLong && num_to_mask.dim() == 1 &&
+                  num_to_mask.size(0) == batch,
+              "num_to_mask: expected an int64 CPU tensor of shape [", batch, "]");
+  TORCH_CHECK(n_tok < (int64_t(1) << 32), "N must be < 2**32");
+  check_status(status);
+
+  at::Tensor new_tokens = at::empty({batch, n_tok}, tokens.options());
+  at::Tensor new_mask = at::empty({batch, n_tok}, is_masked.options());
+  if (new_tokens.numel() == 0) return {new_tokens, new_mask};
+  const at::Tensor tk = tokens.contiguous(), mk = is_masked.contiguous(), nm = num_to_mask.contiguous();
+  const int64_t* tkp = tk.const_data_ptr<int64_t>();
+  const bool* mkp = mk.const_data_ptr<bool>();
+  const int64_t* nmp = nm.const_data_ptr<int64_t>();
+  int64_t* out_tok = new_tokens.mutable_data_ptr<int64_t>();
+  bool* out_mask = new_mask.mutable_data_ptr<bool>();
+
+  std::vector<int64_t> rows;
+  rows.reserve(static_cast<size_t>(batch * n_tok));
+  for (int64_t r = 0; r < batch * n_tok; ++r)
+    if (mkp[r]) rows.push_back(r);
+  const int64_t n_rows = static_cast<int64_t>(rows.size());
+  std::vector<float> conf(static_cast<size_t>(batch * n_tok));
+  std::vector<int64_t> sampled(static_cast<size_t>(batch * n_tok));
+
+  const SampleParams p = make_params(logits, guide, guidance_scale, temperature);
+  const int64_t ls0 = logits.stride(0) * p.esl, ls1 = logits.stride(1) * p.esl;
+  const int64_t us0 = guide.has_value() ? guide->stride(0) * p.esu : 0;
+  const int64_t us1 = guide.has_value() ? guide->stride(1) * p.esu : 0;
+  const char* lbase = static_cast<const char*>(logits.const_data_ptr());
+  const char* ubase = guide.has_value() ? static_cast<const char*>(guide->const_data_ptr()) : nullptr;
+  const float tau = static_cast<float>(choice_temperature);
+  const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
+  const int nt = num_threads_for(std::max(n_rows * p.vocab, batch * n_tok * 16));
+  const int64_t chunk = std::max<int64_t>(1, n_rows / (static_cast<int64_t>(nt) * 16));
+  int flags = 0;
+#pragma omp parallel num_threads(nt) reduction(| : flags)
+  {
+    Scratch& s = scratch();
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < n_rows; ++i) {
+      const int64_t r = rows[i];
+      const int64_t b = r / n_tok, n = r % n_tok;
+      const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
+      const RowOut o = sample_row(lbase + b * ls0 + n * ls1, ubase == nullptr ? nullptr : ubase + b * us0 + n * us1,
+                                  p, token_uniform(w.w0, w.w1), s);
+      sampled[r] = o.token;
+      conf[r] = confidence(o.logp, tau, w.w2, w.w3);
+      if (o.bad) flags |= kNonfiniteLogits;
+    }
+    // (implicit barrier) then the remask, one batch row at a time
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b) {
+      std::vector<uint64_t>& keys = s.keys;
+      keys.clear();
+      const int64_t base = b * n_tok;
+      for (int64_t n = 0; n < n_tok; ++n) {
+        out_mask[base + n] = false;
+        if (mkp[base + n]) {
+          keys.push_back(static_cast<uint64_t>(order_key(conf[base + n])) << 32 | static_cast<uint64_t>(n));
+        }
+      }
+      int64_t nb = nmp[b];
+      if (nb < 0) {
+        flags |= kNegativeNumToMask;
+        nb = 0;
+      }
+      mark_smallest(keys, nb, out_mask + base);
+      for (int64_t n = 0; n < n_tok; ++n) {
+        const int64_t r = base + n;
+        out_tok[r] = (mkp[r] && !out_mask[r]) ? sampled[r] : tkp[r];
+      }
+    }
+  }
+  or_status(status, flags);
+  return {new_tokens, new_mask};
+}
+
+}  // namespace
+}  // namespace sgk
+
+TORCH_LIBRARY_IMPL(sgkernels, CPU, m) {
+  m.impl("guided_sample", &sgk::guided_sample_cpu);
+  m.impl("remask_lowest_confidence", &sgk::remask_cpu);
+  m.impl("self_guided_step", &sgk::self_guided_step_cpu);
+}
