@@ -381,3 +381,70 @@ def test_from_open_muse_grid_size_mismatch():
         MaskTransformer.from_open_muse(sd, tiny(grid_size=3))
     with pytest.raises(ValueError, match="cls_anchor_gen.mlp_t.weight"):
         TOAST.from_open_muse(open_muse_state_dict(tiny(width=16, heads=2)), tiny())
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_roundtrip(tmp_path):
+    from sgkernels.models.checkpoint import load_checkpoint, read_config, save_checkpoint
+
+    cfg = tiny(grid_size=(3, 2), norm="pre")
+    model, guide = MaskTransformer(cfg).eval(), TOAST(cfg, num_factors=NF).eval()
+    save_checkpoint(tmp_path / "ck", model, guide, format="torch")
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["config.json", "guide.pt", "model.pt"]  # no temp files left behind
+    assert read_config(tmp_path / "ck")["weights"] == "torch"
+    model2, guide2 = load_checkpoint(tmp_path / "ck")
+    assert model2.config == cfg and guide2.config == guide.config
+    tok, labels = random_tokens(cfg, 2), torch.tensor([1, 2])
+    with torch.no_grad():
+        out, out2 = model(tok, labels, return_hidden=True), model2(tok, labels, return_hidden=True)
+        assert torch.equal(out.logits, out2.logits)
+        assert torch.equal(guide(model, out.hidden_states, labels), guide2(model2, out2.hidden_states, labels))
+    # re-saving without a guide drops the stale guide file
+    save_checkpoint(tmp_path / "ck", model, format="torch")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.pt"]
+    assert load_checkpoint(tmp_path / "ck")[1] is None
+
+
+def test_checkpoint_errors_name_keys(tmp_path):
+    from sgkernels.models.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny()
+    model, guide = MaskTransformer(cfg), TOAST(cfg, num_factors=NF)
+    d = tmp_path / "ck"
+    save_checkpoint(d, model, guide, format="torch")
+    sd = torch.load(d / "model.pt", weights_only=True)
+    del sd["blocks.0.mlp_in.bias"]
+    sd["blocks.9.extra"] = torch.zeros(1)
+    torch.save(sd, d / "model.pt")
+    with pytest.raises(KeyError, match=r"missing keys \['blocks.0.mlp_in.bias'\]; unexpected keys \['blocks.9.extra'\]"):
+        load_checkpoint(d)
+    # weights of another grid size than the config says
+    save_checkpoint(d, MaskTransformer(tiny(grid_size=4)), format="torch")
+    small = torch.load(d / "model.pt", weights_only=True)
+    save_checkpoint(d, model, format="torch")
+    torch.save(small, d / "model.pt")
+    with pytest.raises(ValueError, match=r"position_embeddings.weight: expected \(10, 32\), got \(17, 32\)"):
+        load_checkpoint(d)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_checkpoint(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="another backbone"):
+        save_checkpoint(d, MaskTransformer(tiny(depth=2)), guide, format="torch")
+    with pytest.raises(ValueError, match="format"):
+        save_checkpoint(d, model, format="npz")
+
+
+def test_checkpoint_safetensors(tmp_path):
+    from sgkernels.models.checkpoint import load_checkpoint, safetensors_available, save_checkpoint
+
+    model = MaskTransformer(tiny())
+    if not safetensors_available():
+        with pytest.raises(ImportError, match="safetensors"):
+            save_checkpoint(tmp_path, model, format="safetensors")
+        save_checkpoint(tmp_path, model)  # auto falls back to torch.save
+        assert (tmp_path / "model.pt").exists()
+        return
+    save_checkpoint(tmp_path, model, TOAST(model.config, num_factors=NF))
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "guide.safetensors").exists()
+    model2, _ = load_checkpoint(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
