@@ -57,6 +57,9 @@ class SelfGuidedSampler:
         cfg_scale: classifier-free guidance weight w (0 = off); see the module docstring.
         cuda_graph: capture the model passes of a step in a CUDA graph and replay it each step
             (CUDA only; the sampling op runs outside the graph, so per-step scalars stay exact).
+            A graph is captured once per batch size and reads the parameters' memory: call
+            :meth:`reset_graphs` after moving the model or replacing (not updating in place) its
+            parameters.
 
     ``sampler(class_labels, *, seed=None, progress=False, callback=None)`` returns int64 tokens
     ``[B, N]`` (codebook ids). ``seed`` fixes every random number (``None``: drawn from torch's
@@ -97,6 +100,10 @@ class SelfGuidedSampler:
         self.cfg_scale = _check_float("cfg_scale", cfg_scale)
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict = {}
+
+    def reset_graphs(self) -> None:
+        """Drop the captured CUDA graphs (they are captured again on the next call)."""
+        self._graphs.clear()
 
     @property
     def guided(self) -> bool:
