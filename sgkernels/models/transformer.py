@@ -155,7 +155,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         d, eps = config.width, config.layer_norm_eps
         self.norm = config.norm
-        self.gelu = "none" if config.gelu == "exact" else "tanh"
+        self.gelu_approximate = "none" if config.gelu == "exact" else "tanh"
         self.attention = SelfAttention(d, config.heads, config.attention_dropout)
         self.attention_norm = nn.LayerNorm(d, eps=eps)
         self.mlp_in = nn.Linear(d, config.mlp_dim)
@@ -164,7 +164,7 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.mlp_out(F.gelu(self.mlp_in(h), approximate=self.gelu)))
+        return self.dropout(self.mlp_out(F.gelu(self.mlp_in(h), approximate=self.gelu_approximate)))
 
     def forward(self, h: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm == "post":
@@ -245,10 +245,9 @@ class MaskTransformer(nn.Module):
             if labels.device.type == "cpu" and labels.numel() and bool((labels >= cfg.num_classes).any()):
                 raise ValueError(f"class_labels: expected values in [-1, {cfg.num_classes}), got {labels.tolist()}")
             cls_ids = torch.where(labels < 0, cfg.mask_token_id, labels + cfg.codebook_size)[:, None]
-        if tokens.device.type == "cpu" and tokens.numel():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or (hi >= cfg.codebook_size and hi != cfg.mask_token_id) or (
-                    hi == cfg.mask_token_id and bool(((tokens >= cfg.codebook_size) & (tokens != cfg.mask_token_id)).any())):
+        if tokens.device.type == "cpu" and tokens.numel():  # (on CUDA this check would sync every pass)
+            bad = (tokens < 0) | ((tokens >= cfg.codebook_size) & (tokens != cfg.mask_token_id))
+            if bool(bad.any()):
                 raise ValueError(
                     f"tokens: expected codebook ids in [0, {cfg.codebook_size}) or the mask id {cfg.mask_token_id}"
                 )
