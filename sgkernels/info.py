@@ -53,12 +53,10 @@ def collect() -> dict:
             info["Triton"] = "yes (CUDA)"
         else:
             info["Triton"] = "interpreter on CPU tensors" if triton_interpret() else "set TRITON_INTERPRET=1 to run on CPU"
-    try:
-        import xformers  # noqa: F401
+    from .nn.attention import attention_backend
 
-        info["attention"] = "xformers memory_efficient_attention on CUDA, SDPA otherwise"
-    except ImportError:
-        info["attention"] = "torch scaled_dot_product_attention"
+    names = {"xformers": "xformers memory_efficient_attention", "sdpa": "torch scaled_dot_product_attention"}
+    info["attention"] = ", ".join(f"{dev}: {names[attention_backend(dev)]}" for dev in ("cuda", "cpu"))
     return info
 
 

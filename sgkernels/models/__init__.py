@@ -1,0 +1,9 @@
+"""Models: MaskGIT's bidirectional transformer, the TOAST guide, checkpoint IO.
+
+Layering: ``sgkernels.sampler`` -> ``sgkernels.models`` -> ``sgkernels.nn`` -> ``sgkernels.ops``;
+models never import the sampler.
+"""
+from .transformer import MaskTransformer, MaskTransformerConfig, TransformerOutput
+from .toast import TOAST, TOASTConfig
+
+__all__ = ["MaskTransformer", "MaskTransformerConfig", "TOAST", "TOASTConfig", "TransformerOutput"]

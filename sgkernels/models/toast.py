@@ -1,0 +1,224 @@
+"""TOAST (top-down attention steering): the guide H of self-guided sampling (METHOD.md steps 1-7).
+
+Given the last block's output ``x`` of the frozen backbone's ordinary pass (pass 1, class position
+included) and the class labels:
+
+1. class anchor ``a_c = proj(LayerNorm(sum_f w_f * (P_pos + C_class)_f))``, ``[B, 1, d]``, a
+   factorised embedding with F = 16 factors;
+2. token selection ``x = x * clamp(cos_sim(x, a_c), 0, 1)``, then ``x = x @ P`` (P identity-initialised);
+3. top-down chain for ``l = L-1 .. 0``: ``x = A_l x; f_l = B_l x`` (bias-free ``d x d``);
+4. pass 2 of the same frozen backbone on a blank canvas (every input id, the class token
+   included, is [MASK]), each layer ``l`` adding ``f_l`` through its own value projection. Its logits
+   are ``l_smooth``.
+
+Only the anchor (embeddings, factor weights, its LayerNorm and projection), P, A_l and B_l are
+parameters of this module (~24% of the MaskGIT-256 backbone: 41.8M of 174.1M). The backbone is
+passed to :meth:`TOAST.forward` and never receives gradients: pass 2 runs it on detached
+parameters when autograd is on, and pass 1's hidden states are detached.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .transformer import MaskTransformer, MaskTransformerConfig, TransformerOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class TOASTConfig:
+    """Shape of a :class:`TOAST` guide; the first four fields must match its backbone's config."""
+
+    width: int
+    depth: int
+    num_classes: int
+    codebook_size: int
+    num_factors: int = 16
+    anchor_norm_eps: float = 1e-5
+
+    BACKBONE_FIELDS = ("width", "depth", "num_classes", "codebook_size")
+
+    def __post_init__(self):
+        for name in ("width", "depth", "num_classes", "codebook_size", "num_factors"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+    @classmethod
+    def for_backbone(cls, config: MaskTransformerConfig, num_factors: int = 16, **kw) -> "TOASTConfig":
+        return cls(config.width, config.depth, config.num_classes, config.codebook_size, num_factors, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TOASTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"TOASTConfig: unknown fields {unknown}")
+        return cls(**d)
+
+
+class ClassAnchor(nn.Module):
+    """``a_c = proj(LayerNorm(sum_f w_f (P_pos + C_class)_f))``: ``[B]`` labels -> ``[B, 1, d]``."""
+
+    def __init__(self, width: int, num_classes: int, num_factors: int, eps: float = 1e-5):
+        super().__init__()
+        self.position = nn.Parameter(torch.empty(width, num_factors))
+        self.classes = nn.Parameter(torch.empty(num_classes, width, num_factors))
+        self.factor_weights = nn.Parameter(torch.empty(num_factors))
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
+        e = (self.position + self.classes[class_labels]) @ self.factor_weights  # [B, d]
+        return self.proj(self.norm(e))[:, None, :]
+
+
+class TOAST(nn.Module):
+    """The guide H; see the module docstring.
+
+    ``TOAST(config)`` with a :class:`TOASTConfig` or the backbone's :class:`MaskTransformerConfig`.
+
+    ``forward(backbone, hidden_states, class_labels, *, return_layers=False)``:
+    ``hidden_states`` ``[B, N+1, d]`` is pass 1's last block output (``backbone(...,
+    return_hidden=True).hidden_states``), ``class_labels`` int64 ``[B]`` in ``[0, num_classes)``.
+    Returns ``l_smooth`` ``[B, N, K]``, or with ``return_layers`` a
+    :class:`~sgkernels.models.transformer.TransformerOutput` whose ``layer_inputs`` /
+    ``layer_outputs`` are pass 2's per-layer inputs and outputs (see :meth:`reconstruction_loss`).
+    """
+
+    def __init__(self, config: TOASTConfig | MaskTransformerConfig, num_factors: int = 16):
+        super().__init__()
+        if isinstance(config, MaskTransformerConfig):
+            config = TOASTConfig.for_backbone(config, num_factors)
+        if not isinstance(config, TOASTConfig):
+            raise TypeError(f"config: expected a TOASTConfig or MaskTransformerConfig, got {type(config).__name__}")
+        self.config = config
+        d = config.width
+        self.anchor = ClassAnchor(d, config.num_classes, config.num_factors, config.anchor_norm_eps)
+        self.selection = nn.Parameter(torch.empty(d, d))
+        self.top_down = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(config.depth))
+        self.feedback = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(config.depth))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """The official init: truncated normal (std 0.02) embeddings and weights, P = identity."""
+        for p in (self.anchor.position, self.anchor.classes, self.anchor.factor_weights, self.anchor.proj.weight,
+                  *(m.weight for m in self.top_down), *(m.weight for m in self.feedback)):
+            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(self.anchor.proj.bias)
+        nn.init.ones_(self.anchor.norm.weight)
+        nn.init.zeros_(self.anchor.norm.bias)
+        with torch.no_grad():
+            self.selection.copy_(torch.eye(self.config.width))
+
+    def check_backbone(self, backbone: MaskTransformer | MaskTransformerConfig) -> None:
+        """Raise ``ValueError`` naming the fields where ``backbone`` differs from what this guide was built for."""
+        cfg = backbone.config if isinstance(backbone, nn.Module) else backbone
+        if not isinstance(cfg, MaskTransformerConfig):
+            raise TypeError(f"backbone: expected a MaskTransformer, got {type(backbone).__name__}")
+        diff = [
+            f"{name} {getattr(self.config, name)} (guide) vs {getattr(cfg, name)} (backbone)"
+            for name in TOASTConfig.BACKBONE_FIELDS
+            if getattr(self.config, name) != getattr(cfg, name)
+        ]
+        if diff:
+            raise ValueError("TOAST guide was built for another backbone: " + "; ".join(diff))
+
+    def feedbacks(self, hidden_states: torch.Tensor, class_labels: torch.Tensor) -> list[torch.Tensor]:
+        """Steps 2-4: the per-layer feedback ``f_0 .. f_{L-1}``, each ``[B, N+1, d]``."""
+        x = hidden_states
+        anchor = self.anchor(class_labels)  # [B, 1, d]
+        sim = F.normalize(x, dim=-1) @ F.normalize(anchor, dim=-1).transpose(1, 2)  # [B, N+1, 1]
+        x = (x * sim.clamp(0, 1)) @ self.selection
+        out: list[torch.Tensor] = [None] * self.config.depth  # type: ignore[list-item]
+        for layer in range(self.config.depth - 1, -1, -1):
+            x = self.top_down[layer](x)
+            out[layer] = self.feedback[layer](x)
+        return out
+
+    def forward(
+        self,
+        backbone: MaskTransformer,
+        hidden_states: torch.Tensor,
+        class_labels: torch.Tensor,
+        *,
+        return_layers: bool = False,
+    ):
+        self.check_backbone(backbone)
+        cfg = backbone.config
+        if hidden_states.dim() != 3 or hidden_states.shape[1:] != (cfg.seq_len, cfg.width):
+            raise ValueError(
+                f"hidden_states: expected [B, {cfg.seq_len}, {cfg.width}] (pass 1's last block output), "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        b = hidden_states.shape[0]
+        if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (b,):
+            raise ValueError(f"class_labels: expected an int64 tensor of shape ({b},)")
+        if class_labels.device.type == "cpu" and b and bool(((class_labels < 0) | (class_labels >= cfg.num_classes)).any()):
+            raise ValueError(f"class_labels: expected values in [0, {cfg.num_classes}), got {class_labels.tolist()}")
+        feedback = self.feedbacks(hidden_states.detach(), class_labels.long())
+        blank = torch.full((b, cfg.seq_len), cfg.mask_token_id, dtype=torch.int64, device=hidden_states.device)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in backbone.parameters()):
+            # Frozen backbone without touching the caller's requires_grad flags.
+            return _forward_ids_detached(backbone, blank, feedback, return_layers)
+        return backbone.forward_ids(blank, feedback=feedback, return_layers=return_layers)
+
+    def reconstruction_loss(self, output: TransformerOutput, weight: float = 0.1) -> torch.Tensor:
+        """TOAST's term ``weight * sum_l MSE(A_l(out_l.detach()), in_l.detach())`` over pass 2's layers."""
+        if output.layer_inputs is None or output.layer_outputs is None:
+            raise ValueError("reconstruction_loss needs forward(..., return_layers=True)")
+        terms = [
+            F.mse_loss(self.top_down[layer](output.layer_outputs[layer].detach()), output.layer_inputs[layer].detach())
+            for layer in range(self.config.depth)
+        ]
+        return weight * torch.stack(terms).sum()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_open_muse(
+        cls, state_dict: dict, backbone_config: MaskTransformerConfig, *, num_factors: int | None = None,
+        strict: bool = True,
+    ) -> "TOAST":
+        """The guide of an open-muse ``MaskGitTransformerTOAST`` state dict (its backbone keys are ignored).
+
+        ``num_factors`` defaults to what ``cls_anchor_gen.mlp_f.weight`` holds (16 in the paper).
+        Missing / unknown keys and shape mismatches raise, naming them.
+        """
+        from .open_muse import convert_toast
+
+        if num_factors is None:
+            f = state_dict.get("cls_anchor_gen.mlp_f.weight") if isinstance(state_dict, dict) else None
+            num_factors = int(f.shape[-1]) if isinstance(f, torch.Tensor) and f.dim() >= 1 else 16
+        guide = cls(TOASTConfig.for_backbone(backbone_config, num_factors))
+        guide.load_state_dict(convert_toast(state_dict, guide.config, strict=strict), strict=True)
+        return guide
+
+
+def toast_param_count(config: TOASTConfig) -> int:
+    """Parameters of a :class:`TOAST` with ``config``, computed without allocating them."""
+    d, f, c, L = config.width, config.num_factors, config.num_classes, config.depth
+    return d * f + c * d * f + f + 2 * d + d * d + d + d * d + 2 * L * d * d
+
+
+def _forward_ids_detached(backbone: MaskTransformer, ids, feedback, return_layers):
+    """``backbone.forward_ids`` on detached parameters (no gradient reaches the backbone)."""
+    state = {f"m.{k}": v.detach() for k, v in backbone.named_parameters()}
+    state.update({f"m.{k}": v for k, v in backbone.named_buffers()})
+    return torch.func.functional_call(_ForwardIds(backbone), state, (ids,),
+                                      {"feedback": feedback, "return_layers": return_layers})
+
+
+class _ForwardIds(nn.Module):
+    def __init__(self, m: MaskTransformer):
+        super().__init__()
+        self.m = m
+
+    def forward(self, ids, *, feedback, return_layers):
+        return self.m.forward_ids(ids, feedback=feedback, return_layers=return_layers)

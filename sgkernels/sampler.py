@@ -1,0 +1,220 @@
+"""Self-guided MaskGIT sampling: :class:`SelfGuidedSampler`.
+
+Per step ``k = 0 .. T-1``:
+
+1. base pass of the backbone on ``[class] + grid`` (its last hidden states kept) -> ``l_base``;
+2. with a guide and ``guidance_scale != 0``: the guide's pass 2 from pass 1's hidden states ->
+   ``l_smooth`` (so a step costs 2 backbone passes; 1 without guidance: plain MaskGIT);
+3. ONE fused :func:`sgkernels.self_guided_step` call (``offset=k``): sample every masked position
+   from ``l_smooth + (1+s)(l_base - l_smooth)`` and re-mask the ``mask_len(k)`` least confident of
+   them (cosine schedule :func:`sgkernels.mask_len`, choice temperature
+   :func:`sgkernels.choice_temperature`).
+
+Classifier-free guidance (``cfg_scale = w > 0``) replaces ``l_base`` with
+``l_u + (1 + w)(l_c - l_u)``; the unconditional pass puts the **[MASK] id** in the class slot
+(``class_labels = -1``; MaskGIT has no dedicated null class, and [MASK] is also what TOAST's blank
+canvas puts there). It only makes sense for a backbone trained with class dropout to [MASK]. The
+conditional and unconditional passes run as one batch of 2B; the guide still steers from the
+conditional pass's hidden states, so a CFG + self-guidance step costs 3 backbone passes.
+
+The loop has no host sync: mask counts stay on the device (``mask_len`` takes tensors), the
+choice temperature is a Python float of the step index, and errors flagged by the kernels on CUDA
+are raised by one :func:`sgkernels.check_errors` at the end.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _rng
+from .models.toast import TOAST
+from .models.transformer import MaskTransformer
+from .ops import check_errors, self_guided_step
+from .schedule import TEMPERATURE_DECAYS, choice_temperature, mask_len
+
+
+def _check_float(name: str, value, *, nonneg: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (nonneg and value < 0):
+        raise ValueError(f"{name}: expected a finite float{' >= 0' if nonneg else ''}, got {value}")
+    return value
+
+
+class SelfGuidedSampler:
+    """Samples token grids from a :class:`MaskTransformer`, optionally self-guided by a :class:`TOAST` guide.
+
+    Args:
+        model: the backbone (run in eval mode during sampling; its mode is restored afterwards).
+        guide: a :class:`TOAST` built for ``model``'s config, or None (plain MaskGIT).
+        steps: T >= 1.
+        guidance_scale: s (paper default 1.0); 0 = plain MaskGIT (one pass per step).
+        choice_temperature: tau_0 (25 for T = 18 at 256px with guidance; MaskGIT alone: 4.5).
+        temperature_decay: ``"maskgit"`` (tau_0 (1 - (k+1)/T)) or ``"compound"`` (the official code).
+        temperature: token temperature t_tok (1 in the paper).
+        cfg_scale: classifier-free guidance weight w (0 = off); see the module docstring.
+        cuda_graph: capture the model passes of a step in a CUDA graph and replay it each step
+            (CUDA only; the sampling op runs outside the graph, so per-step scalars stay exact).
+            A graph is captured once per batch size and reads the parameters' memory: call
+            :meth:`reset_graphs` after moving the model or replacing (not updating in place) its
+            parameters.
+
+    ``sampler(class_labels, *, seed=None, progress=False, callback=None)`` returns int64 tokens
+    ``[B, N]`` (codebook ids). ``seed`` fixes every random number (``None``: drawn from torch's
+    default generator); ``progress`` shows a tqdm bar; ``callback(step, tokens, is_masked)`` is called
+    after each step (it must not sync if you care about speed).
+    """
+
+    def __init__(
+        self,
+        model: MaskTransformer,
+        guide: TOAST | None = None,
+        *,
+        steps: int = 18,
+        guidance_scale: float = 1.0,
+        choice_temperature: float = 25.0,
+        temperature_decay: str = "maskgit",
+        temperature: float = 1.0,
+        cfg_scale: float = 0.0,
+        cuda_graph: bool = False,
+    ):
+        if not isinstance(model, MaskTransformer):
+            raise TypeError(f"model: expected a MaskTransformer, got {type(model).__name__}")
+        if guide is not None:
+            if not isinstance(guide, TOAST):
+                raise TypeError(f"guide: expected a TOAST guide or None, got {type(guide).__name__}")
+            guide.check_backbone(model)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+        if temperature_decay not in TEMPERATURE_DECAYS:
+            raise ValueError(f"temperature_decay: expected one of {TEMPERATURE_DECAYS}, got {temperature_decay!r}")
+        self.model = model
+        self.guide = guide
+        self.steps = steps
+        self.guidance_scale = _check_float("guidance_scale", guidance_scale, nonneg=False)
+        self.choice_temperature = _check_float("choice_temperature", choice_temperature)
+        self.temperature_decay = temperature_decay
+        self.temperature = _check_float("temperature", temperature)
+        self.cfg_scale = _check_float("cfg_scale", cfg_scale)
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: dict = {}
+
+    def reset_graphs(self) -> None:
+        """Drop the captured CUDA graphs (they are captured again on the next call)."""
+        self._graphs.clear()
+
+    @property
+    def guided(self) -> bool:
+        """Whether a step runs the guide (a guide is set and the guidance scale is non-zero)."""
+        return self.guide is not None and self.guidance_scale != 0.0
+
+    @property
+    def passes_per_step(self) -> int:
+        """Backbone passes per step (the batched CFG pass counts as 2)."""
+        return 1 + (self.cfg_scale > 0) + self.guided
+
+    # -- one step's network passes --------------------------------------------------------------
+    def _logits(self, tokens: torch.Tensor, labels: torch.Tensor):
+        model, cfg_on = self.model, self.cfg_scale > 0
+        if cfg_on:
+            b = tokens.shape[0]
+            out = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, -1)]),
+                        return_hidden=self.guided)
+            logits_all = out.logits if self.guided else out
+            cond, uncond = logits_all[:b], logits_all[b:]
+            logits = uncond + (1.0 + self.cfg_scale) * (cond - uncond)
+            hidden = out.hidden_states[:b] if self.guided else None
+        elif self.guided:
+            out = model(tokens, labels, return_hidden=True)
+            logits, hidden = out.logits, out.hidden_states
+        else:
+            logits, hidden = model(tokens, labels), None
+        guide_logits = self.guide(model, hidden, labels) if self.guided else None
+        return logits, guide_logits
+
+    def _graphed(self, tokens: torch.Tensor, labels: torch.Tensor):
+        """The step's passes as a CUDA graph over static ``tokens``/``labels`` buffers (captured once per batch size)."""
+        key = (tokens.shape[0], tokens.device, self.guided, self.cfg_scale > 0)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_tokens, static_labels = tokens.clone(), labels.clone()
+            side = torch.cuda.Stream(device=tokens.device)
+            side.wait_stream(torch.cuda.current_stream(tokens.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up (cuBLAS handles, autotuning) outside the capture
+                    self._logits(static_tokens, static_labels)
+            torch.cuda.current_stream(tokens.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._logits(static_tokens, static_labels)
+            entry = self._graphs[key] = (graph, static_tokens, static_labels, static_out)
+        graph, static_tokens, static_labels, static_out = entry
+        static_tokens.copy_(tokens)
+        static_labels.copy_(labels)
+        graph.replay()
+        return static_out
+
+    # -- sampling -----------------------------------------------------------------------------
+    def _check_labels(self, class_labels, device: torch.device) -> torch.Tensor:
+        if not isinstance(class_labels, torch.Tensor) or class_labels.dtype not in (
+                torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError("class_labels: expected an integer (int64) tensor [B]")
+        if class_labels.dim() != 1 or class_labels.numel() == 0:
+            raise ValueError(f"class_labels: expected a non-empty 1-D tensor [B], got shape {tuple(class_labels.shape)}")
+        c = self.model.config.num_classes
+        # One check before the loop (a sync on CUDA, never inside the loop).
+        if bool(((class_labels < 0) | (class_labels >= c)).any()):
+            bad = class_labels[(class_labels < 0) | (class_labels >= c)][:8].tolist()
+            raise ValueError(f"class_labels: expected values in [0, {c}), got {bad}")
+        return class_labels.to(device=device, dtype=torch.int64)
+
+    def __call__(self, class_labels: torch.Tensor, *, seed: int | None = None, progress: bool = False, callback=None):
+        model, guide, cfg = self.model, self.guide, self.model.config
+        if guide is not None:
+            guide.check_backbone(model)
+        device = next(model.parameters()).device
+        if self.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        if guide is not None and self.guided:
+            gdev = next(guide.parameters()).device
+            if gdev != device:
+                raise ValueError(f"guide is on {gdev} but the model is on {device}")
+        labels = self._check_labels(class_labels, device)
+        seed = _rng.resolve_seed(seed)
+        b, n = labels.shape[0], cfg.num_tokens
+        tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=device)
+        is_masked = torch.ones((b, n), dtype=torch.bool, device=device)
+
+        modules = [m for m in (model, guide) if m is not None]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            steps = range(self.steps)
+            if progress:
+                from tqdm.auto import tqdm
+
+                steps = tqdm(steps, desc="self-guided sampling" if self.guided else "MaskGIT sampling", unit="step")
+            with torch.no_grad():
+                for step in steps:
+                    if self.cuda_graph:
+                        logits, guide_logits = self._graphed(tokens, labels)
+                    else:
+                        logits, guide_logits = self._logits(tokens, labels)
+                    num_to_mask = mask_len(step, self.steps, n, is_masked.sum(dim=1))
+                    tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
+                    tokens, is_masked = self_guided_step(
+                        tokens, is_masked, logits, guide_logits, num_to_mask,
+                        guidance_scale=self.guidance_scale if guide_logits is not None else 0.0,
+                        temperature=self.temperature, choice_temperature=tau, seed=seed, offset=step,
+                    )
+                    if callback is not None:
+                        callback(step, tokens, is_masked)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        check_errors(device)
+        return tokens
+

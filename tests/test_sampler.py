@@ -1,0 +1,205 @@
+"""SelfGuidedSampler on tiny models (CPU), plus one 2-step run at the MaskGIT-256 shape."""
+import time
+
+import pytest
+import torch
+
+import sgkernels as sgk
+from sgkernels import sampler as sampler_module
+from sgkernels.models import TOAST, MaskTransformer, MaskTransformerConfig
+from sgkernels.sampler import SelfGuidedSampler
+
+TINY = dict(codebook_size=16, num_classes=5, grid_size=4, width=32, depth=2, heads=4, mlp_dim=48)
+
+
+@pytest.fixture(autouse=True)
+def _sampling_backend():
+    """The fused C++ CPU kernel when this build has it, else the PyTorch reference (same semantics)."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("sgkernels::self_guided_step", "CPU"):
+        yield
+    else:
+        with sgk.use_backend("torch"):
+            yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny models: one intra-op thread (OpenMP barriers dominate otherwise on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    if "maskgit_256" not in request.node.name:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = MaskTransformerConfig(**TINY)
+    model, guide = MaskTransformer(cfg), TOAST(cfg, num_factors=4)
+    model.reset_parameters(std=0.3)  # peaked logits, and a guide that matters
+    guide.reset_parameters(std=0.3)
+    return model, guide
+
+
+LABELS = torch.tensor([0, 3, 4])
+
+
+def test_tokens_and_determinism(tiny):
+    model, guide = tiny
+    s = SelfGuidedSampler(model, guide, steps=5)
+    a = s(LABELS, seed=7)
+    assert a.shape == (3, 16) and a.dtype == torch.int64
+    assert ((a >= 0) & (a < 16)).all()
+    assert torch.equal(a, s(LABELS, seed=7))
+    assert not torch.equal(a, s(LABELS, seed=8))
+    torch.manual_seed(123)
+    b = s(LABELS)
+    torch.manual_seed(123)
+    assert torch.equal(b, s(LABELS))
+
+
+def test_guidance_zero_is_plain_maskgit(tiny):
+    model, guide = tiny
+    plain = SelfGuidedSampler(model, None, steps=6, choice_temperature=4.5)
+    zero = SelfGuidedSampler(model, guide, steps=6, guidance_scale=0.0, choice_temperature=4.5)
+    assert plain.passes_per_step == zero.passes_per_step == 1
+    assert torch.equal(plain(LABELS, seed=3), zero(LABELS, seed=3))
+    guided = SelfGuidedSampler(model, guide, steps=6, guidance_scale=3.0, choice_temperature=4.5)
+    assert guided.passes_per_step == 2
+    assert not torch.equal(plain(LABELS, seed=3), guided(LABELS, seed=3))
+
+
+@pytest.mark.parametrize("steps", [1, 4, 9])
+def test_masked_count_follows_schedule(tiny, steps):
+    model, guide = tiny
+    seen = []
+    s = SelfGuidedSampler(model, guide, steps=steps)
+    out = s(LABELS, seed=0, callback=lambda k, tok, m: seen.append((k, tok.clone(), m.clone())))
+    n, masked = 16, torch.full((3,), 16)
+    assert [k for k, _, _ in seen] == list(range(steps))
+    for k, tok, m in seen:
+        masked = sgk.mask_len(k, steps, n, masked)
+        assert torch.equal(m.sum(1), masked)
+        assert torch.equal(tok == model.config.mask_token_id, m)
+    assert int(masked.sum()) == 0
+    assert torch.equal(seen[-1][1], out)
+
+
+def test_one_fused_step_per_iteration(tiny, monkeypatch):
+    model, guide = tiny
+    calls = []
+    real = sampler_module.self_guided_step
+
+    def spy(tokens, is_masked, logits, guide_logits, n, **kw):
+        calls.append((logits.shape, guide_logits is not None, kw))
+        return real(tokens, is_masked, logits, guide_logits, n, **kw)
+
+    monkeypatch.setattr(sampler_module, "self_guided_step", spy)
+    s = SelfGuidedSampler(model, guide, steps=4, choice_temperature=10.0, temperature_decay="compound",
+                          guidance_scale=1.5, temperature=0.7)
+    s(LABELS, seed=11)
+    assert len(calls) == 4
+    for k, (shape, has_guide, kw) in enumerate(calls):
+        assert shape == (3, 16, 16) and has_guide
+        assert kw["offset"] == k and kw["seed"] == 11
+        assert kw["guidance_scale"] == 1.5 and kw["temperature"] == 0.7
+        assert kw["choice_temperature"] == pytest.approx(sgk.choice_temperature(k, 4, 10.0, "compound"))
+
+
+def test_step_logits(tiny):
+    """The passes of a step: l_base, l_smooth from pass 1's hidden states, and CFG's combination."""
+    model, guide = tiny
+    model.eval()
+    tok = torch.full((3, 16), model.config.mask_token_id)
+    tok[:, ::3] = 5
+    s = SelfGuidedSampler(model, guide, cfg_scale=2.0)
+    with torch.no_grad():
+        logits, smooth = s._logits(tok, LABELS)
+        out = model(tok, LABELS, return_hidden=True)
+        uncond = model(tok, torch.full_like(LABELS, -1))
+        torch.testing.assert_close(logits, uncond + 3.0 * (out.logits - uncond), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(smooth, guide(model, out.hidden_states, LABELS), rtol=1e-4, atol=1e-4)
+    assert s.passes_per_step == 3
+    a = s(LABELS, seed=2)
+    assert not torch.equal(a, SelfGuidedSampler(model, guide)(LABELS, seed=2))
+
+
+def test_modes_restored_and_progress(tiny):
+    model, guide = tiny
+    model.train()
+    guide.train()
+    SelfGuidedSampler(model, guide, steps=2)(LABELS, seed=0, progress=True)
+    assert model.training and guide.training
+    model.eval()
+    guide.eval()
+
+
+def test_bad_input(tiny):
+    model, guide = tiny
+    s = SelfGuidedSampler(model, guide, steps=2)
+    with pytest.raises(ValueError, match=r"class_labels: expected values in \[0, 5\), got \[5\]"):
+        s(torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="class_labels"):
+        s(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="class_labels"):
+        s(torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="class_labels"):
+        s(torch.tensor([[0]]))
+    for steps in (0, -3, 2.0):
+        with pytest.raises(ValueError, match="steps"):
+            SelfGuidedSampler(model, guide, steps=steps)
+    other = TOAST(MaskTransformerConfig(**{**TINY, "width": 16, "heads": 2}))
+    with pytest.raises(ValueError, match="another backbone.*width"):
+        SelfGuidedSampler(model, other)
+    with pytest.raises(ValueError, match="temperature_decay"):
+        SelfGuidedSampler(model, guide, temperature_decay="linear")
+    with pytest.raises(ValueError, match="choice_temperature"):
+        SelfGuidedSampler(model, guide, choice_temperature=-1.0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        SelfGuidedSampler(model, guide, guidance_scale=float("nan"))
+    with pytest.raises(TypeError, match="model"):
+        SelfGuidedSampler(guide)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        SelfGuidedSampler(model, guide, cuda_graph=True)(LABELS)
+
+
+def test_grid_size_mismatch(tiny):
+    model, _ = tiny
+    small = MaskTransformer(MaskTransformerConfig(**{**TINY, "grid_size": 3}))
+    with pytest.raises(ValueError, match="grid 3x3"):
+        small(torch.zeros(1, 16, dtype=torch.int64), torch.tensor([0]))
+    # a guide only depends on width/depth/classes/codebook: it works for any grid
+    guide = TOAST(small.config, num_factors=4)
+    assert SelfGuidedSampler(small, guide, steps=2)(torch.tensor([1]), seed=0).shape == (1, 9)
+
+
+def _fast_random_init(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Cheap random weights (trunc_normal_ over 216M parameters takes a minute on 2 busy cores)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias") or name.endswith("norm.bias"):
+                p.zero_()
+            else:
+                p.uniform_(-0.035, 0.035, generator=gen)  # ~ std 0.02
+        if hasattr(module, "selection"):
+            module.selection.copy_(torch.eye(module.selection.shape[0]))
+
+
+def test_maskgit_256_two_steps_cpu():
+    cfg = MaskTransformerConfig.maskgit_256()
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model, guide = MaskTransformer(cfg), TOAST(cfg)
+    gen = torch.Generator().manual_seed(0)
+    for m in (model, guide):
+        m.to_empty(device="cpu")
+        _fast_random_init(m, gen)
+    s = SelfGuidedSampler(model, guide, steps=2)
+    counts = []
+    out = s(torch.tensor([207]), seed=0, callback=lambda k, t, m: counts.append(int(m.sum())))
+    assert out.shape == (1, 256) and ((out >= 0) & (out < 1024)).all()
+    assert counts == [sgk.mask_len(0, 2, 256, 256), 0]
+    print(f"MaskGIT-256, 2 guided steps, B=1, CPU: {time.perf_counter() - t0:.1f} s")
