@@ -24,9 +24,23 @@ from .ops import (
 )
 from .schedule import choice_temperature, mask_len, mask_ratio
 
+from . import models, nn  # noqa: E402  (models -> nn -> ops: imported after the ops)
+from .models import TOAST, MaskTransformer, MaskTransformerConfig, TOASTConfig  # noqa: E402
+from .models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from .sampler import SelfGuidedSampler  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "MaskTransformer",
+    "MaskTransformerConfig",
+    "SelfGuidedSampler",
+    "TOAST",
+    "TOASTConfig",
+    "load_checkpoint",
+    "models",
+    "nn",
+    "save_checkpoint",
     "check_errors",
     "choice_temperature",
     "get_backend",
