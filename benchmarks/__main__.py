@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from ._timing import peak_bandwidth
+from ._timing import compute_peak_gflops, peak_bandwidth
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,13 +50,16 @@ def device_line(device: str) -> str:
 
 def table(rows: list[dict], device: str) -> str:
     peak = peak_bandwidth(device)
-    out = ["| op | shape | dtype | impl | time ms | speed-up of sgkernels | GB/s (% of peak) | peak extra MB |",
+    gemm_peak = compute_peak_gflops(device) if any(r.get("gflops") for r in rows) else None
+    out = ["| op | shape | dtype | impl | time ms | speed-up of sgkernels | GB/s or GFLOP/s (% of peak) | peak extra MB |",
            "|---|---|---|---|---:|---:|---:|---:|"]
     ours = {(r["op"], r["shape"], r["dtype"]): r["ms"] for r in rows if r["impl"] == "sgkernels"}
     ratios: dict[str, list[float]] = {}
     for r in rows:
         key = (r["op"], r["shape"], r["dtype"])
         speedup, bw = "", ""
+        if r.get("gflops"):
+            bw = f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / gemm_peak:.0f}%)"
         if r["impl"] == "sgkernels":
             if r.get("bytes") and device != "cpu":
                 gbs = r["bytes"] / (r["ms"] * 1e-3) / 1e9
@@ -68,6 +71,10 @@ def table(rows: list[dict], device: str) -> str:
         mem = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
         out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['impl']} | {r['ms']:.3f} | {speedup} | {bw} | {mem} |")
     out.append("")
+    if gemm_peak:
+        out.append(f"GFLOP/s peak reference: a 2048^3 fp32 torch.mm on this device, {gemm_peak:.0f} GFLOP/s.")
+    if peak:
+        out.append(f"Bandwidth peak reference: {peak / 1e12:.2f} TB/s (datasheet HBM bandwidth of this GPU).")
     out.append("Geometric-mean speed-up per anchor: " + "; ".join(
         f"{k}: {math.exp(sum(map(math.log, v)) / len(v)):.1f}x" for k, v in ratios.items()))
     return "\n".join(out)

@@ -60,6 +60,23 @@ def median_ms(fn, device: str, *, repeats: int = 10, warmup: int = 2, min_time: 
     return statistics.median(times)
 
 
+def median_ms_interleaved(fns: dict, device: str, *, repeats: int = 10, warmup: int = 2) -> dict:
+    """Median ms of each of several ``fns`` (name -> callable), interleaved in every round, so load
+    from other processes on a shared machine hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _rss_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -99,6 +116,19 @@ def peak_bandwidth(device: str) -> float | None:
         if key in name:
             return value
     return None
+
+
+def compute_peak_gflops(device: str) -> float:
+    """fp32 FLOP/s reference point: a measured 2048^3 sgemm (torch.mm, MKL/cuBLAS), in GFLOP/s.
+
+    Used as the "peak" of compute-bound rows. It is what BLAS reaches on this device, not the
+    datasheet FMA peak, so a kernel can exceed 100% only by beating BLAS's own efficiency.
+    """
+    n = 2048
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    ms = median_ms(lambda: torch.mm(a, b), device, repeats=5, warmup=2)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
 
 
 def measure(fn, device: str, quick: bool, **row) -> dict:
