@@ -28,7 +28,7 @@ import math
 import torch
 
 from . import _rng
-from .models.toast import TOAST
+from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
 from .ops import check_errors, self_guided_step
 from .schedule import TEMPERATURE_DECAYS, choice_temperature, mask_len
@@ -80,12 +80,7 @@ class SelfGuidedSampler:
         cfg_scale: float = 0.0,
         cuda_graph: bool = False,
     ):
-        if not isinstance(model, MaskTransformer):
-            raise TypeError(f"model: expected a MaskTransformer, got {type(model).__name__}")
-        if guide is not None:
-            if not isinstance(guide, TOAST):
-                raise TypeError(f"guide: expected a TOAST guide or None, got {type(guide).__name__}")
-            guide.check_backbone(model)
+        check_model_and_guide(model, guide)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
         if temperature_decay not in TEMPERATURE_DECAYS:

@@ -5,7 +5,21 @@ kernels are defined), so it is set here, before the test modules import sgkernel
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread_for_tiny_models(request):
+    """Tiny models: one intra-op thread (OpenMP barriers dominate otherwise on a busy 2-core box).
+
+    Tests whose name contains "maskgit_256" keep every thread.
+    """
+    n = torch.get_num_threads()
+    if "maskgit_256" not in request.node.name:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

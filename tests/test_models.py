@@ -10,14 +10,7 @@ from sgkernels.models.toast import toast_param_count
 from sgkernels.models.transformer import param_count
 from sgkernels.nn.attention import SelfAttention, attention_backend
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models: one intra-op thread (OpenMP barriers dominate otherwise on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    if "maskgit_256" not in request.node.name:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 
 
 TINY = dict(codebook_size=16, num_classes=5, grid_size=3, width=32, depth=3, heads=4, mlp_dim=48)

@@ -22,14 +22,7 @@ def _sampling_backend():
             yield
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models: one intra-op thread (OpenMP barriers dominate otherwise on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    if "maskgit_256" not in request.node.name:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 
 
 @pytest.fixture(scope="module")

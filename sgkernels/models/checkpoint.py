@@ -29,7 +29,7 @@ import tempfile
 import torch
 from torch import nn
 
-from .toast import TOAST, TOASTConfig
+from .toast import TOAST, TOASTConfig, check_model_and_guide
 from .transformer import MaskTransformer, MaskTransformerConfig
 
 FORMAT = "sgkernels.models"
@@ -112,12 +112,7 @@ def save_checkpoint(directory: str | os.PathLike, model: MaskTransformer, guide:
     Returns:
         the directory path.
     """
-    if not isinstance(model, MaskTransformer):
-        raise TypeError(f"model: expected a MaskTransformer, got {type(model).__name__}")
-    if guide is not None:
-        if not isinstance(guide, TOAST):
-            raise TypeError(f"guide: expected a TOAST guide or None, got {type(guide).__name__}")
-        guide.check_backbone(model)
+    check_model_and_guide(model, guide)
     if format == "auto":
         format = "safetensors" if safetensors_available() else "torch"
     if format not in _EXT:

@@ -222,3 +222,13 @@ class _ForwardIds(nn.Module):
 
     def forward(self, ids, *, feedback, return_layers):
         return self.m.forward_ids(ids, feedback=feedback, return_layers=return_layers)
+
+
+def check_model_and_guide(model, guide) -> None:
+    """TypeError unless ``model`` is a MaskTransformer and ``guide`` a TOAST built for it (or None)."""
+    if not isinstance(model, MaskTransformer):
+        raise TypeError(f"model: expected a MaskTransformer, got {type(model).__name__}")
+    if guide is not None:
+        if not isinstance(guide, TOAST):
+            raise TypeError(f"guide: expected a TOAST guide or None, got {type(guide).__name__}")
+        guide.check_backbone(model)
