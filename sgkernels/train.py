@@ -689,16 +689,15 @@ def _train(backbone, guide, data, config, out_dir, resume, device, rank, world, 
         rngs = state.get("rng") or []
         if len(rngs) == world:
             _set_rng_state(rngs[rank])
-    ema = copy.deepcopy(guide).eval().requires_grad_(False)
-    if ema_state is not None:
-        ema.load_state_dict(ema_state)
-    ema_params = list(ema.parameters())
-
     model: nn.Module = _GuideLoss(guide, backbone, config, ignore_index)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # broadcasts rank 0's
+    ema = copy.deepcopy(guide).eval().requires_grad_(False)  # after the broadcast: the same on every rank
+    if ema_state is not None:
+        ema.load_state_dict(ema_state)
+    ema_params = list(ema.parameters())
 
     if _is_map_dataset(data):
         batches = _dataset_batches(data, config, rank, world, start_step)
