@@ -28,6 +28,8 @@ from . import models, nn  # noqa: E402  (models -> nn -> ops: imported after the
 from .models import TOAST, MaskTransformer, MaskTransformerConfig, TOASTConfig  # noqa: E402
 from .models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .sampler import SelfGuidedSampler  # noqa: E402
+from . import train  # noqa: E402
+from .train import TrainConfig, train_guide  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,12 +37,15 @@ __all__ = [
     "MaskTransformer",
     "MaskTransformerConfig",
     "SelfGuidedSampler",
+    "TrainConfig",
     "TOAST",
     "TOASTConfig",
     "load_checkpoint",
     "models",
     "nn",
     "save_checkpoint",
+    "train",
+    "train_guide",
     "check_errors",
     "choice_temperature",
     "get_backend",
