@@ -1,4 +1,4 @@
-"""self_guided_step against the open-muse eager step, its torch.compile, and LLaDA's step."""
+"""self_guided_step against the open-muse eager step and its torch.compile (LLaDA's step: bench_llada_step.py)."""
 from __future__ import annotations
 
 import torch
@@ -52,29 +52,6 @@ def step_rows(batch, n_tok, vocab, dtype, device, quick, *, masked_fraction=1.0,
     return rows
 
 
-def llada_rows(batch, length, device, quick, dtype=torch.float32):
-    """LLaDA's CFG step (float64 Gumbel, per-row topk loop) against the fused step doing the same job."""
-    vocab = 126464
-    gen = torch.Generator(device=device).manual_seed(0)
-    cond = torch.randn(batch, length, vocab, generator=gen, device=device).to(dtype)
-    uncond = torch.randn(batch, length, vocab, generator=gen, device=device).to(dtype)
-    x = torch.full((batch, length), 126336, device=device)
-    mask_index = torch.ones(batch, length, dtype=torch.bool, device=device)
-    k = torch.full((batch,), length // 8, device=device)
-    common = dict(op="self_guided_step", shape=f"LLaDA B={batch} L={length} V={vocab} cfg", dtype=str(dtype).replace("torch.", ""))
-    remask_n = mask_index.sum(-1) - k  # keep the k most confident, re-mask the rest
-    rows = [
-        measure(
-            lambda: sgk.self_guided_step(x, mask_index, cond, uncond, remask_n, guidance_scale=1.0, temperature=1.0,
-                                         choice_temperature=0.0, seed=0),
-            device, quick, impl="sgkernels", bytes=cond.numel() * cond.element_size() * 2, **common,
-        ),
-        measure(lambda: anchors.llada_step(x, mask_index, cond, uncond, k, cfg_scale=1.0, temperature=1.0),
-                device, quick, impl="LLaDA step (float64)", **common),
-    ]
-    return rows
-
-
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     rows = []
     shapes = CPU_SHAPES if device == "cpu" else GPU_SHAPES
@@ -83,9 +60,4 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         rows += step_rows(batch, n_tok, vocab, dtype, device, quick, compile_anchor=(device != "cpu" or i == 0))
     batch, n_tok, vocab, dtype = shapes[1]
     rows += step_rows(batch, n_tok, vocab, dtype, device, quick, masked_fraction=0.1, compile_anchor=False)
-    if device == "cpu":
-        rows += llada_rows(1, 256, device, quick)
-    else:
-        for batch in (1, 8):
-            rows += llada_rows(batch, 1024, device, quick, dtype=torch.bfloat16)
-    return rows
+    return rows  # LLaDA's step: benchmarks/bench_llada_step.py

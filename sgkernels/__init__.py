@@ -24,7 +24,7 @@ from .ops import (
 )
 from .schedule import choice_temperature, mask_len, mask_ratio
 
-from . import models, nn  # noqa: E402  (models -> nn -> ops: imported after the ops)
+from . import integrations, models, nn  # noqa: E402  (models -> nn -> ops: imported after the ops)
 from .models import TOAST, MaskTransformer, MaskTransformerConfig, TOASTConfig  # noqa: E402
 from .models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .sampler import SelfGuidedSampler  # noqa: E402
@@ -41,6 +41,7 @@ __all__ = [
     "TOAST",
     "TOASTConfig",
     "load_checkpoint",
+    "integrations",
     "models",
     "nn",
     "save_checkpoint",

@@ -1,0 +1,303 @@
+"""sgkernels.integrations.llada.generate against a plain re-implementation of the published algorithm.
+
+``reference_generate`` below follows LLaDA's generate() (and Fast-dLLM's threshold variant) step
+by step: float64 Gumbel trick, float64 softmax confidence, per-row top-k. Greedy decoding must match
+token for token; sampled decoding is compared in distribution (many rows of the same prompt).
+"""
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import chi_square_pvalue, has_cpu_kernel
+
+import sgkernels as sgk
+from sgkernels.integrations import llada
+
+V, MASK = 12, 11  # vocabulary with the mask token last, as LLaDA's
+
+
+@pytest.fixture(autouse=True)
+def _backend():
+    # The C++ CPU kernels of the sampling ops may be missing on a branch: fall back to the reference.
+    ctx = contextlib.nullcontext() if has_cpu_kernel("self_guided_step") else sgk.use_backend("torch")
+    with ctx:
+        yield
+
+
+class TinyBidirectionalLM(torch.nn.Module):
+    """Embedding + one bidirectional attention layer + head; ``.logits`` as HF models return it."""
+
+    def __init__(self, vocab=V, dim=32, max_len=64, mask_id=MASK, seed=0, sharpness=3.0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Parameter(torch.randn(vocab, dim, generator=gen))
+        self.pos = torch.nn.Parameter(torch.randn(max_len, dim, generator=gen) * 0.5)
+        self.qkv = torch.nn.Parameter(torch.randn(dim, 3 * dim, generator=gen) / dim**0.5)
+        self.head = torch.nn.Parameter(torch.randn(dim, vocab, generator=gen) * sharpness / dim**0.5)
+        self.mask_id = mask_id
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.emb[x] + self.pos[: x.shape[1]]
+        q, k, v = (h @ self.qkv).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        logits = (h + att @ v) @ self.head
+        logits[..., self.mask_id] = -1e4  # like a trained LLaDA, (practically) never predicts [MASK]
+        return SimpleNamespace(logits=logits)
+
+
+def reference_generate(model, prompt, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
+                       remasking="low_confidence", mask_id=MASK, threshold=None):
+    """The published algorithm, written out plainly (float64 Gumbel trick and softmax, per-row top-k)."""
+    batch, plen = prompt.shape
+    x = torch.full((batch, plen + gen_length), mask_id, dtype=torch.long)
+    x[:, :plen] = prompt
+    prompt_index = x != mask_id
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for b in range(num_blocks):
+        start, end = plen + b * block_length, plen + (b + 1) * block_length
+        n_mask = (x[:, start:end] == mask_id).sum(1)
+        counts = torch.stack([torch.tensor([int(n) // steps_per_block + (i < int(n) % steps_per_block)
+                                            for i in range(steps_per_block)]) for n in n_mask])
+        i = 0
+        while True:
+            if threshold is None and i == steps_per_block:
+                break
+            if threshold is not None and not bool((x[:, start:end] == mask_id).any()):
+                break
+            mask_index = x == mask_id
+            if cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                cond, un = model(torch.cat([x, un_x])).logits.chunk(2)
+                logits = un + (cfg_scale + 1) * (cond - un)
+            else:
+                logits = model(x).logits
+            if temperature == 0:
+                x0 = logits.argmax(-1)
+            else:
+                l64 = logits.double()
+                x0 = (l64.exp() / (-torch.log(torch.rand_like(l64))) ** temperature).argmax(-1)
+            if remasking == "low_confidence":
+                conf = torch.softmax(logits.double(), -1).gather(-1, x0[..., None])[..., 0]
+            else:
+                conf = torch.rand(x0.shape, dtype=torch.float64)
+            conf[:, end:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            conf = torch.where(mask_index, conf, -torch.inf)
+            transfer = torch.zeros_like(mask_index)
+            for j in range(batch):
+                k = int(mask_index[j, :end].sum()) if threshold is not None else int(counts[j, i])
+                _, idx = torch.topk(conf[j], k)
+                transfer[j, idx] = True
+                if threshold is not None:
+                    for r in range(1, k):
+                        if conf[j, idx[r]] < threshold:
+                            transfer[j, idx[r]] = False
+            x[transfer] = x0[transfer]
+            i += 1
+    return x
+
+
+def _prompt(batch, plen=5, seed=1):
+    return torch.randint(0, MASK, (batch, plen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+@pytest.mark.parametrize("gen_length,block_length,steps", [(16, 16, 8), (16, 4, 8), (24, 8, 24), (12, 4, 6)])
+def test_greedy_matches_reference_exactly(cfg_scale, gen_length, block_length, steps):
+    model = TinyBidirectionalLM()
+    prompt = _prompt(3)
+    ref = reference_generate(model, prompt, steps, gen_length, block_length, cfg_scale=cfg_scale)
+    out = llada.generate(model, prompt, steps=steps, gen_length=gen_length, block_length=block_length,
+                         temperature=0.0, cfg_scale=cfg_scale, mask_id=MASK, seed=0)
+    assert out.dtype == torch.int64 and out.shape == ref.shape
+    assert (out[:, :5] == prompt).all()
+    assert not (out == MASK).any()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_steps_larger_than_block_skips_empty_steps():
+    """steps_per_block > block_length: LLaDA has steps that fix nothing; we skip their model call."""
+    model = TinyBidirectionalLM()
+    prompt = _prompt(2)
+    ref = reference_generate(model, prompt, 16, 8, 4, cfg_scale=0.0)
+    model.calls = 0
+    out = llada.generate(model, prompt, steps=16, gen_length=8, block_length=4, mask_id=MASK, seed=0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert model.calls == 8  # 4 tokens per block, 1 per step, the other 4 steps of each block skipped
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+@pytest.mark.parametrize("threshold", [0.3, 0.9])
+def test_threshold_greedy_matches_fast_dllm(cfg_scale, threshold):
+    model = TinyBidirectionalLM()
+    prompt = _prompt(3)
+    ref = reference_generate(model, prompt, 8, 16, 8, cfg_scale=cfg_scale, threshold=threshold)
+    model.calls = 0
+    out = llada.generate(model, prompt, steps=8, gen_length=16, block_length=8, cfg_scale=cfg_scale,
+                         mask_id=MASK, seed=0, threshold=threshold)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert 2 <= model.calls <= 16  # at least one token per step and row, at most block_length steps per block
+
+
+def test_threshold_unmasks_all_confident_positions_at_once():
+    """A model certain of every position: threshold decoding fixes each block in a single step."""
+    class Certain(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            logits = torch.full((*x.shape, V), -30.0)
+            logits[..., 3] = 0.0
+            return SimpleNamespace(logits=logits)
+
+    model = Certain()
+    out = llada.generate(model, _prompt(2), steps=4, gen_length=8, block_length=4, mask_id=MASK, threshold=0.9)
+    assert model.calls == 2 and (out[:, 5:] == 3).all()
+
+
+def _joint_counts(seqs: torch.Tensor) -> dict:
+    keys, counts = torch.unique(seqs, dim=0, return_counts=True)
+    return {tuple(k.tolist()): int(c) for k, c in zip(keys, counts)}
+
+
+def _two_sample_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import chi2_contingency
+
+    ca, cb = _joint_counts(a), _joint_counts(b)
+    keys = sorted(set(ca) | set(cb))
+    table = torch.tensor([[ca.get(k, 0) for k in keys], [cb.get(k, 0) for k in keys]], dtype=torch.float64)
+    # pool cells with few expected counts
+    small = table.sum(0) < 20
+    table = torch.cat([table[:, ~small], table[:, small].sum(1, keepdim=True)], dim=1)
+    table = table[:, table.sum(0) > 0]
+    return float(chi2_contingency(table.numpy())[1])
+
+
+@pytest.mark.parametrize("remasking,cfg_scale,temperature", [
+    ("low_confidence", 0.0, 1.0), ("low_confidence", 1.0, 0.7), ("random", 0.0, 1.0), ("random", 0.5, 1.0),
+])
+def test_sampled_generation_matches_reference_in_distribution(remasking, cfg_scale, temperature):
+    """The joint distribution of whole generated answers (3 tokens, 2 blocks) agrees with the reference."""
+    torch.manual_seed(0)
+    model = TinyBidirectionalLM(vocab=5, mask_id=4, seed=3, sharpness=0.3)
+    n = 4000
+    prompt = torch.tensor([[0, 2, 1]]).expand(n, 3)
+    kw = dict(steps=4, gen_length=4, block_length=2, temperature=temperature, cfg_scale=cfg_scale,
+              remasking=remasking, mask_id=4)
+    ref = reference_generate(model, prompt, **kw)[:, 3:]
+    ours = llada.generate(model, prompt, seed=123, **kw)[:, 3:]
+    assert len(_joint_counts(ours)) > 5  # really random
+    assert _two_sample_pvalue(ours, ref) > 1e-3
+
+
+def test_random_remasking_order_is_uniform():
+    """Greedy tokens, random order: a model that writes "how many tokens are known" reveals the order."""
+    class Counter(torch.nn.Module):
+        def forward(self, x):
+            known = (x != 4).sum(-1, keepdim=True) - 3  # answer tokens fixed so far
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(known, 5).float().expand(*x.shape, 5) * 10)
+
+    n = 4800
+    prompt = torch.tensor([[0, 2, 1]]).expand(n, 3)
+    kw = dict(steps=4, gen_length=4, block_length=4, temperature=0.0, remasking="random", mask_id=4)
+    ours = llada.generate(Counter(), prompt, seed=11, **kw)[:, 3:]
+    assert (ours.sort(-1).values == torch.arange(4)).all()  # one token per step: a permutation of 0..3
+    code = (ours * torch.tensor([64, 16, 4, 1])).sum(-1)
+    counts = torch.bincount(code, minlength=256)
+    counts = counts[counts > 0]
+    assert counts.numel() == 24
+    assert chi_square_pvalue(counts, torch.full((24,), 1 / 24)) > 1e-3
+    torch.manual_seed(0)
+    assert _two_sample_pvalue(ours, reference_generate(Counter(), prompt, **kw)[:, 3:]) > 1e-3
+
+
+def test_llada_temperature_is_softmax_temperature():
+    """LLaDA's exp(l) / (-log u)^T trick samples softmax(l / T) exactly, which is what the op samples."""
+    torch.manual_seed(0)
+    logits = torch.randn(8, dtype=torch.float64) * 2
+    t = 0.6
+    n = 200_000
+    l64 = logits.expand(n, 8)
+    draws = (l64.exp() / (-torch.log(torch.rand_like(l64))) ** t).argmax(-1)
+    probs = torch.softmax(logits / t, -1)
+    assert chi_square_pvalue(torch.bincount(draws, minlength=8), probs) > 1e-3
+    tokens, _ = sgk.guided_sample(logits.float().expand(n, 8), temperature=t, seed=5)
+    assert chi_square_pvalue(torch.bincount(tokens, minlength=8), probs) > 1e-3
+
+
+def test_seed_reproducible():
+    model = TinyBidirectionalLM()
+    kw = dict(steps=8, gen_length=8, block_length=4, temperature=1.0, mask_id=MASK)
+    a = llada.generate(model, _prompt(4), seed=7, **kw)
+    b = llada.generate(model, _prompt(4), seed=7, **kw)
+    c = llada.generate(model, _prompt(4), seed=8, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(3)
+    d = llada.generate(model, _prompt(4), **kw)
+    torch.manual_seed(3)
+    assert torch.equal(d, llada.generate(model, _prompt(4), **kw))
+
+
+def test_never_chooses_outside_the_current_block():
+    """Each step only fixes positions of the current block; later blocks stay masked until their turn."""
+    seen = []
+
+    class Spy(TinyBidirectionalLM):
+        def forward(self, x):
+            seen.append(x.clone())
+            return super().forward(x)
+
+    model = Spy()
+    llada.generate(model, _prompt(2), steps=6, gen_length=12, block_length=4, temperature=1.0, mask_id=MASK, seed=1)
+    for step, x in enumerate(seen):
+        block = step // 2
+        assert (x[:, 5 + 4 * (block + 1):] == MASK).all()  # later blocks untouched
+        assert not (x[:, : 5 + 4 * block] == MASK).any()  # earlier blocks complete
+
+
+def test_get_num_transfer_tokens():
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, :10] = True
+    mask[1, :7] = True
+    out = llada.get_num_transfer_tokens(mask, 4)
+    assert out.tolist() == [[3, 3, 2, 2], [2, 2, 2, 1], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(gen_length=10, block_length=4), "multiple of block_length"),
+    (dict(steps=6, gen_length=16, block_length=4), "multiple of the number of blocks"),
+    (dict(remasking="top_p"), "remasking"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(steps=0), "steps"),
+])
+def test_bad_input(kw, match):
+    args = dict(steps=8, gen_length=16, block_length=16)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        llada.generate(TinyBidirectionalLM(), _prompt(1), mask_id=MASK, **args)
+
+
+def test_bad_prompt():
+    with pytest.raises(TypeError, match="prompt"):
+        llada.generate(TinyBidirectionalLM(), _prompt(1).float(), steps=4, gen_length=4, block_length=4)
+    with pytest.raises(ValueError, match="prompt"):
+        llada.generate(TinyBidirectionalLM(), _prompt(1)[0], steps=4, gen_length=4, block_length=4)
+
+
+def test_threshold_decoding_does_not_hang_on_a_model_that_predicts_mask_id():
+    class AlwaysMask(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.full((*x.shape, 16), -30.0)
+            logits[..., 15] = 30.0  # mask_id below
+            return type("Out", (), {"logits": logits})()
+
+    prompt = torch.zeros(1, 2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="mask_id"):
+        llada.generate(AlwaysMask(), prompt, steps=4, gen_length=4, block_length=4, threshold=0.9, mask_id=15)
