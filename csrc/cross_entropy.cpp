@@ -6,6 +6,7 @@
 // Semantics: F.cross_entropy(logits [..., V], target [...], ignore_index, label_smoothing, reduction)
 // with eps = label_smoothing, per non-ignored row (loss accumulated in float32):
 //   loss_r = lse - (1 - eps) x_y - (eps / V) sum_i x_i
+//          = log sum exp(x - M) + (1 - eps) (M - x_y) - (eps / V) sum_i (x_i - M),  M = max x
 //   grad_r = scale * (softmax(x) - eps / V - (1 - eps) onehot(y))
 // scale = 1 / #non-ignored rows for "mean" (as torch: mean over the non-ignored rows, smoothing
 // term included), 1 for "sum" / "none". Ignored rows: loss 0, gradient 0. "mean" with every row
@@ -211,10 +212,10 @@ SGK_XENT_INLINE float row(const T* x, int64_t xv, T* g, int64_t gv, int64_t y, c
     const float e = exp_nonpos(xi - ms);
     ef[i] = e;
     d += e;
-    sx += xi;
+    sx += xi - ms;
   }
-  const float lse = ms + std::log(d);
-  float loss = lse - (1.0f - a.eps) * x_y;
+  // relative to the max, as log_softmax: x_y - max is exact for nearby values however large
+  float loss = std::log(d) + (1.0f - a.eps) * (ms - x_y);
   if (a.eps != 0.0f) loss -= (a.eps / static_cast<float>(V)) * sx;
   const float mul = a.scale / d;
   const float sub = a.scale * a.eps / static_cast<float>(V);

@@ -58,8 +58,9 @@ def _xent_rows_kernel(
 ):
     """Loss and gradient of ``BLOCK_R`` rows of ``logits [R, V]`` against ``target [R]``.
 
-    Per non-ignored row, with ``eps`` the label smoothing and ``lse = logsumexp(x)``:
-    ``loss = lse - (1 - eps) x_y - (eps / V) sum(x)`` and
+    Per non-ignored row, with ``eps`` the label smoothing, ``M = max(x)``:
+    ``loss = log sum exp(x - M) + (1 - eps) (M - x_y) - (eps / V) sum(x - M)``
+    (``= lse - (1 - eps) x_y - (eps / V) sum(x)``) and
     ``grad = scale * (softmax(x) - eps / V - (1 - eps) onehot(y))``, ``scale = 1 / nvalid[0]``
     (MEAN) or 1. Ignored rows (``y == ignore_index``): loss 0, gradient 0, logits not read. A
     target outside [0, V) that is not ignore_index: loss NaN, gradient 0, ``BAD_BIT`` ORed into
@@ -104,12 +105,11 @@ def _xent_rows_kernel(
         e = tl.exp(x - ms[:, None])
         d = tl.sum(e, axis=1)
         if SMOOTH:
-            sx = tl.sum(tl.where(m2, x, 0.0), axis=1)
+            sx = tl.sum(tl.where(m2, x - ms[:, None], 0.0), axis=1)
     else:
         # pass 1: online max / sum of exp over the tiles (rows with nothing to read skip the loop)
         m = tl.full([BLOCK_R], NEG_INF, tl.float32)
         d = tl.zeros([BLOCK_R], tl.float32)
-        sx = tl.zeros([BLOCK_R], tl.float32)
         n_tiles = tl.cdiv(V, BLOCK_V)
         n_iter = tl.where(tl.max(valid.to(tl.int32), axis=0) > 0, n_tiles, 0)
         for t in range(0, n_iter):
@@ -120,16 +120,7 @@ def _xent_rows_kernel(
             ms_new = tl.where(m_new == NEG_INF, 0.0, m_new)
             d = d * tl.exp(m - ms_new) + tl.sum(tl.exp(x - ms_new[:, None]), axis=1)
             m = m_new
-            if SMOOTH:
-                sx += tl.sum(tl.where(m2, x, 0.0), axis=1)
         ms = tl.where(m == NEG_INF, 0.0, m)
-
-    lse = ms + tl.log(d)
-    loss = lse - (1.0 - eps) * x_y
-    if SMOOTH:
-        loss = loss - (eps / V) * sx
-    loss = tl.where(bad, float("nan"), tl.where(valid, loss, 0.0))
-    tl.store(loss_ptr + rows64, loss, mask=row_ok)
 
     mul = scale / d
     sub = scale * eps / V
@@ -140,16 +131,29 @@ def _xent_rows_kernel(
         st = row_ok[:, None] & (cols[None, :] < V)
         tl.store(g_row[:, None] + c64[None, :] * stride_gv, g.to(grad_ptr.dtype.element_ty), mask=st)
     else:
-        # pass 2: the gradient, tile by tile (exp recomputed: cheaper than a stored copy)
+        # pass 2: the gradient, tile by tile (exp recomputed: cheaper than a stored copy); the
+        # smoothing sum of x - max here, where the final max is known
+        if SMOOTH:
+            sx = tl.zeros([BLOCK_R], tl.float32)
         for t in range(0, tl.cdiv(V, BLOCK_V)):
             c = t * BLOCK_V + cols
             c64 = c.to(tl.int64)
             inb = c[None, :] < V
             x = tl.load(l_row[:, None] + c64[None, :] * stride_lv, mask=valid[:, None] & inb, other=NEG_INF)
-            g = tl.exp(x.to(tl.float32) - ms[:, None]) * mul[:, None] - sub
+            xs = x.to(tl.float32) - ms[:, None]
+            if SMOOTH:
+                sx += tl.sum(tl.where(valid[:, None] & inb, xs, 0.0), axis=1)
+            g = tl.exp(xs) * mul[:, None] - sub
             g = g - tl.where(c[None, :] == y[:, None], hit, 0.0)
             g = tl.where(valid[:, None], g, 0.0)
             tl.store(g_row[:, None] + c64[None, :] * stride_gv, g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & inb)
+
+    # relative to the max, as log_softmax: x_y - max is exact for nearby values however large
+    loss = tl.log(d) + (1.0 - eps) * (ms - x_y)
+    if SMOOTH:
+        loss = loss - (eps / V) * sx
+    loss = tl.where(bad, float("nan"), tl.where(valid, loss, 0.0))
+    tl.store(loss_ptr + rows64, loss, mask=row_ok)
 
     any_bad = tl.max(bad.to(tl.int32), axis=0)
     tl.atomic_or(flags_ptr, BAD_BIT, mask=any_bad > 0)
