@@ -317,3 +317,17 @@ def test_cuda_large_vocab(vocab):
     loss_f, grad_f = ref(logits, target, upcast=True, label_smoothing=0.1)
     torch.testing.assert_close(loss.float(), loss_f, rtol=2 ** -8, atol=1e-5)
     torch.testing.assert_close(grad.float(), grad_f, rtol=2 ** -8, atol=1e-7)
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retain_graph_second_backward(backend):
+    """The default path scales out of place: a retained second backward gives the same gradient."""
+    name, device = backend
+    logits, target = case(4, 7, seed=8)
+    x = logits.to(device).requires_grad_()
+    with use_backend(name):
+        loss = fused_cross_entropy(x, target.to(device), reduction="sum")
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor(2.0, device=device))
+    torch.testing.assert_close(g2, 2 * g1)
