@@ -1,10 +1,12 @@
-"""AOT compile of every Triton kernel in sgkernels/kernels/sampling.py for sm_80 and sm_90, no GPU needed.
+"""AOT compile of every Triton kernel (sgkernels/kernels/sampling.py, cross_entropy.py) for sm_80 and sm_90, no GPU needed.
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs the whole pipeline
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas bundled in the triton wheel) for
 representative constexpr configs: fp32/bf16/fp16 logits, guide or not, greedy / T == 1 / T != 1,
 row mask or not, packed small rows, the register-heaviest single tile, the multi-tile loop; the
-remask kernel (plain and fused, small and largest N); the Philox test helper.
+remask kernel (plain and fused, small and largest N); the Philox test helper; the cross-entropy
+kernel (fp32/bf16/fp16, int32/int64 targets, mean or not, smoothing or not, packed rows, the largest
+single tile, the two-pass multi-tile loop).
 
 The compile runs in a subprocess with TRITON_INTERPRET unset: under the interpreter (set by
 conftest.py on machines without a GPU) ``triton.jit`` gives InterpretedFunctions, not JITFunctions.
@@ -19,11 +21,16 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)
-KERNELS = ("_sample_rows_kernel", "_remask_kernel", "_philox_words_kernel")  # every kernel of sampling.py
+KERNELS = {  # every kernel of each module of sgkernels/kernels
+    "sampling": ("_sample_rows_kernel", "_remask_kernel", "_philox_words_kernel"),
+    "cross_entropy": ("_xent_rows_kernel",),
+}
+N_XENT_CONFIGS = 6
 
 
 def _load():
-    """(triton, ASTSource, GPUTarget, sampling module), imported with real JITFunctions."""
+    """(triton, ASTSource, GPUTarget, sampling module), imported with real JITFunctions (and the
+    other kernel modules importable the same way: :func:`_load_module`)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("run with TRITON_INTERPRET unset")
     sys.path.insert(0, ROOT)
@@ -37,6 +44,10 @@ def _load():
     return triton, ASTSource, GPUTarget, sampling
 
 
+def _load_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"sgkernels.kernels.{name}")
 
 
 def _source(triton, ASTSource, fn, types: dict, constexprs: dict):
@@ -100,10 +111,37 @@ def _philox_configs(S):
     return [("philox_words", S._philox_words_kernel, types, dict(BLOCK=128), 4)]
 
 
+def _xent_configs(C):
+    base = {
+        "nvalid_ptr": "*i64", "loss_ptr": "*fp32", "flags_ptr": "*i32", "n_rows": "i32", "V": "i32",
+        "stride_lr": "i64", "stride_lv": "i32", "stride_gr": "i64", "stride_gv": "i32", "ignore_index": "i32",
+        "eps": "fp32",
+    }
+    # (dtype, target dtype, MEAN, SMOOTH, BLOCK_R, BLOCK_V, SINGLE_TILE): every constexpr value at least
+    # once, the register-heaviest single tile (8192) and the two-pass loop (tiles of _TILE_V).
+    picks = [
+        ("fp32", "i64", True, False, 1, 8192, True),
+        ("bf16", "i64", True, True, 2, 1024, True),
+        ("fp16", "i32", False, True, 256, 8, True),
+        ("bf16", "i64", True, True, 1, C._TILE_V, False),
+        ("fp32", "i32", False, False, 1, C._TILE_V, False),
+        ("fp16", "i64", True, False, 1, C._TILE_V, False),
+    ]
+    out = []
+    for dt, tdt, mean, smooth, block_r, block_v, single in picks:
+        types = dict(base, logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", target_ptr=f"*{tdt}")
+        const = dict(MEAN=mean, SMOOTH=smooth, BAD_BIT=4, BLOCK_R=block_r, BLOCK_V=block_v, SINGLE_TILE=single)
+        name = f"xent_rows[{dt},target={tdt},mean={mean},smooth={smooth},R={block_r},V={block_v},single={single}]"
+        out.append((name, C._xent_rows_kernel, types, const, max(1, min(16, block_r * block_v // 256))))
+    assert len(out) == N_XENT_CONFIGS
+    return out
+
+
 def main(only=()) -> int:
     triton, ASTSource, GPUTarget, S = _load()
-    configs = _sampler_configs(S) + _remask_configs(S) + _philox_configs(S)
-    assert {fn.__name__ for _, fn, _, _, _ in configs} == set(KERNELS)
+    C = _load_module("cross_entropy")
+    configs = _sampler_configs(S) + _remask_configs(S) + _philox_configs(S) + _xent_configs(C)
+    assert {fn.__name__ for _, fn, _, _, _ in configs} == {k for ks in KERNELS.values() for k in ks}
     failed = 0
     for name, fn, types, const, num_warps in configs:
         if only and not any(o in name for o in only):
@@ -131,11 +169,13 @@ def trace() -> int:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     _, _, _, S = _load()
+    C = _load_module("cross_entropy")
 
     def step(tokens, is_masked, logits, guide, n, status):
         t, lp = S.guided_sample_triton(logits, guide, 1.0, 0.7, 3, 1, status)
         m = S.remask_triton(lp, is_masked, n, 1.0, 3, 1, status)
-        return t, m, S.self_guided_step_triton(tokens, is_masked, logits, guide, n, 1.0, 0.0, 2.0, 3, 1, status)
+        xent = C.cross_entropy_fwd_triton(logits, tokens, -100, 0.1, "mean")
+        return t, m, S.self_guided_step_triton(tokens, is_masked, logits, guide, n, 1.0, 0.0, 2.0, 3, 1, status), xent
 
     with FakeTensorMode():
         dev = "cuda"
@@ -150,7 +190,7 @@ def trace() -> int:
         code = make_fx(step)(*args).code
     n_launch = code.count("triton_kernel_wrapper_mutation(")
     print(f"TRACED {n_launch} launches")
-    return 0 if n_launch == 4 else 1
+    return 0 if n_launch == 5 else 1
 
 
 def _run_self(*argv, tmp_path):
@@ -165,7 +205,7 @@ def _run_self(*argv, tmp_path):
 
 def test_wrap_triton_traces(tmp_path):
     proc, out = _run_self("--trace", tmp_path=tmp_path)
-    assert proc.returncode == 0 and "TRACED 4 launches" in out, out[-6000:]
+    assert proc.returncode == 0 and "TRACED 5 launches" in out, out[-6000:]
 
 
 def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
@@ -173,20 +213,25 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     ok = [line for line in out.splitlines() if line.startswith("OK ")]
-    assert len(ok) == len(ARCHS) * (8 + 4 + 1), out[-6000:]
+    assert len(ok) == len(ARCHS) * (8 + 4 + 1 + N_XENT_CONFIGS), out[-6000:]
     for cc in ARCHS:
         assert any(f"sm_{cc} sample_rows" in line for line in ok)
         assert any(f"sm_{cc} remask" in line for line in ok)
         assert any(f"sm_{cc} philox_words" in line for line in ok)
+        assert any(f"sm_{cc} xent_rows" in line for line in ok)
 
 
 def test_every_kernel_is_covered():
-    """Every ``@triton.jit`` kernel (``*_kernel``) of sampling.py has an AOT config here."""
+    """Every ``@triton.jit`` kernel (``*_kernel``) of every kernel module has an AOT config here."""
     import ast
 
-    tree = ast.parse(open(os.path.join(ROOT, "sgkernels", "kernels", "sampling.py")).read())
-    kernels = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")}
-    assert kernels == set(KERNELS)
+    folder = os.path.join(ROOT, "sgkernels", "kernels")
+    modules = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_")}
+    assert modules == set(KERNELS)
+    for mod, names in KERNELS.items():
+        tree = ast.parse(open(os.path.join(folder, f"{mod}.py")).read())
+        kernels = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")}
+        assert kernels == set(names), mod
 
 
 if __name__ == "__main__":

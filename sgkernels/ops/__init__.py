@@ -1,5 +1,6 @@
 """The fused ops. Each module: thin wrapper, fake kernel, kernel registration, PyTorch reference."""
 from ._status import check_errors
+from .cross_entropy import cross_entropy_reference, fused_cross_entropy
 from .guided_sample import guided_sample, guided_sample_reference
 from .remask import remask_lowest_confidence, remask_reference
 from .self_guided_step import self_guided_step, self_guided_step_reference
@@ -7,6 +8,8 @@ from .vq_lookup import vq_lookup, vq_lookup_reference
 
 __all__ = [
     "check_errors",
+    "cross_entropy_reference",
+    "fused_cross_entropy",
     "guided_sample",
     "guided_sample_reference",
     "remask_lowest_confidence",

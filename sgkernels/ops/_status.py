@@ -1,4 +1,4 @@
-"""Device-side error flags for the sampling ops.
+"""Device-side error flags for the sampling ops (and cross_entropy).
 
 Checking a CUDA tensor for NaN, or a device-resident ``num_to_mask`` for negatives, would need a
 host sync every step. Instead the kernels OR bits into a per-device int32 status word, and
@@ -11,11 +11,14 @@ import torch
 
 NONFINITE_LOGITS = 1  # a sampled row had NaN / +inf guided logits, or was all -inf
 NEGATIVE_NUM_TO_MASK = 2  # num_to_mask[b] < 0
+BAD_TARGET = 4  # cross_entropy: a target outside [0, V) that is not ignore_index
 
 _MESSAGES = {
     NONFINITE_LOGITS: "logits: a sampled row had NaN or +inf guided logits (or all -inf); "
     "its token is meaningless",
     NEGATIVE_NUM_TO_MASK: "num_to_mask: expected values >= 0, got a negative entry",
+    BAD_TARGET: "cross_entropy: target: a class index outside [0, V) that is not ignore_index; "
+    "its row's loss is NaN and its gradient 0",
 }
 _buffers: dict[torch.device, torch.Tensor] = {}
 

@@ -1,0 +1,61 @@
+"""fused_cross_entropy forward + backward against F.cross_entropy (and Liger-Kernel when importable).
+
+Each timed call is one training step of the loss: forward from the logits (a leaf requiring grad)
+and ``backward()``; peak memory is what that step allocates on top of the logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import sgkernels  # noqa: F401  (loads the ops)
+from sgkernels.ops.cross_entropy import fused_cross_entropy
+
+from ._timing import measure
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except Exception:  # noqa: BLE001  (not installed, or no GPU)
+        return None
+    return liger_cross_entropy
+
+
+def _step(loss_fn, logits, target, *, copy=False):
+    """One loss step from the leaf ``logits``. ``copy``: the loss gets ``logits * 1`` (a non-leaf, as
+    a model head's output), for the kernels that overwrite their input; the copy is timed too."""
+
+    def fn():
+        logits.grad = None
+        x = logits * 1 if copy else logits
+        loss_fn(x, target).backward()
+
+    return fn
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+    if device == "cpu":
+        shapes = [(8192, 1024, torch.float32), (4096, 8192, torch.float32)]
+    else:
+        shapes = [(8192, 1024, torch.bfloat16), (4096, 8192, torch.bfloat16), (16384, 32000, torch.bfloat16)]
+    liger = _liger() if device != "cpu" else None
+    rows = []
+    for n_rows, vocab, dtype in shapes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(n_rows, vocab, generator=gen, device=device).to(dtype).requires_grad_()
+        target = torch.randint(0, vocab, (n_rows,), generator=gen, device=device)
+        target[::10] = -100  # some padding rows
+        common = dict(op="cross_entropy fwd+bwd", shape=f"R={n_rows} V={vocab}", dtype=str(dtype).replace("torch.", ""))
+        # forward: read logits, write the gradient; backward: read it, write grad * grad_output
+        # (single tile; the multi-tile path, V > 8192, reads the logits twice)
+        nbytes = 4 * logits.numel() * logits.element_size()
+        rows.append(measure(_step(fused_cross_entropy, logits, target), device, quick, impl="sgkernels", bytes=nbytes,
+                            **common))
+        inplace = _step(lambda x, t: fused_cross_entropy(x, t, inplace_grad=True), logits, target, copy=True)
+        rows.append(measure(inplace, device, quick, impl="sgkernels inplace_grad (+copy)", **common))
+        rows.append(measure(_step(F.cross_entropy, logits, target), device, quick, impl="F.cross_entropy", **common))
+        if liger is not None:
+            rows.append(measure(_step(liger, logits, target, copy=True), device, quick,
+                                impl="liger_cross_entropy (+copy)", **common))
+    return rows
