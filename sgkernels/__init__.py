@@ -13,6 +13,8 @@ from . import _C  # noqa: F401  (registers the torch.ops.sgkernels schemas and C
 from ._backend import get_backend, use_backend
 from .ops import (
     check_errors,
+    cross_entropy_reference,
+    fused_cross_entropy,
     guided_sample,
     guided_sample_reference,
     remask_lowest_confidence,
@@ -48,6 +50,8 @@ __all__ = [
     "train",
     "train_guide",
     "check_errors",
+    "cross_entropy_reference",
+    "fused_cross_entropy",
     "choice_temperature",
     "get_backend",
     "guided_sample",

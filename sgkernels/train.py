@@ -63,7 +63,7 @@ from torch import nn
 from .models.checkpoint import _atomic_write, _read_weights, _serialize, safetensors_available
 from .models.toast import TOAST, TOASTConfig
 from .models.transformer import MaskTransformer, MaskTransformerConfig
-from .ops import guided_sample
+from .ops import fused_cross_entropy, guided_sample
 
 ERROR_TOKEN_MODES = ("sample", "official")
 MIXED_PRECISIONS = ("bf16", "no")
@@ -186,28 +186,6 @@ class TrainConfig:
         return self.lr * min(1.0, (step + 1) / self.warmup_steps)
 
 
-# ------------------------------------------------------------------------------------ cross-entropy
-_FUSED_CE = None  # resolved on first use: the fused op, or False when it is not importable
-
-
-def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
-                   label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
-    """``F.cross_entropy`` semantics; ``sgkernels.ops.cross_entropy.fused_cross_entropy`` when it exists."""
-    global _FUSED_CE
-    if _FUSED_CE is None:
-        try:
-            from .ops.cross_entropy import fused_cross_entropy
-        except ImportError:
-            _FUSED_CE = False
-        else:
-            _FUSED_CE = fused_cross_entropy
-    if _FUSED_CE:
-        return _FUSED_CE(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                         reduction=reduction)
-    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           reduction=reduction)
-
-
 # ------------------------------------------------------------------------------------- the task
 class Corruption(NamedTuple):
     """A corrupted batch (all ``[B, N]`` unless noted).
@@ -295,8 +273,8 @@ def aux_loss(backbone: MaskTransformer, guide: nn.Module, inputs: torch.Tensor, 
     toast = guide.module if hasattr(guide, "module") else guide
     k = out.logits.shape[-1]
     flat_t = targets.reshape(-1)
-    ce_sum = _cross_entropy(out.logits.reshape(-1, k), flat_t, ignore_index=ignore_index,
-                            label_smoothing=label_smoothing, reduction="sum")
+    ce_sum = fused_cross_entropy(out.logits.reshape(-1, k), flat_t, ignore_index=ignore_index,
+                                 label_smoothing=label_smoothing, reduction="sum")
     count = (flat_t != ignore_index).sum().clamp_min(1)  # stays on the device: no sync
     ce = ce_sum.float() / count
     recon = toast.reconstruction_loss(out, weight=recon_weight).float()

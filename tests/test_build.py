@@ -21,10 +21,12 @@ def test_cuda_kernels_were_compiled():
 
 
 def test_every_op_has_cpu_and_cuda_kernels():
-    for op in ("guided_sample", "remask_lowest_confidence", "self_guided_step", "vq_lookup"):
+    triton_ops = ("guided_sample", "remask_lowest_confidence", "self_guided_step", "cross_entropy_fwd",
+                  "cross_entropy_fwd_inplace")
+    for op in (*triton_ops, "vq_lookup"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sgkernels::{op}", "CPU"), op
-    # The sampling ops' CUDA kernels are Triton, registered from Python.
-    for op in ("guided_sample", "remask_lowest_confidence", "self_guided_step"):
+    # The CUDA kernels of these ops are Triton, registered from Python.
+    for op in triton_ops:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sgkernels::{op}", "CUDA"), op
 
 

@@ -166,23 +166,6 @@ def test_official_error_tokens_are_nearly_uniform():
 
 
 # ---------------------------------------------------------------------------------- loss pieces
-def test_cross_entropy_indirection(monkeypatch):
-    logits, target = torch.randn(12, 7), torch.tensor([0, 1, -100, 3, 4, 5, 6, -100, 1, 2, 3, 4])
-    monkeypatch.setattr(T, "_FUSED_CE", None)
-    got = T._cross_entropy(logits, target, label_smoothing=0.1)
-    torch.testing.assert_close(got, F.cross_entropy(logits, target, label_smoothing=0.1))
-    calls = []
-
-    def fake(logits, target, *, ignore_index, label_smoothing, reduction):
-        calls.append((ignore_index, label_smoothing, reduction))
-        return F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                               reduction=reduction)
-
-    monkeypatch.setattr(T, "_FUSED_CE", fake)
-    T._cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.1, reduction="sum")
-    assert calls == [(-100, 0.1, "sum")]
-
-
 def test_aux_loss_is_ce_at_error_positions_plus_recon():
     backbone, guide = build()
     cfg = backbone.config
