@@ -57,7 +57,6 @@ import tempfile
 from typing import Iterable, Iterator, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .models.checkpoint import _atomic_write, _read_weights, _serialize, safetensors_available
