@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-.PHONY: all install test test-cuda demo bench cmake-check info clean
+.PHONY: all install test demo bench bench-pytest cmake-check info clean
 
 all: install
 
@@ -30,6 +30,10 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks
+
+# pytest-benchmark, one file per op (benchmarks/test_bench_<op>.py)
+bench-pytest: install
+	$(PY) -m pytest benchmarks/ -q
 
 info: install
 	$(PY) -m sgkernels.info
