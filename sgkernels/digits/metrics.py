@@ -26,17 +26,14 @@ def _as64(x) -> np.ndarray:
 
 def fid(features_a, features_b) -> float:
     """Frechet distance between ``[M, D]`` and ``[M', D]`` feature sets (0 for identical sets)."""
-    from scipy import linalg
-
     a, b = _as64(features_a), _as64(features_b)
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():
-        eps = 1e-6 * np.eye(len(s_a))
-        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
-    covmean = covmean.real
-    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+    # Tr((S_a S_b)^1/2) = sum of sqrt(eig(S_a^1/2 S_b S_a^1/2)): symmetric PSD, stable eigh (no sqrtm).
+    w, v = np.linalg.eigh(s_a)
+    half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh(half @ s_b @ half), 0, None)).sum())
+    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_covmean)
     return max(value, 0.0)
 
 
