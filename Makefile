@@ -25,8 +25,10 @@ test: install
 	$(PY) -m sgkernels.info
 	$(PY) -m pytest -q
 
+# The embedded digits model: a self-guided and a plain MaskGIT grid (same seed) side by side in
+# digits_demo.png, and both metric lines. The synthetic kernel demo: $(PY) -m sgkernels.demo
 demo: install
-	$(PY) -m sgkernels.demo
+	$(VENV)/bin/sgkernels demo --out digits_demo.png
 
 bench: install
 	$(PY) -m benchmarks

@@ -1,0 +1,10 @@
+"""The embedded digits model: a toy end-to-end MaskGIT + self-guidance pipeline that runs on a CPU.
+
+* :mod:`.data`: scikit-learn's 8x8 digits upscaled to 32x32, a fixed seeded train / held-out split;
+* :mod:`.nets`: the VQ tokenizer (32x32 -> 8x8 tokens) and the evaluation CNN classifier;
+* :mod:`.stages`: the training stages (tokenizer, generator, guide, classifier);
+* :mod:`.pipeline`: :class:`DigitsModel`, loading a model directory (default: the shipped weights in
+  ``sgkernels/assets/digits``) and generating images;
+* :mod:`.metrics`: FID, Inception Score and k-NN precision / recall on the classifier's features.
+"""
+from .pipeline import DEFAULT_MODEL_DIR, DigitsModel, SamplingDefaults  # noqa: F401
