@@ -46,10 +46,18 @@ def safetensors_available() -> bool:
     return True
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, data: bytes) -> None:
+    """Write ``path`` via a temp file + fsync + os.replace, with the usual 0o666 & ~umask mode."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0o600: keep checkpoints readable by others
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
