@@ -33,3 +33,4 @@ def test_every_op_has_cpu_and_cuda_kernels():
 def test_info_runs():
     out = subprocess.run([sys.executable, "-m", "sgkernels.info"], capture_output=True, text=True, check=True).stdout
     assert "torch" in out and "CPU ISA" in out and sgkernels.__version__ in out
+

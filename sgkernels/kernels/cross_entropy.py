@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from ..ops import _status
+from .._status_bits import BAD_TARGET
 
 # V up to this: whole rows in registers (one read of the logits, one write of the gradient).
 # Above: two passes over tiles of _TILE_V (online log-sum-exp, then the gradient): two reads, one write.
@@ -220,7 +220,7 @@ def _run(x, t, grad, flags, ignore_index, label_smoothing, reduction):
         eps,
         MEAN=reduction == "mean",
         SMOOTH=eps != 0.0,
-        BAD_BIT=_status.BAD_TARGET,
+        BAD_BIT=BAD_TARGET,
         BLOCK_R=block_r,
         BLOCK_V=block_v,
         SINGLE_TILE=single,

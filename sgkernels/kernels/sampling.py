@@ -285,7 +285,7 @@ def _sample_rows_kernel(
     tl.store(tokens_ptr + rows64, tok.to(tl.int64), mask=row_ok)
     tl.store(logp_ptr + rows64, logp, mask=row_ok)
     any_bad = tl.max(bad.to(tl.int32), axis=0)
-    tl.atomic_or(status_ptr, 1, mask=any_bad > 0)
+    tl.atomic_or(status_ptr, 1, mask=any_bad > 0)  # _status_bits.NONFINITE_LOGITS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def _remask_kernel(
     key = tl.where(cand, key, 0x100000000)  # non-candidates: above every key
 
     n_b = tl.load(num_ptr + b).to(tl.int64)
-    tl.atomic_or(status_ptr, 2, mask=n_b < 0)
+    tl.atomic_or(status_ptr, 2, mask=n_b < 0)  # _status_bits.NEGATIVE_NUM_TO_MASK
     n_b = tl.maximum(n_b, 0)
     n_cand = tl.sum(cand.to(tl.int32), axis=0).to(tl.int64)
     k = tl.minimum(n_b, n_cand)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-NONFINITE_LOGITS = 1  # a sampled row had NaN / +inf guided logits, or was all -inf
-NEGATIVE_NUM_TO_MASK = 2  # num_to_mask[b] < 0
-BAD_TARGET = 4  # cross_entropy: a target outside [0, V) that is not ignore_index
+from .._status_bits import BAD_TARGET, NEGATIVE_NUM_TO_MASK, NONFINITE_LOGITS
 
 _MESSAGES = {
     NONFINITE_LOGITS: "logits: a sampled row had NaN or +inf guided logits (or all -inf); "
