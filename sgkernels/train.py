@@ -63,6 +63,7 @@ from .models.checkpoint import _atomic_write, _read_weights, _serialize, safeten
 from .models.toast import TOAST, TOASTConfig
 from .models.transformer import MaskTransformer, MaskTransformerConfig
 from .ops import fused_cross_entropy, guided_sample
+from . import _dataclass
 
 ERROR_TOKEN_MODES = ("sample", "official")
 MIXED_PRECISIONS = ("bf16", "no")
@@ -172,11 +173,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown fields {unknown}")
-        return cls(**d)
+        return _dataclass.from_dict(cls, d)
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based): linear warmup, then constant."""

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
+
+from ._launch import interpreted
+from ._launch import launch as _launch
 
 from .._status_bits import BAD_TARGET
 
@@ -162,15 +164,8 @@ def _xent_rows_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _launch(kernel):
-    """``wrap_triton(kernel)`` for a compiled kernel; the kernel itself under TRITON_INTERPRET."""
-    if isinstance(kernel, JITFunction):
-        return torch.library.wrap_triton(kernel)
-    return kernel
-
-
 def _interpreted() -> bool:
-    return not isinstance(_xent_rows_kernel, JITFunction)
+    return interpreted(_xent_rows_kernel)
 
 
 def _config(n_rows: int, vocab: int):

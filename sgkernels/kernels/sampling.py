@@ -32,7 +32,9 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
+
+from ._launch import interpreted
+from ._launch import launch as _launch
 
 # V up to this: the whole row sits in registers (single-tile path). Above: tiles of _TILE_V.
 # Tests shrink both (monkeypatch) to exercise the multi-tile path on small V.
@@ -385,15 +387,8 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", float(x)))[0]
 
 
-def _launch(kernel):
-    """``wrap_triton(kernel)`` for a compiled kernel; the kernel itself under TRITON_INTERPRET."""
-    if isinstance(kernel, JITFunction):
-        return torch.library.wrap_triton(kernel)
-    return kernel
-
-
 def _interpreted() -> bool:
-    return not isinstance(_sample_rows_kernel, JITFunction)
+    return interpreted(_sample_rows_kernel)
 
 
 def _prep_logits(x: torch.Tensor, vocab: int) -> torch.Tensor:

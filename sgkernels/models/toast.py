@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .transformer import MaskTransformer, MaskTransformerConfig, TransformerOutput
+from .. import _dataclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +56,7 @@ class TOASTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TOASTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"TOASTConfig: unknown fields {unknown}")
-        return cls(**d)
+        return _dataclass.from_dict(cls, d)
 
 
 class ClassAnchor(nn.Module):

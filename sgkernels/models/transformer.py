@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.attention import SelfAttention
+from .. import _dataclass
 
 NORMS = ("post", "pre")
 GELUS = ("exact", "tanh")
@@ -127,11 +128,7 @@ class MaskTransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskTransformerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"MaskTransformerConfig: unknown fields {unknown}")
-        return cls(**d)
+        return _dataclass.from_dict(cls, d)
 
 
 class TransformerOutput(NamedTuple):
