@@ -18,6 +18,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "vq_checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -195,26 +197,6 @@ static float load_rows_any(const at::Tensor& z2, int64_t r0, int64_t rows, int64
   return 0.f;
 }
 
-static void check_inputs(const at::Tensor& z, const at::Tensor& codebook) {
-  auto is_float = [](const at::Tensor& t) {
-    const auto s = t.scalar_type();
-    return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
-  };
-  TORCH_CHECK_TYPE(is_float(z), "vq_lookup: z: expected float32, bfloat16 or float16, got ", z.scalar_type());
-  TORCH_CHECK_TYPE(is_float(codebook), "vq_lookup: codebook: expected float32, bfloat16 or float16, got ",
-                   codebook.scalar_type());
-  TORCH_CHECK_VALUE(codebook.dim() == 2, "vq_lookup: codebook: expected shape [K, D], got ", codebook.sizes());
-  TORCH_CHECK_VALUE(codebook.size(0) >= 1, "vq_lookup: codebook: expected K >= 1 codes, got shape ",
-                    codebook.sizes());
-  TORCH_CHECK_VALUE(codebook.size(1) >= 1, "vq_lookup: codebook: expected D >= 1, got shape ", codebook.sizes());
-  TORCH_CHECK_VALUE(z.dim() >= 1 && z.size(-1) == codebook.size(1), "vq_lookup: z: expected shape [..., ",
-                    codebook.size(1), "] (D of codebook), got ", z.sizes());
-  TORCH_CHECK_VALUE(z.device() == codebook.device(), "vq_lookup: codebook: expected device ", z.device(),
-                    " (same as z), got ", codebook.device());
-  TORCH_CHECK_VALUE(codebook.size(0) <= std::numeric_limits<int32_t>::max() - 4096,
-                    "vq_lookup: codebook: K too large");
-}
-
 static std::tuple<at::Tensor, at::Tensor> finish(at::Tensor idx, at::Tensor dist, const at::Tensor& z,
                                                  bool return_distance) {
   auto lead = z.sizes().slice(0, z.dim() - 1);
@@ -227,7 +209,7 @@ constexpr int64_t kGemmCodes = 512;  // codes per sgemm chunk (buffer: rows x kG
 
 std::tuple<at::Tensor, at::Tensor> vq_lookup_cpu(const at::Tensor& z, const at::Tensor& codebook,
                                                  bool return_distance) {
-  check_inputs(z, codebook);
+  sgk::check_vq_inputs(z, codebook);
   TORCH_CHECK(z.device().is_cpu(), "vq_lookup_cpu: expected CPU tensors");
   const int64_t K = codebook.size(0);
   const int D = static_cast<int>(codebook.size(1));

@@ -17,6 +17,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "vq_checks.h"
+
 #include <cfloat>
 #include <cstdint>
 #include <tuple>
@@ -159,19 +161,7 @@ static void launch(const at::Tensor& z2, const at::Tensor& cb, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor> vq_lookup_cuda(const at::Tensor& z, const at::Tensor& codebook,
                                                   bool return_distance) {
-  auto is_float = [](const at::Tensor& t) {
-    const auto s = t.scalar_type();
-    return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
-  };
-  TORCH_CHECK_TYPE(is_float(z), "vq_lookup: z: expected float32, bfloat16 or float16, got ", z.scalar_type());
-  TORCH_CHECK_TYPE(is_float(codebook), "vq_lookup: codebook: expected float32, bfloat16 or float16, got ",
-                   codebook.scalar_type());
-  TORCH_CHECK_VALUE(codebook.dim() == 2 && codebook.size(0) >= 1 && codebook.size(1) >= 1,
-                    "vq_lookup: codebook: expected a non-empty [K, D], got ", codebook.sizes());
-  TORCH_CHECK_VALUE(z.dim() >= 1 && z.size(-1) == codebook.size(1), "vq_lookup: z: expected shape [..., ",
-                    codebook.size(1), "], got ", z.sizes());
-  TORCH_CHECK_VALUE(z.device() == codebook.device(), "vq_lookup: codebook: expected device ", z.device(),
-                    " (same as z), got ", codebook.device());
+  sgk::check_vq_inputs(z, codebook);
   // NaN/inf are checked by the Python wrapper (a host sync); this kernel does not look for them.
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t D = codebook.size(1);
