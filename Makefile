@@ -15,7 +15,7 @@ $(VENV)/.deps: requirements-dev.txt
 	touch $@
 
 # --no-build-isolation: build against the torch already in the venv (isolation would pull a second one).
-$(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+$(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -q
 
 # The embedded digits model: a self-guided and a plain MaskGIT grid (same seed) side by side in
-# digits_demo.png, and both metric lines. The synthetic kernel demo: $(PY) -m sgkernels.demo
+# digits_demo.png, and both metric lines. The synthetic kernel demo: $(PY) -m examples.kernel_demo
 demo: install
 	$(VENV)/bin/sgkernels demo --out digits_demo.png
 

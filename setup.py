@@ -1,6 +1,7 @@
 """Build sgkernels and its extension sgkernels._C.
 
-* The C++ CPU kernels (csrc/*.cpp) are always built, with OpenMP.
+* The op schemas and the C++ CPU kernels (csrc/*.cpp, csrc/common/*.cpp, csrc/cpu/*.cpp) are always
+  built, with OpenMP.
 * The CUDA kernels (csrc/cuda/*.cu) are built whenever nvcc is found, with or without a GPU.
   ``SGKERNELS_CUDA=1`` requires them (error if nvcc is missing), ``SGKERNELS_CUDA=0`` skips them.
   ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0". A CUDA compile error fails the build: there is
@@ -8,7 +9,8 @@
 * The CUDA library headers that torch's own headers include (cusparse.h, cublas_v2.h) are taken
   from torch's ``nvidia`` wheels when the toolkit lacks them.
 
-Install with ``pip install --no-build-isolation -e .`` into an environment that already has torch.
+Install with ``pip install --no-build-isolation .`` (or ``-e .``) into an environment that already has
+torch: the extension must be built against the torch it runs with. Metadata is in pyproject.toml.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,7 +85,8 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "common", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     with_cuda = _want_cuda(CUDA_HOME) and bool(cu_sources)
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
@@ -123,21 +126,5 @@ def _cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-setup(
-    name="sgkernels",
-    version="0.1.0",
-    description="Fused kernels for self-guided sampling of masked generative models",
-    packages=find_packages(include=["sgkernels", "sgkernels.*"]),
-    package_data={"sgkernels": ["assets/*", "assets/digits/*/*"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "tqdm"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "test": ["pytest", "scipy"],
-        "diffusers": ["diffusers"],
-        "digits": ["scikit-learn", "matplotlib", "scipy"],
-    },
-    ext_modules=_extensions(),
-    cmdclass=_cmdclass(),
-    entry_points={"console_scripts": ["sgkernels=sgkernels.cli:main"]},
-)
+# Package metadata, dependencies, extras and the console script live in pyproject.toml.
+setup(ext_modules=_extensions(), cmdclass=_cmdclass())

@@ -81,20 +81,19 @@ def table(rows: list[dict], device: str) -> str:
 
 
 def write_results(path: str, device: str, text: str) -> None:
+    """Replace the CPU or GPU section of ``path``; every other ``## `` section is kept as it is."""
     title = "GPU" if device != "cpu" else "CPU"
     sections = {"CPU": "", "GPU": ""}
     if os.path.exists(path):
         old = open(path).read()
-        for name in sections:
-            m = re.search(rf"^## {name}\n(.*?)(?=^## |\Z)", old, flags=re.S | re.M)
-            if m:
-                sections[name] = m.group(1).strip()
+        for m in re.finditer(r"^## (.+?)\n(.*?)(?=^## |\Z)", old, flags=re.S | re.M):
+            sections[m.group(1).strip()] = m.group(2).strip()
     sections[title] = text
     body = ["# Benchmark results", "",
-            "Written by `python -m benchmarks` (never edited by hand). Times are medians after warm-up;",
-            "speed-up = anchor time / sgkernels time, measured in the same process.", ""]
-    for name in ("CPU", "GPU"):
-        body += [f"## {name}", "", sections[name] or "_not run yet on this kind of device_", ""]
+            "The CPU and GPU sections are written by `python -m benchmarks`; other sections are kept as they are.",
+            "Times are medians after warm-up; speed-up = anchor time / sgkernels time, measured in the same process.", ""]
+    for name, content in sections.items():
+        body += [f"## {name}", "", content or "_not run yet on this kind of device_", ""]
     with open(path, "w") as f:
         f.write("\n".join(body))
 

@@ -1,11 +1,11 @@
 """Token sampling method on CPU: exact inverse CDF (what sgkernels ships) against Gumbel-max.
 
 ``python -m benchmarks.sampling_method`` JIT-compiles a Gumbel-max row sampler that uses the same
-Philox stream code (csrc/philox.h: one Philox call per 4 vocabulary elements, ``-log(-log u)`` per
+Philox stream code (csrc/common/philox.h: one Philox call per 4 vocabulary elements, ``-log(-log u)`` per
 element with libm's logf) and times it against ``torch.ops.sgkernels.guided_sample`` (one Philox
 call per row, one exp per element, float64 running sum) on the same logits, both OpenMP over rows.
-The result decided the sampling method of both the C++ and the Triton kernels; it is quoted in
-their docstrings.
+The result decided the sampling method of both the C++ and the Triton kernels; the measurement is
+recorded in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ torch::Tensor gumbel_max(torch::Tensor logits, int64_t seed) {
 def main() -> int:
     ext = load_inline(
         "sgk_gumbel_max_bench", cpp_sources=SOURCE, functions=["gumbel_max"],
-        extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cflags=["-O3", "-fopenmp"],
+        extra_include_paths=[os.path.join(ROOT, "csrc", "common")], extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"], verbose=False,
     )
     status = torch.zeros(1, dtype=torch.int32)

@@ -6,7 +6,12 @@ Quick use::
     tokens, logp = sgk.guided_sample(logits, guide_logits, guidance_scale=1.0, seed=0)
     new_tokens, new_mask = sgk.self_guided_step(tokens, is_masked, logits, guide_logits, n,
                                                 guidance_scale=1.0, choice_temperature=25.0, seed=0, offset=step)
+
+Guide training (``sgkernels.training``, also reachable as ``sgkernels.train``, with
+``sgkernels.train_guide`` and ``sgkernels.TrainConfig``) is imported on first use, not by ``import sgkernels``.
 """
+import importlib
+
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.sgkernels schemas and C++/CUDA kernels)
@@ -30,10 +35,19 @@ from . import integrations, models, nn  # noqa: E402  (models -> nn -> ops: impo
 from .models import TOAST, MaskTransformer, MaskTransformerConfig, TOASTConfig  # noqa: E402
 from .models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .sampler import SelfGuidedSampler  # noqa: E402
-from . import train  # noqa: E402
-from .train import TrainConfig, train_guide  # noqa: E402
 
 __version__ = "0.1.0"
+
+_LAZY_TRAINING = ("TrainConfig", "train_guide")
+
+
+def __getattr__(name: str):
+    """``sgkernels.training`` (alias ``sgkernels.train``) and its names, imported on first access."""
+    if name in ("training", "train"):
+        return importlib.import_module(".training", __name__)
+    if name in _LAZY_TRAINING:
+        return getattr(importlib.import_module(".training", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "MaskTransformer",
@@ -49,6 +63,7 @@ __all__ = [
     "save_checkpoint",
     "train",
     "train_guide",
+    "training",
     "check_errors",
     "cross_entropy_reference",
     "fused_cross_entropy",

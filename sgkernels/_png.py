@@ -1,4 +1,4 @@
-"""Minimal PNG writer (8-bit RGB), so pictures need no imaging dependency."""
+"""Minimal PNG writer (8-bit RGB) and image tiling, so pictures need no imaging dependency."""
 from __future__ import annotations
 
 import struct
@@ -34,3 +34,11 @@ def tile(images: np.ndarray, pad: int = 2, scale: int = 1, background: int = 255
             y, x = pad + r * (height + pad), pad + c * (width + pad)
             out[y : y + height, x : x + width] = images[r, c]
     return out
+
+
+def grid(images: np.ndarray, cols: int, pad: int = 2, scale: int = 1, background: int = 255) -> np.ndarray:
+    """Tile uint8 images [M, H, W, 3] row by row, ``cols`` per row (the last row padded with black)."""
+    rows = -(-len(images) // cols)
+    cells = np.zeros((rows * cols,) + images.shape[1:], dtype=np.uint8)
+    cells[: len(images)] = images
+    return tile(cells.reshape(rows, cols, *images.shape[1:]), pad=pad, scale=scale, background=background)

@@ -20,7 +20,7 @@ One Philox call per row gives four 32-bit words ``w0..w3``:
   kept out to about 44 (upper) and -3.8 (lower): no inf/NaN at u -> 0 or 1 and no truncation at
   2**-24 as the naive ``-log(-log(u))`` on a 24-bit uniform has.
 
-The C++ CPU path (``csrc/philox.h``) and the Triton kernels (``sgkernels/kernels/``) implement
+The C++ CPU path (``csrc/common/philox.h``) and the Triton kernels (``sgkernels/kernels/``) implement
 the same words; this module is the plain-PyTorch version the tests compare them against.
 """
 from __future__ import annotations
@@ -34,6 +34,10 @@ _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
 N_ROUNDS = 10
 MAX_SEED = 2**63
+# Derived seeds ``seed * SEED_STRIDE + i`` (i: a batch or step index): distinct for every
+# (seed, i) while i < SEED_STRIDE, so batches of one seed never share a stream with another seed's.
+# 1_000_003 is the first prime above a million: larger than any batch or step count in practice.
+SEED_STRIDE = 1_000_003
 
 
 def resolve_seed(seed: int | None) -> int:

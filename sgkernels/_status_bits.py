@@ -1,7 +1,10 @@
 """Bits of the device-side status word that kernels OR into (raised by ``sgkernels.ops._status``).
 
-A primitive below both ``kernels/`` and ``ops/`` so that kernels never import an op module.
+Defined once, in csrc/common/status_bits.h, and exported by the extension. A primitive below both
+``kernels/`` and ``ops/`` so that kernels never import an op module.
 """
-NONFINITE_LOGITS = 1  # a sampled row had NaN / +inf guided logits, or was all -inf
-NEGATIVE_NUM_TO_MASK = 2  # num_to_mask[b] < 0
-BAD_TARGET = 4  # cross_entropy: a target outside [0, V) that is not ignore_index
+import torch  # noqa: F401  (loads libc10/libtorch before the extension)
+
+from ._C import BAD_TARGET, NEGATIVE_NUM_TO_MASK, NONFINITE_LOGITS
+
+__all__ = ["BAD_TARGET", "NEGATIVE_NUM_TO_MASK", "NONFINITE_LOGITS"]

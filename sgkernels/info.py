@@ -1,29 +1,18 @@
-"""``python -m sgkernels.info``: versions, available backends, compiled CUDA archs, CPU ISA."""
+"""``python -m sgkernels.info``: versions, available backends, compiled CUDA archs, the CPU ISA in use."""
 from __future__ import annotations
 
 import os
 import platform
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_isa() -> str:
-    """The widest x86 vector ISA this CPU offers that the C++ kernels dispatch on."""
-    flags = _cpu_flags()
-    if {"avx512f", "avx512bw"} <= flags:
-        return "avx512 (kernels use avx2+fma)"
-    if {"avx2", "fma"} <= flags:
-        return "avx2+fma"
-    return platform.machine() + " (portable path)"
+    """The ISA the C++ CPU kernels run with: avx512, avx2 or generic, as the C++ dispatcher picks it
+    (the widest this CPU supports, capped by SGKERNELS_CPU_ISA)."""
+    import torch  # noqa: F401  (loads libc10/libtorch before the extension)
+
+    from . import _C
+
+    return _C.cpu_isa()
 
 
 def collect() -> dict:
@@ -43,7 +32,7 @@ def collect() -> dict:
         "CUDA kernels compiled": "yes, archs " + _C.CUDA_ARCHS if _C.WITH_CUDA else "no",
         "CUDA device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "Triton": "no",
-        "CPU ISA": cpu_isa(),
+        "CPU ISA": cpu_isa() + " (C++ kernels)",
     }
     if triton_available():
         import triton

@@ -23,24 +23,27 @@ are raised by one :func:`sgkernels.check_errors` at the end.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _rng
 from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
-from .ops import check_errors, self_guided_step
+from .ops import _validate, check_errors, self_guided_step
 from .schedule import TEMPERATURE_DECAYS, choice_temperature, mask_len
 
 
-def _check_float(name: str, value, *, nonneg: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (nonneg and value < 0):
-        raise ValueError(f"{name}: expected a finite float{' >= 0' if nonneg else ''}, got {value}")
-    return value
+def guidance_requested(guidance_scale: float) -> bool:
+    """Whether a guidance scale asks for self-guidance: s = 0 is plain MaskGIT."""
+    return guidance_scale != 0.0
+
+
+def guidance_active(guide: TOAST | None, guidance_scale: float) -> bool:
+    """Whether a step runs the guide: there is one and the scale asks for it.
+
+    With :func:`guidance_requested`, the one place that decides whether guidance is on; the ops
+    only see the guide's logits or None.
+    """
+    return guide is not None and guidance_requested(guidance_scale)
 
 
 class SelfGuidedSampler:
@@ -81,18 +84,17 @@ class SelfGuidedSampler:
         cuda_graph: bool = False,
     ):
         check_model_and_guide(model, guide)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+        steps = _validate.check_positive_int("steps", steps)
         if temperature_decay not in TEMPERATURE_DECAYS:
             raise ValueError(f"temperature_decay: expected one of {TEMPERATURE_DECAYS}, got {temperature_decay!r}")
         self.model = model
         self.guide = guide
         self.steps = steps
-        self.guidance_scale = _check_float("guidance_scale", guidance_scale, nonneg=False)
-        self.choice_temperature = _check_float("choice_temperature", choice_temperature)
+        self.guidance_scale = _validate.check_guidance_scale(guidance_scale)
+        self.choice_temperature = _validate.check_float("choice_temperature", choice_temperature)
         self.temperature_decay = temperature_decay
-        self.temperature = _check_float("temperature", temperature)
-        self.cfg_scale = _check_float("cfg_scale", cfg_scale)
+        self.temperature = _validate.check_float("temperature", temperature)
+        self.cfg_scale = _validate.check_float("cfg_scale", cfg_scale)
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict = {}
 
@@ -102,8 +104,8 @@ class SelfGuidedSampler:
 
     @property
     def guided(self) -> bool:
-        """Whether a step runs the guide (a guide is set and the guidance scale is non-zero)."""
-        return self.guide is not None and self.guidance_scale != 0.0
+        """Whether a step runs the guide (see :func:`guidance_active`)."""
+        return guidance_active(self.guide, self.guidance_scale)
 
     @property
     def passes_per_step(self) -> int:
@@ -172,7 +174,7 @@ class SelfGuidedSampler:
         device = next(model.parameters()).device
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
-        if guide is not None and self.guided:
+        if self.guided:
             gdev = next(guide.parameters()).device
             if gdev != device:
                 raise ValueError(f"guide is on {gdev} but the model is on {device}")
@@ -202,7 +204,7 @@ class SelfGuidedSampler:
                     tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
                     tokens, is_masked = self_guided_step(
                         tokens, is_masked, logits, guide_logits, num_to_mask,
-                        guidance_scale=self.guidance_scale if guide_logits is not None else 0.0,
+                        guidance_scale=self.guidance_scale,
                         temperature=self.temperature, choice_temperature=tau, seed=seed, offset=step,
                     )
                     if callback is not None:

@@ -1,4 +1,4 @@
-"""MaskGIT schedules from METHOD.md: the cosine mask schedule and the choice-temperature decays.
+"""MaskGIT schedules (docs/METHOD.md): the cosine mask schedule and the choice-temperature decays.
 
 Pure Python / tensor arithmetic, no kernels: the sampler and users call these between steps.
 """
@@ -25,7 +25,7 @@ def mask_ratio(step: int, total_steps: int) -> float:
 
 
 def mask_len(step: int, total_steps: int, num_tokens: int, num_masked: torch.Tensor | int):
-    """How many of the positions sampled at ``step`` are masked again (METHOD.md, MaskGIT step 4).
+    """How many positions sampled at ``step`` are masked again (docs/METHOD.md, MaskGIT step 4).
 
     ``n = floor(num_tokens * cos(pi/2 * (step+1)/total_steps))`` clamped to
     ``[1, num_masked - 1]``; ``n = 0`` at the last step, and when at most one position is masked.

@@ -11,6 +11,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import op_contract  # noqa: E402  (after TRITON_INTERPRET: it imports sgkernels)
+
+
+def pytest_generate_tests(metafunc):
+    """The ``backend`` / ``kernel`` / ``case`` / ``bad`` arguments of the op test files."""
+    op_contract.parametrize(metafunc)
+
 
 @pytest.fixture
 def one_thread_for_tiny_models(request):

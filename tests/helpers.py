@@ -1,39 +1,13 @@
-"""Shared test helpers: which backends can run here, and a chi-square test with torch only."""
+"""Shared test helpers: whether an op has a C++ CPU kernel, and a chi-square test with torch only."""
 from __future__ import annotations
 
-import os
-
-import pytest
 import torch
 
 import sgkernels  # noqa: F401  (loads the schemas)
-from sgkernels._backend import triton_available
 
 
 def has_cpu_kernel(op: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"sgkernels::{op}", "CPU")
-
-
-def backend_params(op: str):
-    """pytest params (backend, device) for every implementation of ``op`` that can run here."""
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    cuda = torch.cuda.is_available()
-    return [
-        pytest.param(("torch", "cpu"), id="torch"),
-        pytest.param(("cpp", "cpu"), id="cpp", marks=pytest.mark.skipif(not has_cpu_kernel(op), reason="no C++ kernel")),
-        pytest.param(
-            ("triton", "cpu"),
-            id="triton-interpret",
-            marks=pytest.mark.skipif(not (interp and triton_available()), reason="needs TRITON_INTERPRET=1"),
-        ),
-        pytest.param(
-            ("auto", "cuda"), id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not cuda, reason="no CUDA device")]
-        ),
-    ]
-
-
-def is_interpreter(backend) -> bool:
-    return backend[0] == "triton" and backend[1] == "cpu"
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:

@@ -34,3 +34,24 @@ def test_info_runs():
     out = subprocess.run([sys.executable, "-m", "sgkernels.info"], capture_output=True, text=True, check=True).stdout
     assert "torch" in out and "CPU ISA" in out and sgkernels.__version__ in out
 
+
+
+def test_status_bits_come_from_the_extension():
+    from sgkernels import _status_bits
+
+    bits = {"NONFINITE_LOGITS": 1, "NEGATIVE_NUM_TO_MASK": 2, "BAD_TARGET": 4}
+    for name, value in bits.items():
+        assert getattr(_C, name) == getattr(_status_bits, name) == value, name
+
+
+def test_cpu_isa_is_the_dispatchers_choice(monkeypatch):
+    monkeypatch.delenv("SGKERNELS_CPU_ISA", raising=False)
+    widest = _C.cpu_isa()
+    assert widest in ("avx512", "avx2", "generic")
+    monkeypatch.setenv("SGKERNELS_CPU_ISA", "generic")
+    assert _C.cpu_isa() == "generic"
+    monkeypatch.setenv("SGKERNELS_CPU_ISA", "avx2")
+    assert _C.cpu_isa() == ("generic" if widest == "generic" else "avx2")
+    monkeypatch.setenv("SGKERNELS_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="SGKERNELS_CPU_ISA"):
+        _C.cpu_isa()

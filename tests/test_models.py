@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sgkernels.models import TOAST, MaskTransformer, MaskTransformerConfig, TOASTConfig
+from sgkernels.models import (
+    TOAST,
+    MaskTransformer,
+    MaskTransformerConfig,
+    TOASTConfig,
+    toast_from_open_muse,
+    transformer_from_open_muse,
+)
 from sgkernels.models.toast import toast_param_count
 from sgkernels.models.transformer import param_count
 from sgkernels.nn.attention import SelfAttention, attention_backend
@@ -90,7 +97,7 @@ def open_muse_state_dict(cfg, num_factors=NF, toast=True, seed=0):
     return sd
 
 
-def reference_forward(sd, ids, cfg, feedback=None):
+def reference_forward(sd, ids, cfg, value_feedbacks=None):
     """Independent forward pass of the published MaskGIT architecture, plain ops on the state dict."""
     d, H, eps = cfg.width, cfg.heads, 1e-12
     B, T = ids.shape
@@ -113,8 +120,8 @@ def reference_forward(sd, ids, cfg, feedback=None):
         heads = lambda x: x.reshape(B, T, H, d // H).permute(0, 2, 1, 3)  # noqa: E731
         q, k = heads(lin(p + "attention.query", h)), heads(lin(p + "attention.key", h))
         v = lin(p + "attention.value", h)
-        if feedback is not None:
-            v = v + lin(p + "attention.value", feedback[l])
+        if value_feedbacks is not None:
+            v = v + lin(p + "attention.value", value_feedbacks[l])
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // H), dim=-1)
         o = (att @ heads(v)).permute(0, 2, 1, 3).reshape(B, T, d)
         h = ln(p + "attn_layer_norm", h + lin(p + "attention.out", o))
@@ -141,7 +148,7 @@ def reference_toast(sd, hidden, class_labels, cfg, num_factors=NF):
         x = x @ sd[f"decoders.{l}.linear.weight"].T
         td[l] = x @ sd[f"decoders.{l}.linear2.weight"].T
     blank = torch.full((hidden.shape[0], cfg.seq_len), cfg.mask_token_id)
-    return reference_forward(sd, blank, cfg, feedback=td)[0]
+    return reference_forward(sd, blank, cfg, value_feedbacks=td)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +234,8 @@ def test_forward_bad_input():
         model(torch.full((1, 9), cfg.codebook_size + 1), torch.tensor([0]))
     with pytest.raises(TypeError, match="tokens"):
         model(torch.zeros(1, 9), torch.tensor([0]))
-    with pytest.raises(ValueError, match="feedback"):
-        model(random_tokens(cfg, 1), torch.tensor([0]), feedback=[None])
+    with pytest.raises(ValueError, match="value_feedbacks"):
+        model(random_tokens(cfg, 1), torch.tensor([0]), value_feedbacks=[None])
 
 
 def test_attention_value_feedback():
@@ -301,7 +308,7 @@ def test_toast_zero_feedback_is_plain_blank_pass():
         for blk in model.blocks:
             blk.attention.value.bias.zero_()
         torch.testing.assert_close(guide(model, hidden, labels), model(blank, None), rtol=1e-4, atol=1e-4)
-        assert torch.allclose(model(blank, None), model(blank, None, feedback=[None] * cfg.depth))
+        assert torch.allclose(model(blank, None), model(blank, None, value_feedbacks=[None] * cfg.depth))
 
 
 def test_toast_other_backbone_errors():
@@ -323,8 +330,8 @@ def test_toast_other_backbone_errors():
 def test_from_open_muse_matches_reference_forward():
     cfg = tiny(dropout=0.0, attention_dropout=0.0)
     sd = open_muse_state_dict(cfg)
-    model = MaskTransformer.from_open_muse(sd, cfg).eval()
-    guide = TOAST.from_open_muse(sd, cfg).eval()
+    model = transformer_from_open_muse(sd, cfg).eval()
+    guide = toast_from_open_muse(sd, cfg).eval()
     assert guide.config.num_factors == NF
     tok, labels = random_tokens(cfg, 3, seed=1), torch.tensor([0, 2, 4])
     ids = torch.cat([(labels + cfg.codebook_size)[:, None], tok], 1)
@@ -342,9 +349,9 @@ def test_from_open_muse_matches_reference_forward():
 def test_from_open_muse_plain_backbone_without_toast_keys():
     cfg = tiny()
     sd = open_muse_state_dict(cfg, toast=False)
-    MaskTransformer.from_open_muse(sd, cfg)
+    transformer_from_open_muse(sd, cfg)
     with pytest.raises(KeyError, match="missing keys.*cls_anchor_gen"):
-        TOAST.from_open_muse(sd, cfg)
+        toast_from_open_muse(sd, cfg)
 
 
 def test_from_open_muse_key_errors_name_the_keys():
@@ -353,27 +360,27 @@ def test_from_open_muse_key_errors_name_the_keys():
     missing = dict(sd)
     del missing["transformer_layers.1.attention.value.bias"]
     with pytest.raises(KeyError, match=r"missing keys \['transformer_layers.1.attention.value.bias'\]"):
-        MaskTransformer.from_open_muse(missing, cfg)
+        transformer_from_open_muse(missing, cfg)
     extra = dict(sd, **{"transformer_layers.1.crossattention.query.weight": torch.zeros(1)})
     with pytest.raises(KeyError, match=r"unknown keys \['transformer_layers.1.crossattention.query.weight'\]"):
-        MaskTransformer.from_open_muse(extra, cfg)
-    MaskTransformer.from_open_muse(extra, cfg, strict=False)
+        transformer_from_open_muse(extra, cfg)
+    transformer_from_open_muse(extra, cfg, strict=False)
     with pytest.raises(KeyError, match=r"missing keys \['decoders.2.linear2.weight'\]"):
-        TOAST.from_open_muse({k: v for k, v in sd.items() if k != "decoders.2.linear2.weight"}, cfg)
+        toast_from_open_muse({k: v for k, v in sd.items() if k != "decoders.2.linear2.weight"}, cfg)
     # a deeper checkpoint: its extra layers are named
     deep = open_muse_state_dict(tiny(depth=4))
     with pytest.raises(KeyError, match=r"transformer_layers.3.attention.key.weight"):
-        MaskTransformer.from_open_muse(deep, cfg)
+        transformer_from_open_muse(deep, cfg)
     with pytest.raises(ValueError, match="norm"):
-        MaskTransformer.from_open_muse(sd, tiny(norm="pre"))
+        transformer_from_open_muse(sd, tiny(norm="pre"))
 
 
 def test_from_open_muse_grid_size_mismatch():
     sd = open_muse_state_dict(tiny(grid_size=4))
     with pytest.raises(ValueError, match=r"embed.position_embeddings.weight: expected \(10, 32\).*got \(17, 32\)"):
-        MaskTransformer.from_open_muse(sd, tiny(grid_size=3))
+        transformer_from_open_muse(sd, tiny(grid_size=3))
     with pytest.raises(ValueError, match="cls_anchor_gen.mlp_t.weight"):
-        TOAST.from_open_muse(open_muse_state_dict(tiny(width=16, heads=2)), tiny())
+        toast_from_open_muse(open_muse_state_dict(tiny(width=16, heads=2)), tiny())
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -428,7 +435,8 @@ def test_checkpoint_errors_name_keys(tmp_path):
 
 
 def test_checkpoint_safetensors(tmp_path):
-    from sgkernels.models.checkpoint import load_checkpoint, safetensors_available, save_checkpoint
+    from sgkernels._io import safetensors_available
+    from sgkernels.models.checkpoint import load_checkpoint, save_checkpoint
 
     model = MaskTransformer(tiny())
     if not safetensors_available():

@@ -1,53 +1,95 @@
-"""remask_lowest_confidence: every backend against the reference; the reference against its definition."""
+"""remask_lowest_confidence: the op contract on every backend, the reference against its
+definition, ties and special values, the status word, and the other C++ ISAs."""
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import backend_params, chi_square_pvalue, has_cpu_kernel
+from helpers import chi_square_pvalue, has_cpu_kernel
+from op_contract import (
+    CPU_ISAS,
+    DTYPE_IDS,
+    Bad,
+    Case,
+    OpContract,
+    bad_list,
+    raw_kernel,
+    run_on,
+    run_under_isa,
+    status_word,
+)
 
 import sgkernels as sgk
-from sgkernels import use_backend
+from sgkernels import _backend, _rng
 from sgkernels.ops.remask import confidence_reference
 
-BACKENDS = backend_params("remask_lowest_confidence")
+OP = "remask_lowest_confidence"
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inside the interpreter
 
 
-def run(backend, logp, is_masked, n, **kw):
-    name, device = backend
-    n = n.to(device) if isinstance(n, torch.Tensor) else n
-    with use_backend(name):
-        return sgk.remask_lowest_confidence(logp.to(device), is_masked.to(device), n, **kw).cpu()
-
-
-def random_case(batch, n_tok, seed):
+def random_case(batch, n_tok, seed, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    logp = -torch.rand(batch, n_tok, generator=gen) * 5
+    logp = (-torch.rand(batch, n_tok, generator=gen) * 5).to(dtype)
     is_masked = torch.rand(batch, n_tok, generator=gen) < 0.6
     return logp, is_masked
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("tau", [0.0, 1.0, 25.0])
-@pytest.mark.parametrize("n_tok", [1, 17, 256])
-def test_matches_reference(backend, tau, n_tok):
-    logp, is_masked = random_case(6, n_tok, seed=n_tok)
-    n = torch.tensor([0, 1, 3, 5, 1000, n_tok // 2])
-    out = run(backend, logp, is_masked, n, choice_temperature=tau, seed=3, offset=2)
-    ref = sgk.remask_reference(logp, is_masked, n, choice_temperature=tau, seed=3, offset=2)
-    assert out.dtype == torch.bool and out.shape == is_masked.shape
-    assert torch.equal(out, ref)
-    assert torch.equal(out.sum(-1), torch.minimum(n, is_masked.sum(-1)))
-    assert not (out & ~is_masked).any()
+def _case(tau, n_tok, dtype=torch.float32, num="tensor"):
+    def make(backend, monkeypatch):
+        logp, is_masked = random_case(6, n_tok, seed=n_tok, dtype=dtype)
+        n = {
+            "tensor": torch.tensor([0, 1, 3, 5, 1000, n_tok // 2]),  # none, some, more than the candidates
+            "int": 6,
+            "zero": 0,
+            "huge": 10**6,
+        }[num]
+        return (logp, is_masked, n), dict(choice_temperature=tau, seed=3, offset=2)
+
+    return Case(f"{DTYPE_IDS[dtype]}-N{n_tok}-tau{tau}-{num}", dtype, make)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_int_num_to_mask_and_ties(backend):
-    logp = torch.zeros(3, 10)  # every confidence ties at tau = 0: lowest indices win
-    is_masked = torch.ones(3, 10, dtype=torch.bool)
-    is_masked[1, :4] = False
-    out = run(backend, logp, is_masked, 3, choice_temperature=0.0, seed=0)
-    assert out[0].nonzero().flatten().tolist() == [0, 1, 2]
-    assert out[1].nonzero().flatten().tolist() == [4, 5, 6]
+class TestContract(OpContract):
+    def call(self, logp, is_masked, num_to_mask, **kw):
+        return sgk.remask_lowest_confidence(logp, is_masked, num_to_mask, **kw)
+
+    def reference(self, logp, is_masked, num_to_mask, **kw):
+        return sgk.remask_reference(logp, is_masked, num_to_mask, **kw)
+
+    def reference_cases(self):
+        cases = [_case(tau, n) for tau in (0.0, 1.0, 25.0) for n in (1, 17, 256)]
+        cases += [_case(tau, 37, num=num) for tau in (0.0, 2.5) for num in ("int", "zero", "huge")]
+        cases += [_case(1.0, 37, dtype=dt) for dt in (torch.bfloat16, torch.float16)]  # logp upcast
+        return cases
+
+    def check(self, out, ref, tol, args, kwargs):
+        _, is_masked, n = args
+        assert out.dtype == torch.bool and out.shape == is_masked.shape
+        assert torch.equal(out, ref)  # a selection: exact on every backend (tol is exact)
+        n = torch.as_tensor(n).expand(is_masked.shape[0])
+        assert torch.equal(out.sum(-1), torch.minimum(n, is_masked.sum(-1)))
+        assert not (out & ~is_masked).any()
+
+    def bad_inputs(self):
+        logp, is_masked = random_case(2, 8, seed=0)
+        return bad_list(
+            Bad("is_masked", TypeError, (logp, is_masked.int(), 1)),
+            Bad("is_masked", ValueError, (logp, is_masked[:, :4], 1)),
+            Bad("num_to_mask", ValueError, (logp, is_masked, torch.tensor([1, 2, 3]))),
+            Bad("num_to_mask", TypeError, (logp, is_masked, torch.tensor([1.0, 2.0]))),
+            Bad("num_to_mask", ValueError, (logp, is_masked, -1)),
+            Bad("choice_temperature", ValueError, (logp, is_masked, 1), dict(choice_temperature=-1.0)),
+            Bad("logp", TypeError, (logp.long(), is_masked, 1)),
+            Bad("logp", ValueError, (logp[0], is_masked[0], 1)),
+        )
+
+    def opcheck_samples(self, device):
+        logp, is_masked = random_case(3, 20, seed=2)
+        status = torch.zeros(1, dtype=torch.int32, device=device)
+        n = torch.tensor([2, 0, 30], device=device)
+        return [(OP, (logp.to(device), is_masked.to(device), n, 1.5, 4, 1, status))]
+
+
+def run(backend, logp, is_masked, n, **kw):
+    return run_on(backend, sgk.remask_lowest_confidence, logp, is_masked, n, **kw)
 
 
 def test_reference_selects_lowest_confidence():
@@ -62,10 +104,9 @@ def test_reference_selects_lowest_confidence():
             assert conf[b][out[b]].max() <= cand.sort().values[k - 1]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gumbel_top1_is_softmax(backend):
+def test_gumbel_top1_law(backend):
     """With tau = 1 and n = 1, the chosen position follows the law of argmin(logp + G), G ~ Gumbel."""
-    rows = 20000 if backend[0] != "triton" else 3000
+    rows = 3000 if backend.name == "triton" else 20000
     logp = torch.tensor([-0.5, -1.0, -2.0, -0.1, -3.0]).expand(rows, -1).contiguous()
     is_masked = torch.ones(rows, 5, dtype=torch.bool)
     out = run(backend, logp, is_masked, 1, choice_temperature=1.0, seed=77)
@@ -77,10 +118,105 @@ def test_gumbel_top1_is_softmax(backend):
     assert chi_square_pvalue(counts, mc / mc.sum()) > 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_negative_num_to_mask(backend):
+def test_gumbel_noise_is_rng(kernel):
+    """logp 0, tau 1: the order is the Gumbel noise of _rng (words w2, w3) of each position."""
+    batch, n_pos = 3, 64
+    logp = torch.zeros(batch, n_pos, device=kernel.device)
+    is_masked = torch.ones(batch, n_pos, dtype=torch.bool, device=kernel.device)
+    nums = torch.full((batch,), 17, dtype=torch.int64, device=kernel.device)
+    out = raw_kernel(kernel, OP)(logp, is_masked, nums, 1.0, 99, 6, status_word(kernel))
+    _, _, w2, w3 = _rng.row_words(99, 6, torch.arange(batch * n_pos))
+    g = _rng.gumbel(w2, w3).reshape(batch, n_pos)
+    idx = torch.argsort(g, dim=-1, stable=True)[:, :17]
+    assert torch.equal(out.cpu(), torch.zeros(batch, n_pos, dtype=torch.bool).scatter(-1, idx, True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Ties and special values
+
+
+def test_int_num_to_mask_and_ties(backend):
+    logp = torch.zeros(3, 10)  # every confidence ties at tau = 0: lowest indices win
+    is_masked = torch.ones(3, 10, dtype=torch.bool)
+    is_masked[1, :4] = False
+    out = run(backend, logp, is_masked, 3, choice_temperature=0.0, seed=0)
+    assert out[0].nonzero().flatten().tolist() == [0, 1, 2]
+    assert out[1].nonzero().flatten().tolist() == [4, 5, 6]
+
+
+def test_ties_and_special_values(backend):
+    """Ties go to the lower index; -0.0 == +0.0; -inf first; bf16 logp upcast."""
+    logp = torch.tensor(
+        [[-1.0, -2.0, -2.0, -1.0, -2.0, 0.0, -0.0, -2.0],
+         [0.0, -0.0, 0.0, -0.0, float("-inf"), -1.0, float("-inf"), 0.0]]
+    )
+    is_masked = torch.ones_like(logp, dtype=torch.bool)
+    is_masked[0, 2] = False
+    n = torch.tensor([3, 5])
+    out = run(backend, logp, is_masked, n, choice_temperature=0.0, seed=0)
+    assert torch.equal(out, sgk.remask_reference(logp, is_masked, n, choice_temperature=0.0, seed=0))
+    assert out[0].tolist() == [False, True, False, False, True, False, False, True]
+    out = run(backend, logp.bfloat16(), is_masked, n, choice_temperature=1.0, seed=2)
+    assert torch.equal(out, sgk.remask_reference(logp.bfloat16(), is_masked, n, choice_temperature=1.0, seed=2))
+
+
+def test_nan_logp_ordered_like_reference(kernel):
+    """A NaN confidence and signed zeros: the kernel orders them as the reference, for every k."""
+    logp = torch.tensor([[-1.0, -2.0, -1.0, float("nan"), -2.0, -0.0, 0.0, -3.0]])
+    is_masked = torch.ones_like(logp, dtype=torch.bool)
+    d = kernel.device
+    for k in range(9):
+        n = torch.tensor([k])
+        out = raw_kernel(kernel, OP)(logp.to(d), is_masked.to(d), n.to(d), 0.0, 1, 0, status_word(kernel))
+        assert torch.equal(out.cpu(), sgk.remask_reference(logp, is_masked, n, choice_temperature=0.0, seed=1)), k
+
+
+def test_tiny_rows(backend):
+    """N = 1, and rows without candidates."""
+    logp = torch.tensor([[-0.5], [-1.0], [0.0]])
+    is_masked = torch.tensor([[True], [False], [True]])
+    n = torch.tensor([1, 1, 0])
+    out = run(backend, logp, is_masked, n, choice_temperature=1.0, seed=4)
+    assert out[:, 0].tolist() == [True, False, False]
+    none = torch.zeros(3, 9, dtype=torch.bool)
+    assert not run(backend, torch.randn(3, 9), none, 4, choice_temperature=1.0, seed=4).any()
+
+
+def test_long_rows_with_ties(backend):
+    gen = torch.Generator().manual_seed(3)
+    logp = -torch.rand(2, 1500, generator=gen) * 3
+    logp[:, ::7] = -1.0  # many exact ties
+    is_masked = torch.rand(2, 1500, generator=gen) < 0.9
+    n = torch.tensor([700, 1400])
+    for tau in (0.0, 0.3):
+        kw = dict(choice_temperature=tau, seed=8, offset=1)
+        assert torch.equal(run(backend, logp, is_masked, n, **kw), sgk.remask_reference(logp, is_masked, n, **kw))
+
+
+# ------------------------------------------------------------------------------------------------
+# Negative num_to_mask: the status word, and the error
+
+
+def test_negative_num_sets_status(kernel):
+    """Bit 2 (NEGATIVE_NUM_TO_MASK); the row masks nothing, the others are unaffected."""
+    d = kernel.device
+    logp, is_masked = -torch.rand(3, 10, device=d), torch.ones(3, 10, dtype=torch.bool, device=d)
+    status = status_word(kernel)
+    out = raw_kernel(kernel, OP)(logp, is_masked, torch.tensor([2, -1, 3], device=d), 1.0, 0, 0, status)
+    assert int(status.item()) == 2
+    assert out.sum(-1).tolist() == [2, 0, 3]
+
+
+def test_status_untouched_by_good_calls(kernel):
+    status = status_word(kernel)
+    x = torch.randn(8, 12, device=kernel.device)
+    raw_kernel(kernel, OP)(x, x > 0, torch.full((8,), 3, device=kernel.device), 1.0, 1, 2, status)
+    assert int(status.item()) == 0
+
+
+def test_negative_num_to_mask_raises(backend):
     logp, is_masked = random_case(2, 8, seed=0)
-    if backend[1] == "cuda":
+    if backend.device == "cuda":
         pytest.skip("deferred on CUDA: covered by test_negative_deferred_on_cuda")
     with pytest.raises(ValueError, match="num_to_mask"):
         run(backend, logp, is_masked, -1)
@@ -98,28 +234,27 @@ def test_negative_deferred_on_cuda():
         sgk.check_errors()
 
 
-def test_bad_arguments():
-    logp, is_masked = random_case(2, 8, seed=0)
-    with pytest.raises(TypeError, match="is_masked"):
-        sgk.remask_lowest_confidence(logp, is_masked.int(), 1)
-    with pytest.raises(ValueError, match="is_masked"):
-        sgk.remask_lowest_confidence(logp, is_masked[:, :4], 1)
-    with pytest.raises(ValueError, match="num_to_mask"):
-        sgk.remask_lowest_confidence(logp, is_masked, torch.tensor([1, 2, 3]))
-    with pytest.raises(TypeError, match="num_to_mask"):
-        sgk.remask_lowest_confidence(logp, is_masked, torch.tensor([1.0, 2.0]))
-    with pytest.raises(ValueError, match="choice_temperature"):
-        sgk.remask_lowest_confidence(logp, is_masked, 1, choice_temperature=-1.0)
-    with pytest.raises(TypeError, match="logp"):
-        sgk.remask_lowest_confidence(logp.long(), is_masked, 1)
-    with pytest.raises(ValueError, match="logp"):
-        sgk.remask_lowest_confidence(logp[0], is_masked[0], 1)
+# ------------------------------------------------------------------------------------------------
+# The Triton kernel's row limit, and the C++ kernel's other ISAs
 
 
-@pytest.mark.skipif(not has_cpu_kernel("remask_lowest_confidence"), reason="no C++ kernel")
-def test_opcheck_cpu():
-    logp, is_masked = random_case(3, 20, seed=2)
-    status = torch.zeros(1, dtype=torch.int32)
-    torch.library.opcheck(
-        torch.ops.sgkernels.remask_lowest_confidence, (logp, is_masked, torch.tensor([2, 0, 30]), 1.5, 4, 1, status)
-    )
+@pytest.mark.skipif(
+    not _backend.triton_available() or (not torch.cuda.is_available() and not _backend.triton_interpret()),
+    reason="needs triton, and TRITON_INTERPRET=1 without a GPU",
+)
+def test_triton_rejects_long_rows():
+    from sgkernels.kernels import sampling as S
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logp = torch.zeros(1, S.MAX_REMASK_N + 1, device=device)
+    status = torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="N <= 4096"):
+        S.remask_triton(logp, logp < 0, torch.zeros(1, dtype=torch.int64, device=device), 0.0, 0, 0, status)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_cpu_kernel(OP), reason="no C++ kernel")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpp_under_isa(isa):
+    """Every cpp test of this file again, on the generic and AVX2 builds of the C++ kernels."""
+    run_under_isa(__file__, isa)

@@ -1,4 +1,4 @@
-"""Cosine mask schedule and choice-temperature decays (METHOD.md)."""
+"""Cosine mask schedule and choice-temperature decays (docs/METHOD.md)."""
 from __future__ import annotations
 
 import math

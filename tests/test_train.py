@@ -1,4 +1,4 @@
-"""sgkernels.train: the auxiliary-task corruption, the training loop, DDP, SIGKILL + resume, the CLI (tiny, CPU)."""
+"""sgkernels.training: the auxiliary-task corruption, the training loop, DDP, SIGKILL + resume, the CLI (tiny, CPU)."""
 from __future__ import annotations
 
 import json
@@ -19,8 +19,7 @@ from helpers import chi_square_pvalue
 from sgkernels.models import TOAST, MaskTransformer, MaskTransformerConfig
 from sgkernels.models.checkpoint import load_checkpoint, save_checkpoint
 from sgkernels.sampler import SelfGuidedSampler
-from sgkernels import train as T
-from sgkernels.train import (
+from sgkernels.training import (
     TokenDataset,
     TrainConfig,
     aux_loss,
@@ -30,6 +29,8 @@ from sgkernels.train import (
     sample_error_tokens,
     train_guide,
 )
+from sgkernels.training.__main__ import main as cli_main
+from sgkernels.training.checkpoints import step_dirs
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
@@ -330,7 +331,7 @@ import torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_train import resume_setup
-from sgkernels.train import train_guide
+from sgkernels.training import train_guide
 backbone, guide, data, config = resume_setup(delay=0.02)
 train_guide(backbone, guide, data, config, sys.argv[1], resume=True)
 """
@@ -363,7 +364,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert proc.returncode == -signal.SIGKILL
 
     # no corrupt file: every complete step directory loads; leftovers are only temporaries
-    dirs = T._step_dirs(str(out))
+    dirs = step_dirs(str(out))
     assert dirs
     for step, path in dirs:
         state = load_train_checkpoint(path)
@@ -377,7 +378,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert result.step == RESUME_STEPS
     final = load_train_checkpoint(latest_checkpoint(out))
     assert final["step"] == RESUME_STEPS
-    assert [s for s, _ in T._step_dirs(str(out))] == [39, 40]
+    assert [s for s, _ in step_dirs(str(out))] == [39, 40]
     assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".")]
     steps_logged = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps_logged[-1] == RESUME_STEPS and max(steps_logged) == RESUME_STEPS
@@ -404,9 +405,24 @@ def test_resume_rejects_a_checkpoint_of_another_guide(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CLI
+_LAZY_SCRIPT = """
+import sys
+import sgkernels
+assert "sgkernels.training" not in sys.modules, "import sgkernels imported the training package"
+import sgkernels.training as training
+assert sgkernels.train is training and sgkernels.train.aux_loss is training.aux_loss
+assert sgkernels.train_guide is training.train_guide and sgkernels.TrainConfig is training.TrainConfig
+"""
+
+
+def test_training_is_imported_lazily():
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-c", _LAZY_SCRIPT], env=env, check=True, timeout=120)
+
+
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
-        T.main(["--help"])
+        cli_main(["--help"])
     assert e.value.code == 0
     assert "--error-token-mode" in capsys.readouterr().out
 
@@ -425,11 +441,11 @@ def test_cli_trains_a_guide_for_a_checkpoint(tmp_path, fmt):
         torch.save({"tokens": tokens, "labels": labels}, data)
     argv = [str(tmp_path / "ckpt"), str(data), "--out", str(tmp_path / "out"), "--steps", "3", "--batch-size", "2",
             "--warmup-steps", "0", "--save-every", "2", "--num-factors", str(NF), "--no-progress"]
-    assert T.main(argv) == 0
+    assert cli_main(argv) == 0
     model, guide = load_checkpoint(tmp_path / "out" / "final")
     assert guide is not None and guide.config.num_factors == NF
     assert load_train_checkpoint(latest_checkpoint(tmp_path / "out"))["step"] == 3
-    assert T.main(argv[:-1] + ["--resume", "--steps", "4", "--no-progress"]) == 0
+    assert cli_main(argv[:-1] + ["--resume", "--steps", "4", "--no-progress"]) == 0
     assert load_train_checkpoint(latest_checkpoint(tmp_path / "out"))["step"] == 4
 
 

@@ -66,8 +66,8 @@ def _source(triton, ASTSource, fn, types: dict, constexprs: dict):
 def _sampler_configs(S):
     base = {
         "tokens_ptr": "*i64", "logp_ptr": "*fp32", "status_ptr": "*i32", "rowmask_ptr": "*i1",
-        "n_rows": "i32", "V": "i32", "stride_lr": "i64", "stride_lv": "i32", "stride_ur": "i64", "stride_uv": "i32",
-        "scale": "fp32", "inv_temp": "fp32", "seed": "i64", "offset": "i64",
+        "n_rows": "i32", "V": "i32", "stride_lr": "i64", "stride_lv": "i32", "stride_guide_r": "i64",
+        "stride_guide_v": "i32", "one_plus_s": "fp32", "inv_temperature": "fp32", "seed": "i64", "offset": "i64",
     }
     # (dtype, guide, mode, rowmask, BLOCK_R, BLOCK_V, NUM_TILES): every constexpr value at least once,
     # the register-heaviest single tile (8192) and the multi-tile path (LLaDA: V = 126464 -> 62 tiles of 2048).
@@ -130,7 +130,7 @@ def _xent_configs(C):
     out = []
     for dt, tdt, mean, smooth, block_r, block_v, single in picks:
         types = dict(base, logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", target_ptr=f"*{tdt}")
-        const = dict(MEAN=mean, SMOOTH=smooth, BAD_BIT=4, BLOCK_R=block_r, BLOCK_V=block_v, SINGLE_TILE=single)
+        const = dict(MEAN=mean, SMOOTH=smooth, BAD_BIT=C.BAD_TARGET, BLOCK_R=block_r, BLOCK_V=block_v, SINGLE_TILE=single)
         name = f"xent_rows[{dt},target={tdt},mean={mean},smooth={smooth},R={block_r},V={block_v},single={single}]"
         out.append((name, C._xent_rows_kernel, types, const, max(1, min(16, block_r * block_v // 256))))
     assert len(out) == N_XENT_CONFIGS

@@ -1,18 +1,32 @@
-"""vq_lookup: exact agreement with a float64 argmin (except float near-ties), distances, errors."""
+"""vq_lookup: the op contract (exact agreement with a float64 argmin, except float near-ties) on
+every backend, both C++ code paths, ties, strides, half inputs, errors, and the other C++ ISAs."""
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import has_cpu_kernel
+from op_contract import (
+    CPU_ISAS,
+    DTYPE_IDS,
+    Bad,
+    Case,
+    OpContract,
+    bad_list,
+    run_under_isa,
+    tolerance,
+)
 
 import sgkernels  # noqa: F401  (loads the extension)
 from sgkernels._backend import use_backend
 from sgkernels.ops.vq_lookup import vq_lookup, vq_lookup_reference
 
-CPU_PATHS = [(isa, path) for isa in ("avx512", "avx2", "generic") for path in ("micro", "gemm")]
+OP = "vq_lookup"
+CPU_PATHS = ("micro", "gemm")  # SGK_VQ_PATH: the C++ kernel's register-tile loop, or MKL sgemm tiles
 SHAPES = [  # (N, K, D): awkward sizes, small and large D, every unrolled D
     (1, 1, 1), (5, 1, 3), (7, 3, 1), (37, 129, 13), (64, 300, 8), (50, 70, 16), (33, 200, 32),
     (40, 100, 64), (20, 50, 256), (3, 1000, 4), (100, 17, 24), (9, 65, 100), (29, 31, 12), (300, 40, 8),
 ]
+HALF_SHAPES = [(37, 129, 13), (64, 300, 8), (40, 100, 64), (20, 50, 256)]
 
 
 def ref64(z: torch.Tensor, cb: torch.Tensor):
@@ -32,11 +46,16 @@ def ref64(z: torch.Tensor, cb: torch.Tensor):
     return idx, best, near, zz + e2[idx]
 
 
-def check(z, cb, *, dist_tol=1e-4):
-    idx, dist = vq_lookup(z, cb, return_distance=True)
+def check(z, cb, out=None):
+    """vq_lookup(z, cb) (or its ``out``) against the float64 argmin: equal except near ties, the
+    distances (nearly) the best."""
+    dist_tol = tolerance(OP, z.dtype).rtol
+    if out is None:
+        out = vq_lookup(z, cb, return_distance=True)
+        assert torch.equal(vq_lookup(z, cb), out[0])
+    idx, dist = out
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32
     assert idx.shape == z.shape[:-1] and dist.shape == z.shape[:-1]
-    assert torch.equal(vq_lookup(z, cb), idx)
     ridx, rbest, near, scale = ref64(z, cb)
     idx, dist = idx.reshape(-1).cpu(), dist.reshape(-1).cpu().double()
     assert near.float().mean() <= 0.05, "too many near ties: the test data is degenerate"
@@ -46,20 +65,83 @@ def check(z, cb, *, dist_tol=1e-4):
     assert torch.all((dist - rbest).abs() <= dist_tol * (scale + 1)), (dist - rbest).abs().max()
 
 
-@pytest.mark.parametrize("isa,path", CPU_PATHS)
+def _case(n, k, d, dtype=torch.float32, cb_dtype=torch.float32):
+    def make(backend, monkeypatch):
+        g = torch.Generator().manual_seed(n * 1000 + k * 10 + d)
+        return (torch.randn(n, d, generator=g).to(dtype), torch.randn(k, d, generator=g).to(cb_dtype)), {}
+
+    return Case(f"{DTYPE_IDS[dtype]}-cb{DTYPE_IDS[cb_dtype]}-{n}x{k}x{d}", dtype, make)
+
+
+class TestContract(OpContract):
+    def call(self, z, codebook):
+        return vq_lookup(z, codebook, return_distance=True)
+
+    def reference(self, z, codebook):
+        return None  # check() compares with the float64 argmin (ref64)
+
+    def reference_cases(self):
+        cases = [_case(*shape) for shape in SHAPES]
+        for dt in (torch.float16, torch.bfloat16):
+            cases += [_case(*shape, dtype=dt) for shape in HALF_SHAPES]  # half z, fp32 codebook
+            cases += [_case(*shape, dtype=dt, cb_dtype=dt) for shape in HALF_SHAPES]  # both half
+        return cases
+
+    def check(self, out, ref, tol, args, kwargs):
+        check(*args, out=out)
+
+    def bad_inputs(self):
+        z, cb = torch.randn(4, 8), torch.randn(16, 8)
+        bads = [
+            Bad("z", ValueError, (torch.randn(4, 7), cb), match="z: expected shape"),
+            Bad("codebook", ValueError, (z, torch.randn(16)), match="codebook: expected shape"),
+            Bad("codebook", ValueError, (z, torch.randn(2, 16, 8)), match="codebook: expected shape"),
+            Bad("codebook", ValueError, (z, torch.randn(0, 8)), match="codebook: expected at least one code"),
+            Bad("z", TypeError, (torch.ones(4, 8, dtype=torch.int64), cb), match="z: expected a float32"),
+            Bad("codebook", TypeError, (z, torch.ones(16, 8, dtype=torch.int32)), match="codebook: expected a float32"),
+            Bad("z", TypeError, (z.double(), cb), match="z: expected a float32"),
+            Bad("z", TypeError, ([[0.0] * 8], cb), match="z: expected a torch.Tensor"),
+            Bad("codebook", ValueError, (z, cb.to("meta")), match="codebook: expected device"),
+        ]
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            zb, cbb = z.clone(), cb.clone()
+            zb[2, 3] = bad
+            cbb[7, 1] = bad
+            bads.append(Bad("z", ValueError, (zb, cb), match="z: contains NaN or inf"))
+            bads.append(Bad("codebook", ValueError, (z, cbb), match="codebook: contains NaN or inf"))
+        return bad_list(*bads)
+
+    def opcheck_samples(self, device):
+        g = torch.Generator().manual_seed(6)
+        samples = [
+            (torch.randn(37, 13, generator=g), torch.randn(129, 13, generator=g)),
+            (torch.randn(2, 3, 5, 8, generator=g), torch.randn(16, 8, generator=g)),
+            (torch.randn(4, 64, generator=g).to(torch.bfloat16), torch.randn(33, 64, generator=g)),
+            (torch.randn(3, 6, 7, generator=g).transpose(0, 1), torch.randn(5, 7, generator=g).half()),
+        ]
+        return [(OP, (z.to(device), cb.to(device), rd)) for z, cb in samples for rd in (False, True)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Both code paths of the C++ kernel (SGK_VQ_PATH)
+
+
+@pytest.fixture(params=CPU_PATHS)
+def cpp_path(request, monkeypatch):
+    if not has_cpu_kernel(OP):
+        pytest.skip("no C++ kernel")
+    monkeypatch.setenv("SGK_VQ_PATH", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("n,k,d", SHAPES)
-def test_matches_float64(monkeypatch, isa, path, n, k, d):
-    monkeypatch.setenv("SGK_VQ_ISA", isa)
-    monkeypatch.setenv("SGK_VQ_PATH", path)
+def test_cpp_path_matches_float64(cpp_path, n, k, d):
     g = torch.Generator().manual_seed(n * 1000 + k * 10 + d)
     check(torch.randn(n, d, generator=g), torch.randn(k, d, generator=g))
 
 
-@pytest.mark.parametrize("isa,path", CPU_PATHS)
-def test_exact_ties_lowest_index(monkeypatch, isa, path):
+def test_cpp_path_exact_ties_lowest_index(cpp_path):
     # small integers: fp32 arithmetic is exact, so exact ties must resolve like torch.argmin
-    monkeypatch.setenv("SGK_VQ_ISA", isa)
-    monkeypatch.setenv("SGK_VQ_PATH", path)
     g = torch.Generator().manual_seed(1)
     for d in (3, 8, 64):
         z = torch.randint(-2, 3, (257, d), generator=g).float()
@@ -78,10 +160,7 @@ def test_duplicate_codes_and_k1():
     assert vq_lookup(z, cb[:1]).tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("isa,path", CPU_PATHS)
-def test_batched_and_noncontiguous(monkeypatch, isa, path):
-    monkeypatch.setenv("SGK_VQ_ISA", isa)
-    monkeypatch.setenv("SGK_VQ_PATH", path)
+def test_cpp_path_batched_and_noncontiguous(cpp_path):
     g = torch.Generator().manual_seed(2)
     for d in (8, 13, 64):
         cb = torch.randn(129, d, generator=g)
@@ -92,13 +171,10 @@ def test_batched_and_noncontiguous(monkeypatch, isa, path):
         check(torch.randn(2 * d, 129, generator=g)[::2].t(), torch.randn(2 * d, 7, generator=g)[::2].t())
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("isa,path", CPU_PATHS)
-def test_half_inputs(monkeypatch, isa, path, dtype):
-    monkeypatch.setenv("SGK_VQ_ISA", isa)
-    monkeypatch.setenv("SGK_VQ_PATH", path)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_cpp_path_half_inputs(cpp_path, dtype):
     g = torch.Generator().manual_seed(3)
-    for n, k, d in [(37, 129, 13), (64, 300, 8), (40, 100, 64), (20, 50, 256)]:
+    for n, k, d in HALF_SHAPES:
         z = torch.randn(n, d, generator=g).to(dtype)
         cb = torch.randn(k, d, generator=g)
         check(z, cb)  # half z, fp32 codebook
@@ -127,48 +203,9 @@ def test_reference_and_torch_backend():
     assert torch.equal(vq_lookup(z, cb).reshape(-1)[~near], ridx[~near])
 
 
-@pytest.mark.parametrize("return_distance", [False, True])
-def test_opcheck(return_distance):
-    g = torch.Generator().manual_seed(6)
-    samples = [
-        (torch.randn(37, 13, generator=g), torch.randn(129, 13, generator=g)),
-        (torch.randn(2, 3, 5, 8, generator=g), torch.randn(16, 8, generator=g)),
-        (torch.randn(4, 64, generator=g).to(torch.bfloat16), torch.randn(33, 64, generator=g)),
-        (torch.randn(3, 6, 7, generator=g).transpose(0, 1), torch.randn(5, 7, generator=g).half()),
-    ]
-    for z, cb in samples:
-        torch.library.opcheck(torch.ops.sgkernels.vq_lookup, (z, cb, return_distance))
-
-
-def test_bad_inputs():
+@pytest.mark.skipif(not has_cpu_kernel(OP), reason="no C++ kernel")
+def test_cpp_op_checks_its_arguments():
     z, cb = torch.randn(4, 8), torch.randn(16, 8)
-    with pytest.raises(ValueError, match="z: expected shape"):
-        vq_lookup(torch.randn(4, 7), cb)
-    with pytest.raises(ValueError, match="codebook: expected shape"):
-        vq_lookup(z, torch.randn(16))
-    with pytest.raises(ValueError, match="codebook: expected shape"):
-        vq_lookup(z, torch.randn(2, 16, 8))
-    with pytest.raises(ValueError, match="codebook: expected at least one code"):
-        vq_lookup(z, torch.randn(0, 8))
-    with pytest.raises(TypeError, match="z: expected a float32"):
-        vq_lookup(torch.ones(4, 8, dtype=torch.int64), cb)
-    with pytest.raises(TypeError, match="codebook: expected a float32"):
-        vq_lookup(z, torch.ones(16, 8, dtype=torch.int32))
-    with pytest.raises(TypeError, match="z: expected a float32"):
-        vq_lookup(z.double(), cb)
-    with pytest.raises(TypeError, match="z: expected a torch.Tensor"):
-        vq_lookup([[0.0] * 8], cb)
-    with pytest.raises(ValueError, match="codebook: expected device"):
-        vq_lookup(z, cb.to("meta"))
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        zb = z.clone()
-        zb[2, 3] = bad
-        with pytest.raises(ValueError, match="z: contains NaN or inf"):
-            vq_lookup(zb, cb)
-        cbb = cb.clone()
-        cbb[7, 1] = bad
-        with pytest.raises(ValueError, match="codebook: contains NaN or inf"):
-            vq_lookup(z, cbb)
     # the op itself (no wrapper) raises the same Python exception types
     op = torch.ops.sgkernels.vq_lookup
     zb = z.clone()
@@ -186,8 +223,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,k,d", SHAPES + [(4096, 1024, 256), (2000, 4096, 8), (1000, 500, 33)])
-def test_cuda_matches_float64(n, k, d, dtype):
+@pytest.mark.parametrize("n,k,d", [(4096, 1024, 256), (2000, 4096, 8), (1000, 500, 33)])
+def test_cuda_large_matches_float64(n, k, d, dtype):
     g = torch.Generator().manual_seed(n + k + d)
     z = torch.randn(n, d, generator=g).to(dtype).cuda()
     cb = torch.randn(k, d, generator=g).cuda()
@@ -211,5 +248,11 @@ def test_cuda_noncontiguous_ties_and_errors():
     zb[0, 0] = float("nan")
     with pytest.raises(ValueError, match="z: contains NaN or inf"):
         vq_lookup(zb, cbi)
-    for return_distance in (False, True):
-        torch.library.opcheck(torch.ops.sgkernels.vq_lookup, (z, cbi, return_distance))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_cpu_kernel(OP), reason="no C++ kernel")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpp_under_isa(isa):
+    """Every cpp test of this file again (both paths), on the generic and AVX2 builds of the kernel."""
+    run_under_isa(__file__, isa)

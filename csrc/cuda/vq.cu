@@ -1,4 +1,4 @@
-// CUDA kernel of sgkernels::vq_lookup (schema in csrc/vq.cpp).
+// CUDA kernel of sgkernels::vq_lookup (schema: csrc/schema.cpp; CPU kernel: csrc/cpu/vq.cpp).
 //
 // A clean fp32 SIMT tiled kernel: each block owns BM rows of z and sweeps the whole codebook in
 // chunks of BN codes; D is streamed through shared memory in BD-wide slices (z slice converted to
@@ -17,13 +17,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "vq_checks.h"
+#include "common/vq_checks.h"
 
 #include <cfloat>
 #include <cstdint>
 #include <tuple>
 
-namespace sgk_vq_cuda {
+namespace sgk {
 
 constexpr int BM = 64;  // z rows per block
 constexpr int BN = 64;  // codes per chunk
@@ -161,7 +161,7 @@ static void launch(const at::Tensor& z2, const at::Tensor& cb, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor> vq_lookup_cuda(const at::Tensor& z, const at::Tensor& codebook,
                                                   bool return_distance) {
-  sgk::check_vq_inputs(z, codebook);
+  check_vq_inputs(z, codebook);
   // NaN/inf are checked by the Python wrapper (a host sync); this kernel does not look for them.
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t D = codebook.size(1);
@@ -189,6 +189,6 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cuda(const at::Tensor& z, const at:
   return {idx.view(lead), dist};
 }
 
-}  // namespace sgk_vq_cuda
+}  // namespace sgk
 
-TORCH_LIBRARY_IMPL(sgkernels, CUDA, m) { m.impl("vq_lookup", &sgk_vq_cuda::vq_lookup_cuda); }
+TORCH_LIBRARY_IMPL(sgkernels, CUDA, m) { m.impl("vq_lookup", &sgk::vq_lookup_cuda); }

@@ -8,6 +8,8 @@
 
 Directory format (``save_net`` / ``load_net``): ``config.json`` ``{"format": "sgkernels.digits",
 "kind": ..., "config": {...}}`` and ``weights.safetensors`` (float16 by default; loaded as float32).
+The generator (MaskTransformer + TOAST guide) is an :func:`sgkernels.save_checkpoint` directory,
+read as float32 by :func:`load_generator_float`.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..models.checkpoint import _atomic_write, _read_weights, _serialize, check_state_dict
+from .._io import atomic_write, check_state_dict, read_weights, serialize, write_json
+from ..models.checkpoint import load_checkpoint
 from ..nn import VectorQuantizer
 
 FORMAT = "sgkernels.digits"
@@ -112,9 +114,9 @@ def save_net(directory: str, net: nn.Module, *, half: bool = True) -> str:
     kind = "tokenizer" if isinstance(net, Tokenizer) else "classifier"
     os.makedirs(directory, exist_ok=True)
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in net.state_dict().items()}
-    _atomic_write(os.path.join(directory, "weights.safetensors"), _serialize(state, "safetensors"))
+    atomic_write(os.path.join(directory, "weights.safetensors"), serialize(state, "safetensors"))
     cfg = {"format": FORMAT, "kind": kind, "config": dataclasses.asdict(net.config)}
-    _atomic_write(os.path.join(directory, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
+    write_json(os.path.join(directory, "config.json"), cfg)
     return directory
 
 
@@ -129,8 +131,14 @@ def load_net(directory: str, kind: str) -> nn.Module:
         raise ValueError(f"{path}: not an sgkernels.digits {kind} config")
     cls, cfg_cls = _KINDS[kind]
     net = cls(cfg_cls(**cfg["config"]))
-    state = {k: v.float() for k, v in _read_weights(os.path.join(directory, "weights.safetensors"),
-                                                     "safetensors", "cpu").items()}
+    state = {k: v.float() for k, v in read_weights(os.path.join(directory, "weights.safetensors"),
+                                                    "safetensors", "cpu").items()}
     check_state_dict(net, state, f"{directory}/weights.safetensors")
     net.load_state_dict(state)
     return net.eval()
+
+
+def load_generator_float(directory: str):
+    """``(MaskTransformer, TOAST guide or None)`` of a generator checkpoint directory, as float32."""
+    model, guide = load_checkpoint(directory)
+    return model.float(), (guide.float() if guide is not None else None)

@@ -6,8 +6,10 @@ import os
 
 import torch
 
-from ..sampler import SelfGuidedSampler
+from .._rng import SEED_STRIDE
+from ..sampler import SelfGuidedSampler, guidance_requested
 from . import data
+from .nets import load_generator_float, load_net
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
 
@@ -44,9 +46,6 @@ class DigitsModel:
 
     @classmethod
     def load(cls, directory: str | None = None, *, need_classifier: bool = False) -> "DigitsModel":
-        from .nets import load_net
-        from .stages import load_generator_float
-
         directory = DEFAULT_MODEL_DIR if directory is None else os.fspath(directory)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"model directory not found: {directory}")
@@ -66,10 +65,10 @@ class DigitsModel:
 
     def sampler(self, *, steps: int = DEFAULTS.steps, guidance_scale: float = DEFAULTS.guidance_scale,
                 choice_temperature: float = DEFAULTS.choice_temperature) -> SelfGuidedSampler:
-        if guidance_scale != 0 and self.guide is None:
+        if guidance_requested(guidance_scale) and self.guide is None:
             raise ValueError("this model has no guide: use guidance scale 0 (or train the 'guide' stage)")
-        return SelfGuidedSampler(self.model, self.guide if guidance_scale != 0 else None, steps=steps,
-                                 guidance_scale=guidance_scale, choice_temperature=choice_temperature)
+        return SelfGuidedSampler(self.model, self.guide, steps=steps, guidance_scale=guidance_scale,
+                                 choice_temperature=choice_temperature)
 
     @torch.no_grad()
     def generate(self, labels, *, seed: int = 0, batch_size: int = 250, progress: bool = False, **sampling):
@@ -78,7 +77,7 @@ class DigitsModel:
         sampler = self.sampler(**sampling)
         out = []
         for i, start in enumerate(range(0, len(labels), batch_size)):
-            tokens = sampler(labels[start:start + batch_size], seed=seed * 1_000_003 + i, progress=progress)
+            tokens = sampler(labels[start:start + batch_size], seed=seed * SEED_STRIDE + i, progress=progress)
             out.append(self.tokenizer.decode(tokens))
         return torch.cat(out)
 

@@ -25,11 +25,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.checkpoint import save_checkpoint
 from ..models.toast import TOAST, TOASTConfig
 from ..models.transformer import MaskTransformer, MaskTransformerConfig
 from . import data
-from .nets import Classifier, ClassifierConfig, Tokenizer, TokenizerConfig, load_net, save_net
+from .nets import Classifier, ClassifierConfig, Tokenizer, TokenizerConfig, load_generator_float, load_net, save_net
 
 STAGES = ("tokenizer", "generator", "guide", "classifier")
 DEFAULT_STEPS = {"tokenizer": 1000, "generator": 2000, "guide": 600, "classifier": 1000}
@@ -141,11 +141,6 @@ def train_tokenizer(out: str, steps: int | None = None, seed: int = 0, *, batch_
 
 
 # ------------------------------------------------------------------------------------ generator
-def load_generator_float(directory: str):
-    model, guide = load_checkpoint(directory)
-    return model.float(), (guide.float() if guide is not None else None)
-
-
 def _token_dataset(out: str, seed: int, copies: int = 4):
     """Training tokens ``[M, 64]`` and labels: the train split, plus ``copies - 1`` randomly shifted copies."""
     tok = load_net(os.path.join(out, "tokenizer"), "tokenizer")
@@ -215,7 +210,7 @@ def train_generator(out: str, steps: int | None = None, seed: int = 0, *, batch_
 # ------------------------------------------------------------------------------------ guide
 def train_guide_stage(out: str, steps: int | None = None, seed: int = 0, *, batch_size: int = 32,
                       progress: bool = True, lr: float = 3e-4) -> dict:
-    from ..train import TokenDataset, TrainConfig, train_guide
+    from ..training import TokenDataset, TrainConfig, train_guide
 
     steps = DEFAULT_STEPS["guide"] if steps is None else steps
     gdir = os.path.join(out, "generator")

@@ -49,6 +49,7 @@ import math
 
 import torch
 
+from .. import _rng
 from ..ops import guided_sample, remask_lowest_confidence, self_guided_step
 
 REMASKING = ("low_confidence", "random")
@@ -112,7 +113,7 @@ def llada_step(
     if remasking == "low_confidence":
         conf = logp.double().exp()
     else:  # Fast-dLLM's random confidence: a uniform number per position, from a stream keyed by (seed, offset)
-        gen = torch.Generator(device=x.device).manual_seed((seed * 1_000_003 + offset) % (2**63 - 1))
+        gen = torch.Generator(device=x.device).manual_seed((seed * _rng.SEED_STRIDE + offset) % (2**63 - 1))
         conf = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float64)
     conf = torch.where(candidates, conf, -math.inf)
     keep = candidates & (conf >= threshold)

@@ -19,11 +19,10 @@ the interpreter cannot load bf16).
 Why inverse CDF and not Gumbel-max for the token: Gumbel-max (``argmax(g / T + G_v)``) needs one
 Philox draw and two logarithms per *vocabulary element* (V per row, V = 126464 for LLaDA), which
 makes the kernel compute bound instead of memory bound, and the stream would depend on V. The
-inverse CDF needs *one* Philox draw per row: ``r = u * Z`` against the float64 running sum of
+inverse CDF needs *one* Philox draw per row: ``r = uniform * Z`` against the float64 running sum of
 ``exp((g - M) / T)``; it is exact (the float64 sum keeps the tail of the distribution) and costs
-one ``exp`` per element, which the log-sum-exp for ``logp`` needs anyway when T == 1.
-Measured on CPU with the same Philox code (``python -m benchmarks.sampling_method``, 2-core dev
-machine, 2026-11-25): a Gumbel-max row sampler was 21-26x slower than the inverse-CDF C++ kernel.
+one ``exp`` per element, which the log-sum-exp for ``logp`` needs anyway when T == 1
+(``python -m benchmarks.sampling_method`` times the two).
 """
 from __future__ import annotations
 
@@ -33,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._status_bits import NEGATIVE_NUM_TO_MASK, NONFINITE_LOGITS
 from ._launch import interpreted
 from ._launch import launch as _launch
 
@@ -47,7 +47,9 @@ _ROW_ELEMS = 2048
 _ELEMS_PER_THREAD = 8
 # remask: one program holds a whole batch row in registers.
 MAX_REMASK_N = 4096
-
+# Status bits as constexpr globals (a Triton kernel may read a global only when it is a constexpr).
+_NONFINITE_LOGITS = tl.constexpr(NONFINITE_LOGITS)
+_NEGATIVE_NUM_TO_MASK = tl.constexpr(NEGATIVE_NUM_TO_MASK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,12 +90,12 @@ def _gumbel(w2, w3):
 
 
 @triton.jit
-def _load_guided(l_ptrs, u_ptrs, m, scale, HAS_GUIDE: tl.constexpr):
-    """``u + scale * (l - u)`` in float32 (``l`` without guide); -inf where ``m`` is False."""
+def _load_guided(l_ptrs, guide_ptrs, m, one_plus_s, HAS_GUIDE: tl.constexpr):
+    """``guide + one_plus_s * (l - guide)`` in float32 (``l`` without guide); -inf where ``m`` is False."""
     x = tl.load(l_ptrs, mask=m, other=0.0).to(tl.float32)
     if HAS_GUIDE:
-        y = tl.load(u_ptrs, mask=m, other=0.0).to(tl.float32)
-        x = y + scale * (x - y)
+        y = tl.load(guide_ptrs, mask=m, other=0.0).to(tl.float32)
+        x = y + one_plus_s * (x - y)
     return tl.where(m, x, float("-inf"))
 
 
@@ -112,10 +114,10 @@ def _sample_rows_kernel(
     V,
     stride_lr,
     stride_lv,
-    stride_ur,
-    stride_uv,
-    scale,
-    inv_temp,
+    stride_guide_r,
+    stride_guide_v,
+    one_plus_s,
+    inv_temperature,
     seed,
     offset,
     HAS_GUIDE: tl.constexpr,
@@ -126,23 +128,23 @@ def _sample_rows_kernel(
     BLOCK_V: tl.constexpr,
     NUM_TILES: tl.constexpr,
 ):
-    """Sample one token per row of ``g = u + scale * (l - u)`` by inverse CDF; write token and logp.
+    """Sample one token per row of ``g = guide + one_plus_s * (l - guide)`` by inverse CDF; write token and logp.
 
     Reads: ``logits`` (and ``guide_logits``) ``[R, V]`` (any dtype, any strides) once, plus
     ``rowmask`` (bool [R], step only: rows with False are skipped without reading their logits).
-    Writes: ``tokens`` int64 [R], ``logp`` float32 [R], and ORs 1 into ``status[0]`` for a bad
-    row (NaN/+inf in g, or all -inf; its token is 0 and logp NaN).
+    Writes: ``tokens`` int64 [R], ``logp`` float32 [R], and ORs NONFINITE_LOGITS into ``status[0]``
+    for a bad row (NaN/+inf in g, or all -inf; its token is 0 and logp NaN).
 
     Roofline: memory bound, bytes per vocabulary element = itemsize(logits) (+ itemsize(guide)):
     2 B (bf16) / 4 B (fp32), doubled with a guide; the multi-tile path reads one tile again
     (x (1 + 1/num_tiles)). Per element: ~1 fma, 1-2 exp (fp32), a float64 add (the CDF).
 
     Single tile (NUM_TILES == 1, V <= BLOCK_V): BLOCK_R whole rows in registers: M = max g,
-    e = exp((g - M) / T), float64 cumsum, token = #(cdf <= u * Z) clamped to the last e > 0.
+    e = exp((g - M) / T), float64 cumsum, token = #(cdf <= uniform * Z) clamped to the last e > 0.
     Multi-tile (NUM_TILES = next pow2 of the tile count, BLOCK_R == 1): one loop over the tiles
     keeps each tile's max and float64 sums of exp((g - m_t) / T) (and of exp(g - m_t)) in a small
     register vector [NUM_TILES]; afterwards the tile is chosen by a float64 cumsum of the rescaled
-    tile sums against u * Z, and only that tile is read again to find the index inside it.
+    tile sums against uniform * Z, and only that tile is read again to find the index inside it.
     (Registers instead of a global scratch buffer: no extra traffic, no block barrier.)
     logp = g_k - M - log(sum exp(g - M)) (untempered), float64 at the end. GREEDY (T == 0): the
     first argmax. TEMP_ONE: the tempered and untempered sums are the same and computed once.
@@ -157,20 +159,24 @@ def _sample_rows_kernel(
         active = row_ok
     cols = tl.arange(0, BLOCK_V)
     l_row = logits_ptr + rows64 * stride_lr
-    u_row = guide_ptr + rows64 * stride_ur
+    guide_row = guide_ptr + rows64 * stride_guide_r
     NEG_INF: tl.constexpr = float("-inf")
     POS_INF: tl.constexpr = float("inf")
 
     if not GREEDY:
         w0, w1, _w2, _w3 = _row_words(seed, offset, rows64)
-        u = _token_uniform(w0, w1)
+        uniform = _token_uniform(w0, w1)
 
     if NUM_TILES == 1:
         # ---------------- single tile: whole rows in registers ----------------
         c64 = cols.to(tl.int64)
         m2 = active[:, None] & (cols[None, :] < V)
         g = _load_guided(
-            l_row[:, None] + c64[None, :] * stride_lv, u_row[:, None] + c64[None, :] * stride_uv, m2, scale, HAS_GUIDE
+            l_row[:, None] + c64[None, :] * stride_lv,
+            guide_row[:, None] + c64[None, :] * stride_guide_v,
+            m2,
+            one_plus_s,
+            HAS_GUIDE,
         )
         M = tl.max(g, axis=1)
         n_bad = tl.sum(((g != g) | (g == POS_INF)).to(tl.int32), axis=1)
@@ -187,10 +193,10 @@ def _sample_rows_kernel(
             if TEMP_ONE:
                 e = eu
             else:
-                e = tl.exp(d * inv_temp)
+                e = tl.exp(d * inv_temperature)
             cdf = tl.cumsum(e.to(tl.float64), axis=1)
             z = tl.max(cdf, axis=1)
-            r = u * z
+            r = uniform * z
             cnt = tl.sum((cdf <= r[:, None]).to(tl.int32), axis=1)
             last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
             tok = tl.minimum(cnt, last_nz)
@@ -213,9 +219,9 @@ def _sample_rows_kernel(
             m2 = active[:, None] & (c[None, :] < V)
             g = _load_guided(
                 l_row[:, None] + c64[None, :] * stride_lv,
-                u_row[:, None] + c64[None, :] * stride_uv,
+                guide_row[:, None] + c64[None, :] * stride_guide_v,
                 m2,
-                scale,
+                one_plus_s,
                 HAS_GUIDE,
             )
             m_t = tl.max(g, axis=1)
@@ -232,7 +238,7 @@ def _sample_rows_kernel(
                 best_idx = tl.where(upd, t * BLOCK_V + a_t, best_idx)
                 best = tl.where(upd, m_t, best)
             elif not TEMP_ONE:
-                e = tl.exp(d * inv_temp)
+                e = tl.exp(d * inv_temperature)
                 t_sum = tl.where(sel, tl.sum(e.to(tl.float64), axis=1)[:, None], t_sum)
         M = tl.max(t_max, axis=1)
         n_bad = tl.max(bad_acc, axis=1)
@@ -249,11 +255,11 @@ def _sample_rows_kernel(
                 t_scale = scale_u
                 w = t_usum * scale_u
             else:
-                t_scale = tl.exp(dm * inv_temp)
+                t_scale = tl.exp(dm * inv_temperature)
                 w = t_sum * t_scale
             cdf_t = tl.cumsum(w, axis=1)
             z = tl.max(cdf_t, axis=1)
-            r = u * z
+            r = uniform * z
             j = tl.sum((cdf_t <= r[:, None]).to(tl.int32), axis=1)
             last_t = tl.max(tl.where(w > 0.0, tids[None, :], 0), axis=1)
             j = tl.minimum(j, last_t)
@@ -266,12 +272,14 @@ def _sample_rows_kernel(
             c = j[:, None] * BLOCK_V + cols[None, :]
             c64 = c.to(tl.int64)
             m2 = (active & ~bad)[:, None] & (c < V)
-            g = _load_guided(l_row[:, None] + c64 * stride_lv, u_row[:, None] + c64 * stride_uv, m2, scale, HAS_GUIDE)
+            g = _load_guided(
+                l_row[:, None] + c64 * stride_lv, guide_row[:, None] + c64 * stride_guide_v, m2, one_plus_s, HAS_GUIDE
+            )
             d = g - m_j[:, None]
             if TEMP_ONE:
                 e = tl.exp(d)
             else:
-                e = tl.exp(d * inv_temp)
+                e = tl.exp(d * inv_temperature)
             cdf = tl.cumsum(e.to(tl.float64), axis=1)
             k = tl.sum((cdf <= r_loc[:, None]).to(tl.int32), axis=1)
             last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
@@ -287,7 +295,7 @@ def _sample_rows_kernel(
     tl.store(tokens_ptr + rows64, tok.to(tl.int64), mask=row_ok)
     tl.store(logp_ptr + rows64, logp, mask=row_ok)
     any_bad = tl.max(bad.to(tl.int32), axis=0)
-    tl.atomic_or(status_ptr, 1, mask=any_bad > 0)  # _status_bits.NONFINITE_LOGITS
+    tl.atomic_or(status_ptr, _NONFINITE_LOGITS, mask=any_bad > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +330,7 @@ def _remask_kernel(
     Selection without a sort: conf -> order-preserving uint32 key (NaN largest, -0 == +0),
     the k-th smallest key by a 32-step bitwise binary search (each step one count), then
     ``key < thr`` plus the first ``k - #(key < thr)`` positions with ``key == thr`` (cumsum), so
-    ties go to the lower index. ``n_b < 0`` ORs 2 into ``status[0]`` and counts as 0.
+    ties go to the lower index. ``n_b < 0`` ORs NEGATIVE_NUM_TO_MASK into ``status[0]`` and counts as 0.
     """
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -342,7 +350,7 @@ def _remask_kernel(
     key = tl.where(cand, key, 0x100000000)  # non-candidates: above every key
 
     n_b = tl.load(num_ptr + b).to(tl.int64)
-    tl.atomic_or(status_ptr, 2, mask=n_b < 0)  # _status_bits.NEGATIVE_NUM_TO_MASK
+    tl.atomic_or(status_ptr, _NEGATIVE_NUM_TO_MASK, mask=n_b < 0)
     n_b = tl.maximum(n_b, 0)
     n_cand = tl.sum(cand.to(tl.int32), axis=0).to(tl.int64)
     k = tl.minimum(n_b, n_cand)
@@ -413,22 +421,22 @@ def _sampler_config(n_rows: int, vocab: int):
     return block_r, block_v, num_tiles, num_warps
 
 
-def _launch_sampler(x, u, rowmask, tokens, logp, status, guidance_scale, temperature, seed, offset):
+def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, temperature, seed, offset):
     n_rows, vocab = x.shape
     block_r, block_v, num_tiles, num_warps = _sampler_config(n_rows, vocab)
     greedy = temperature == 0.0
     temp_one = temperature == 1.0
-    inv_temp = 1.0 if (greedy or temp_one) else 1.0 / temperature
-    has_guide = u is not None
-    if u is None:
-        u = x
+    inv_temperature = 1.0 if (greedy or temp_one) else 1.0 / temperature
+    has_guide = guide is not None
+    if guide is None:
+        guide = x  # never read
     has_rowmask = rowmask is not None
     if rowmask is None:
         rowmask = status  # never read
     grid = (triton.cdiv(n_rows, block_r),)
     _launch(_sample_rows_kernel)[grid](
         x,
-        u,
+        guide,
         rowmask,
         tokens,
         logp,
@@ -437,10 +445,10 @@ def _launch_sampler(x, u, rowmask, tokens, logp, status, guidance_scale, tempera
         vocab,
         x.stride(0),
         x.stride(1),
-        u.stride(0),
-        u.stride(1),
+        guide.stride(0),
+        guide.stride(1),
         _f32(1.0 + guidance_scale),
-        _f32(inv_temp),
+        _f32(inv_temperature),
         seed,
         offset,
         HAS_GUIDE=has_guide,
@@ -490,12 +498,12 @@ def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed
     """CUDA kernel of ``torch.ops.sgkernels.guided_sample`` (see the op for the arguments)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     x = _prep_logits(logits, vocab)
-    u = None if guide_logits is None else _prep_logits(guide_logits, vocab)
+    guide = None if guide_logits is None else _prep_logits(guide_logits, vocab)
     n_rows = x.shape[0]
     tokens = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows > 0:
-        _launch_sampler(x, u, None, tokens, logp, status, float(guidance_scale), float(temperature), int(seed), int(offset))
+        _launch_sampler(x, guide, None, tokens, logp, status, float(guidance_scale), float(temperature), int(seed), int(offset))
     return tokens.reshape(lead), logp.reshape(lead)
 
 
@@ -530,12 +538,12 @@ def self_guided_step_triton(
     if batch == 0 or n_pos == 0:
         return new_tokens, new_mask
     x = _prep_logits(logits, vocab)
-    u = None if guide_logits is None else _prep_logits(guide_logits, vocab)
+    guide = None if guide_logits is None else _prep_logits(guide_logits, vocab)
     mask = is_masked.contiguous()
     sampled = torch.empty(batch * n_pos, dtype=torch.int64, device=device)
     logp = torch.empty(batch * n_pos, dtype=torch.float32, device=device)
     seed, offset = int(seed), int(offset)
-    _launch_sampler(x, u, mask.reshape(-1), sampled, logp, status, float(guidance_scale), float(temperature), seed, offset)
+    _launch_sampler(x, guide, mask.reshape(-1), sampled, logp, status, float(guidance_scale), float(temperature), seed, offset)
     _launch_remask(
         logp,
         mask,

@@ -1,9 +1,19 @@
-"""Models: MaskGIT's bidirectional transformer, the TOAST guide, checkpoint IO.
+"""Models: MaskGIT's bidirectional transformer, the TOAST guide, checkpoint IO, open-muse converters.
 
-Layering: ``sgkernels.sampler`` -> ``sgkernels.models`` -> ``sgkernels.nn`` -> ``sgkernels.ops``;
-models never import the sampler.
+Layering: ``sgkernels.sampler`` / ``sgkernels.training`` -> ``sgkernels.models`` -> ``sgkernels.nn``
+-> ``sgkernels.ops``; models never import the sampler. Inside this package ``open_muse`` and
+``checkpoint`` import ``transformer`` and ``toast``, never the reverse.
 """
 from .transformer import MaskTransformer, MaskTransformerConfig, TransformerOutput
 from .toast import TOAST, TOASTConfig
+from .open_muse import toast_from_open_muse, transformer_from_open_muse
 
-__all__ = ["MaskTransformer", "MaskTransformerConfig", "TOAST", "TOASTConfig", "TransformerOutput"]
+__all__ = [
+    "MaskTransformer",
+    "MaskTransformerConfig",
+    "TOAST",
+    "TOASTConfig",
+    "TransformerOutput",
+    "toast_from_open_muse",
+    "transformer_from_open_muse",
+]

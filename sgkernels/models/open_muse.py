@@ -1,4 +1,7 @@
-"""State-dict mapping from the official self-guidance code (open-muse layout) onto our modules.
+"""Build our modules from the official self-guidance code's state dicts (open-muse layout).
+
+:func:`transformer_from_open_muse` and :func:`toast_from_open_muse` are the entry points (also
+exported by :mod:`sgkernels.models`). This module imports the models; the models never import it.
 
 The official code (``MaskGitTransformerTOAST``, built on open-muse's ``MaskGitTransformer``) runs
 MaskGIT with ``use_maskgit_mlp=True, use_bias=True, layer_norm_embeddings=True,
@@ -36,6 +39,9 @@ from typing import Callable
 
 import torch
 
+from .toast import TOAST, TOASTConfig
+from .transformer import MaskTransformer, MaskTransformerConfig
+
 BACKBONE_PREFIXES = ("embed.", "transformer_layers.", "mlm_layer.", "encoder_layer_norm.")
 TOAST_PREFIXES = ("cls_anchor_gen.", "top_down_transform", "decoders.")
 
@@ -46,7 +52,7 @@ def backbone_key_map(config) -> dict[str, str]:
     """open-muse key -> our :class:`MaskTransformer` key, for ``config`` (post-LN only)."""
     if config.norm != "post":
         raise ValueError(
-            "from_open_muse: the official checkpoints are post-LN MaskGIT (use_maskgit_mlp); "
+            "transformer_from_open_muse: the official checkpoints are post-LN MaskGIT (use_maskgit_mlp); "
             f"config.norm={config.norm!r} has no open-muse counterpart"
         )
     m = {
@@ -133,20 +139,17 @@ def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def convert_backbone(state_dict: dict, config, *, strict: bool = True) -> dict[str, torch.Tensor]:
+def convert_backbone(state_dict: dict, config: MaskTransformerConfig, *,
+                     strict: bool = True) -> dict[str, torch.Tensor]:
     """An open-muse MaskGIT state dict as a :class:`MaskTransformer` state dict (see the module doc)."""
-    from .transformer import MaskTransformer
-
     with torch.device("meta"):
         shapes = _shapes(MaskTransformer(config))
     return _convert(state_dict, backbone_key_map(config), BACKBONE_PREFIXES, TOAST_PREFIXES, shapes,
-                    lambda dst, t: t, "MaskTransformer.from_open_muse", strict)
+                    lambda dst, t: t, "transformer_from_open_muse", strict)
 
 
-def convert_toast(state_dict: dict, toast_config, *, strict: bool = True) -> dict[str, torch.Tensor]:
+def convert_toast(state_dict: dict, toast_config: TOASTConfig, *, strict: bool = True) -> dict[str, torch.Tensor]:
     """The TOAST part of an open-muse ``MaskGitTransformerTOAST`` state dict as a :class:`TOAST` state dict."""
-    from .toast import TOAST
-
     with torch.device("meta"):
         shapes = _shapes(TOAST(toast_config))
     d, f = toast_config.width, toast_config.num_factors
@@ -161,4 +164,35 @@ def convert_toast(state_dict: dict, toast_config, *, strict: bool = True) -> dic
         return t
 
     return _convert(state_dict, toast_key_map(toast_config.depth), TOAST_PREFIXES, BACKBONE_PREFIXES, shapes,
-                    reshape, "TOAST.from_open_muse", strict)
+                    reshape, "toast_from_open_muse", strict)
+
+
+def transformer_from_open_muse(state_dict: dict, config: MaskTransformerConfig, *,
+                               strict: bool = True) -> MaskTransformer:
+    """Build a model from an open-muse ``MaskGitTransformer`` / ``MaskGitTransformerTOAST`` state dict.
+
+    The layout is the official self-guidance code's MaskGIT configuration (``use_maskgit_mlp``,
+    ``use_bias``, ``layer_norm_embeddings``, no encoder LayerNorm, MLM layer with LayerNorm);
+    see :func:`backbone_key_map`. TOAST keys (``cls_anchor_gen.*``, ``top_down_transform``,
+    ``decoders.*``) are ignored here (load them with :func:`toast_from_open_muse`). Unknown or
+    missing keys, and shape mismatches, raise ``KeyError``/``ValueError`` naming them
+    (``strict=False`` skips unknown keys).
+    """
+    model = MaskTransformer(config)
+    model.load_state_dict(convert_backbone(state_dict, config, strict=strict), strict=True)
+    return model
+
+
+def toast_from_open_muse(state_dict: dict, backbone_config: MaskTransformerConfig, *, num_factors: int | None = None,
+                         strict: bool = True) -> TOAST:
+    """The guide of an open-muse ``MaskGitTransformerTOAST`` state dict (its backbone keys are ignored).
+
+    ``num_factors`` defaults to what ``cls_anchor_gen.mlp_f.weight`` holds (16 in the paper).
+    Missing / unknown keys and shape mismatches raise, naming them.
+    """
+    if num_factors is None:
+        f = state_dict.get("cls_anchor_gen.mlp_f.weight") if isinstance(state_dict, dict) else None
+        num_factors = int(f.shape[-1]) if isinstance(f, torch.Tensor) and f.dim() >= 1 else 16
+    guide = TOAST(TOASTConfig.for_backbone(backbone_config, num_factors))
+    guide.load_state_dict(convert_toast(state_dict, guide.config, strict=strict), strict=True)
+    return guide

@@ -1,4 +1,6 @@
-"""TOAST (top-down attention steering): the guide H of self-guided sampling (METHOD.md steps 1-7).
+"""TOAST (top-down attention steering): the guide H of self-guided sampling.
+
+See docs/METHOD.md, "The guide H: TOAST".
 
 Given the last block's output ``x`` of the frozen backbone's ordinary pass (pass 1, class position
 included) and the class labels:
@@ -6,7 +8,8 @@ included) and the class labels:
 1. class anchor ``a_c = proj(LayerNorm(sum_f w_f * (P_pos + C_class)_f))``, ``[B, 1, d]``, a
    factorised embedding with F = 16 factors;
 2. token selection ``x = x * clamp(cos_sim(x, a_c), 0, 1)``, then ``x = x @ P`` (P identity-initialised);
-3. top-down chain for ``l = L-1 .. 0``: ``x = A_l x; f_l = B_l x`` (bias-free ``d x d``);
+3. top-down chain for ``l = L-1 .. 0``: ``x = A_l x; f_l = B_l x`` (bias-free ``d x d``; ``A_l`` is
+   ``top_down[l]``, ``B_l`` is ``feedback[l]``, and ``f_l`` is layer ``l``'s value feedback);
 4. pass 2 of the same frozen backbone on a blank canvas (every input id, the class token
    included, is [MASK]), each layer ``l`` adding ``f_l`` through its own value projection. Its logits
    are ``l_smooth``.
@@ -98,7 +101,8 @@ class TOAST(nn.Module):
         d = config.width
         self.anchor = ClassAnchor(d, config.num_classes, config.num_factors, config.anchor_norm_eps)
         self.selection = nn.Parameter(torch.empty(d, d))
-        self.top_down = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(config.depth))
+        self.top_down = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(config.depth))  # A_l
+        # B_l, the value-feedback projections (the name is the state-dict key ``feedback.{l}.weight``)
         self.feedback = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(config.depth))
         self.reset_parameters()
 
@@ -126,8 +130,8 @@ class TOAST(nn.Module):
         if diff:
             raise ValueError("TOAST guide was built for another backbone: " + "; ".join(diff))
 
-    def feedbacks(self, hidden_states: torch.Tensor, class_labels: torch.Tensor) -> list[torch.Tensor]:
-        """Steps 2-4: the per-layer feedback ``f_0 .. f_{L-1}``, each ``[B, N+1, d]``."""
+    def value_feedbacks(self, hidden_states: torch.Tensor, class_labels: torch.Tensor) -> list[torch.Tensor]:
+        """Steps 2-3: the per-layer value feedbacks ``f_l = B_l x`` (``self.feedback[l]``), each ``[B, N+1, d]``."""
         x = hidden_states
         anchor = self.anchor(class_labels)  # [B, 1, d]
         sim = F.normalize(x, dim=-1) @ F.normalize(anchor, dim=-1).transpose(1, 2)  # [B, N+1, 1]
@@ -158,12 +162,12 @@ class TOAST(nn.Module):
             raise ValueError(f"class_labels: expected an int64 tensor of shape ({b},)")
         if class_labels.device.type == "cpu" and b and bool(((class_labels < 0) | (class_labels >= cfg.num_classes)).any()):
             raise ValueError(f"class_labels: expected values in [0, {cfg.num_classes}), got {class_labels.tolist()}")
-        feedback = self.feedbacks(hidden_states.detach(), class_labels.long())
+        value_feedbacks = self.value_feedbacks(hidden_states.detach(), class_labels.long())
         blank = torch.full((b, cfg.seq_len), cfg.mask_token_id, dtype=torch.int64, device=hidden_states.device)
         if torch.is_grad_enabled() and any(p.requires_grad for p in backbone.parameters()):
             # Frozen backbone without touching the caller's requires_grad flags.
-            return _forward_ids_detached(backbone, blank, feedback, return_layers)
-        return backbone.forward_ids(blank, feedback=feedback, return_layers=return_layers)
+            return _forward_ids_detached(backbone, blank, value_feedbacks, return_layers)
+        return backbone.forward_ids(blank, value_feedbacks=value_feedbacks, return_layers=return_layers)
 
     def reconstruction_loss(self, output: TransformerOutput, weight: float = 0.1) -> torch.Tensor:
         """TOAST's term ``weight * sum_l MSE(A_l(out_l.detach()), in_l.detach())`` over pass 2's layers."""
@@ -178,25 +182,6 @@ class TOAST(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @classmethod
-    def from_open_muse(
-        cls, state_dict: dict, backbone_config: MaskTransformerConfig, *, num_factors: int | None = None,
-        strict: bool = True,
-    ) -> "TOAST":
-        """The guide of an open-muse ``MaskGitTransformerTOAST`` state dict (its backbone keys are ignored).
-
-        ``num_factors`` defaults to what ``cls_anchor_gen.mlp_f.weight`` holds (16 in the paper).
-        Missing / unknown keys and shape mismatches raise, naming them.
-        """
-        from .open_muse import convert_toast
-
-        if num_factors is None:
-            f = state_dict.get("cls_anchor_gen.mlp_f.weight") if isinstance(state_dict, dict) else None
-            num_factors = int(f.shape[-1]) if isinstance(f, torch.Tensor) and f.dim() >= 1 else 16
-        guide = cls(TOASTConfig.for_backbone(backbone_config, num_factors))
-        guide.load_state_dict(convert_toast(state_dict, guide.config, strict=strict), strict=True)
-        return guide
-
 
 def toast_param_count(config: TOASTConfig) -> int:
     """Parameters of a :class:`TOAST` with ``config``, computed without allocating them."""
@@ -204,12 +189,12 @@ def toast_param_count(config: TOASTConfig) -> int:
     return d * f + c * d * f + f + 2 * d + d * d + d + d * d + 2 * L * d * d
 
 
-def _forward_ids_detached(backbone: MaskTransformer, ids, feedback, return_layers):
+def _forward_ids_detached(backbone: MaskTransformer, ids, value_feedbacks, return_layers):
     """``backbone.forward_ids`` on detached parameters (no gradient reaches the backbone)."""
     state = {f"m.{k}": v.detach() for k, v in backbone.named_parameters()}
     state.update({f"m.{k}": v for k, v in backbone.named_buffers()})
     return torch.func.functional_call(_ForwardIds(backbone), state, (ids,),
-                                      {"feedback": feedback, "return_layers": return_layers})
+                                      {"value_feedbacks": value_feedbacks, "return_layers": return_layers})
 
 
 class _ForwardIds(nn.Module):
@@ -217,8 +202,8 @@ class _ForwardIds(nn.Module):
         super().__init__()
         self.m = m
 
-    def forward(self, ids, *, feedback, return_layers):
-        return self.m.forward_ids(ids, feedback=feedback, return_layers=return_layers)
+    def forward(self, ids, *, value_feedbacks, return_layers):
+        return self.m.forward_ids(ids, value_feedbacks=value_feedbacks, return_layers=return_layers)
 
 
 def check_model_and_guide(model, guide) -> None:

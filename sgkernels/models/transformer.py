@@ -1,6 +1,7 @@
 """MaskGIT's bidirectional transformer (the backbone of self-guided sampling).
 
-Architecture (METHOD.md, and the official code's MaskGIT configuration in the open-muse layout):
+Architecture (docs/METHOD.md, "Backbone architecture", and the official code's MaskGIT configuration in
+the open-muse layout):
 
 * input sequence ``[class token] + N image tokens``; the class token id is ``codebook_size + class``;
   vocabulary = codebook + classes + [MASK] (``mask_token_id = codebook_size + num_classes``, the last
@@ -14,8 +15,9 @@ Architecture (METHOD.md, and the official code's MaskGIT configuration in the op
   positions and the codebook rows of the last linear are computed: ``forward`` returns logits
   ``[B, N, K]`` (class position dropped, sliced to the codebook).
 
-Each attention layer accepts an additive value feedback ``f_l`` (``v = W_v h + W_v f_l``), used by
-:class:`sgkernels.models.toast.TOAST`'s second pass.
+Each attention layer accepts an additive ``value_feedback`` ``f_l`` (``v = W_v h + W_v f_l``); the
+per-layer list ``value_feedbacks = [f_0 .. f_{L-1}]`` is what :class:`sgkernels.models.toast.TOAST`
+passes to its second pass.
 """
 from __future__ import annotations
 
@@ -163,25 +165,25 @@ class TransformerBlock(nn.Module):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.mlp_out(F.gelu(self.mlp_in(h), approximate=self.gelu_approximate)))
 
-    def forward(self, h: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, value_feedback: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm == "post":
-            h = self.attention_norm(h + self.dropout(self.attention(h, feedback)))
+            h = self.attention_norm(h + self.dropout(self.attention(h, value_feedback)))
             return self.mlp_norm(h + self._mlp(h))
-        # Pre-LN: the feedback is added un-normalised through the value projection.
+        # Pre-LN: the value feedback is added un-normalised through the value projection.
         x = self.attention_norm(h)
-        h = h + self.dropout(self.attention(x, feedback))
+        h = h + self.dropout(self.attention(x, value_feedback))
         return h + self._mlp(self.mlp_norm(h))
 
 
 class MaskTransformer(nn.Module):
     """MaskGIT's bidirectional transformer; see the module docstring.
 
-    ``forward(tokens, class_labels=None, *, feedback=None, return_hidden=False, return_layers=False)``:
+    ``forward(tokens, class_labels=None, *, value_feedbacks=None, return_hidden=False, return_layers=False)``:
 
     * ``tokens``: int64 ``[B, N]`` image tokens (``config.mask_token_id`` where masked);
     * ``class_labels``: int64 ``[B]`` in ``[0, num_classes)``, ``-1`` for "no class" ([MASK] in the
       class slot); ``None`` = all ``-1``;
-    * ``feedback``: None, or a sequence of ``depth`` tensors ``[B, N+1, d]`` (or None entries), added
+    * ``value_feedbacks``: None, or a sequence of ``depth`` tensors ``[B, N+1, d]`` (or None entries), added
       to each layer's values through its own value projection;
     * returns logits ``[B, N, K]``, or a :class:`TransformerOutput` when ``return_hidden`` or
       ``return_layers`` is set.
@@ -259,7 +261,7 @@ class MaskTransformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         *,
-        feedback: Sequence[torch.Tensor | None] | None = None,
+        value_feedbacks: Sequence[torch.Tensor | None] | None = None,
         return_hidden: bool = False,
         return_layers: bool = False,
     ):
@@ -267,15 +269,16 @@ class MaskTransformer(nn.Module):
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.shape[1] != cfg.seq_len:
             raise ValueError(f"input_ids: expected shape [B, {cfg.seq_len}], got {tuple(input_ids.shape)}")
-        if feedback is not None and len(feedback) != cfg.depth:
-            raise ValueError(f"feedback: expected {cfg.depth} entries (one per layer), got {len(feedback)}")
+        if value_feedbacks is not None and len(value_feedbacks) != cfg.depth:
+            raise ValueError(f"value_feedbacks: expected {cfg.depth} entries (one per layer), "
+                             f"got {len(value_feedbacks)}")
         h = self.embed(input_ids)
         ins: list[torch.Tensor] | None = [] if return_layers else None
         outs: list[torch.Tensor] | None = [] if return_layers else None
         for i, block in enumerate(self.blocks):
             if ins is not None:
                 ins.append(h)
-            h = block(h, None if feedback is None else feedback[i])
+            h = block(h, None if value_feedbacks is None else value_feedbacks[i])
             if outs is not None:
                 outs.append(h)
         logits = self.logits_from_hidden(h)
@@ -297,38 +300,17 @@ class MaskTransformer(nn.Module):
         tokens: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         *,
-        feedback: Sequence[torch.Tensor | None] | None = None,
+        value_feedbacks: Sequence[torch.Tensor | None] | None = None,
         return_hidden: bool = False,
         return_layers: bool = False,
     ):
         return self.forward_ids(
-            self.input_ids(tokens, class_labels), feedback=feedback, return_hidden=return_hidden,
+            self.input_ids(tokens, class_labels), value_feedbacks=value_feedbacks, return_hidden=return_hidden,
             return_layers=return_layers,
         )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    # -- open-muse checkpoints ----------------------------------------------------------------
-    @classmethod
-    def from_open_muse(
-        cls, state_dict: dict, config: MaskTransformerConfig, *, strict: bool = True
-    ) -> "MaskTransformer":
-        """Build a model from an open-muse ``MaskGitTransformer`` / ``MaskGitTransformerTOAST`` state dict.
-
-        The layout is the official self-guidance code's MaskGIT configuration (``use_maskgit_mlp``,
-        ``use_bias``, ``layer_norm_embeddings``, no encoder LayerNorm, MLM layer with LayerNorm);
-        see :func:`sgkernels.models.open_muse.backbone_key_map`. TOAST keys (``cls_anchor_gen.*``,
-        ``top_down_transform``, ``decoders.*``) are ignored here (load them with
-        :meth:`sgkernels.models.toast.TOAST.from_open_muse`). Unknown or missing keys, and shape
-        mismatches, raise ``KeyError``/``ValueError`` naming them (``strict=False`` skips unknown
-        keys).
-        """
-        from .open_muse import convert_backbone
-
-        model = cls(config)
-        model.load_state_dict(convert_backbone(state_dict, config, strict=strict), strict=True)
-        return model
 
 
 def param_count(config: MaskTransformerConfig) -> int:

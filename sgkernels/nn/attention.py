@@ -1,4 +1,4 @@
-"""Bidirectional multi-head self-attention with an optional additive value feedback (TOAST).
+"""Bidirectional multi-head self-attention with an optional additive ``value_feedback`` (TOAST).
 
 One function, :func:`attention`, picks the kernel: ``xformers.ops.memory_efficient_attention`` when
 xformers is importable and the tensors are on CUDA, ``torch.nn.functional.scaled_dot_product_attention``
@@ -54,7 +54,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 class SelfAttention(nn.Module):
     """Multi-head self-attention (query/key/value/out projections with biases).
 
-    ``forward(h, feedback=None)``: with ``feedback`` ``f`` (same shape as ``h``) the values are
+    ``forward(h, value_feedback=None)``: with ``value_feedback`` ``f`` (same shape as ``h``) the values are
     ``value(h) + value(f)`` (the bias enters twice, as in the official TOAST code); ``None`` is the
     ordinary layer.
     """
@@ -71,14 +71,14 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(width, width, bias=bias)
         self.out = nn.Linear(width, width, bias=bias)
 
-    def forward(self, h: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, value_feedback: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = h.shape
         shape = (b, t, self.heads, self.width // self.heads)
         q = self.query(h).view(shape)
         k = self.key(h).view(shape)
         v = self.value(h)
-        if feedback is not None:
-            v = v + self.value(feedback)
+        if value_feedback is not None:
+            v = v + self.value(value_feedback)
         p = self.attention_dropout if self.training else 0.0
         out = attention(q, k, v.view(shape), dropout_p=p)
         return self.out(out.reshape(b, t, self.width))

@@ -26,21 +26,29 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise ValueError(f"{name}: expected device {ref.device} (same as {ref_name}), got {x.device}")
 
 
-def check_scalar(name: str, value, *, allow_zero: bool = True) -> float:
+def check_float(name: str | None, value, *, nonneg: bool = True) -> float:
+    """``value`` as a finite float (``>= 0`` unless ``nonneg=False``); the one check of float arguments.
+
+    ``name`` prefixes the message; None leaves it out (argparse, which names the option itself).
+    """
+    prefix = "" if name is None else f"{name}: "
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+        raise TypeError(f"{prefix}expected a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected a finite float >= 0, got {value}")
+    if not math.isfinite(value) or (nonneg and value < 0):
+        raise ValueError(f"{prefix}expected a finite float{' >= 0' if nonneg else ''}, got {value}")
     return value
 
 
-def check_guidance_scale(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"guidance_scale: expected a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"guidance_scale: expected a finite float, got {value}")
+def check_guidance_scale(value, name: str | None = "guidance_scale") -> float:
+    """The guidance scale s: any finite float (0 = no guidance); its one Python-side check."""
+    return check_float(name, value, nonneg=False)
+
+
+def check_positive_int(name: str | None, value) -> int:
+    """``value`` as an int ``>= 1`` (bools are refused); ``name`` as in :func:`check_float`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{'' if name is None else f'{name}: '}expected an int >= 1, got {value!r}")
     return value
 
 

@@ -1,6 +1,6 @@
 """``fused_cross_entropy``: ``F.cross_entropy`` over ``[..., V]`` logits, loss and gradient in one pass.
 
-Ops (schemas and C++ CPU kernels in csrc/cross_entropy.cpp, Triton CUDA kernels in
+Ops (schemas in csrc/schema.cpp, C++ CPU kernels in csrc/cpu/cross_entropy.cpp, Triton CUDA kernels in
 sgkernels/kernels/cross_entropy.py, fake kernels here):
 
 * ``torch.ops.sgkernels.cross_entropy_fwd(logits, target, ignore_index, label_smoothing, reduction)

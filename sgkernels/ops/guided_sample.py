@@ -1,6 +1,6 @@
 """``guided_sample``: blend base and guide logits, sample a token per row, return its log-probability.
 
-One op, ``torch.ops.sgkernels.guided_sample``: C++ CPU kernel (csrc/sampling.cpp), Triton CUDA
+One op, ``torch.ops.sgkernels.guided_sample``: C++ CPU kernel (csrc/cpu/sampling.cpp), Triton CUDA
 kernel (sgkernels/kernels/sampling.py), fake kernel here, and :func:`guided_sample_reference`, the
 plain-PyTorch spec the kernels are tested against.
 
@@ -104,7 +104,7 @@ def guided_sample(
         _validate.check_logits("guide_logits", guide_logits)
         _validate.check_same("guide_logits", guide_logits, "logits", logits)
     guidance_scale = _validate.check_guidance_scale(guidance_scale)
-    temperature = _validate.check_scalar("temperature", temperature)
+    temperature = _validate.check_float("temperature", temperature)
     seed = _rng.resolve_seed(seed)
     offset = _rng.check_offset(offset)
     impl = choose_impl(logits.device)

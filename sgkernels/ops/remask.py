@@ -6,7 +6,7 @@ exactly ``remask(guided_sample(...).logp)``). Positions that are not candidates 
 Ties in ``c`` go to the lower position index, so the set chosen is exactly the
 ``min(num_to_mask[b], #candidates[b])`` smallest ``(c, index)`` pairs of row b.
 
-One op, ``torch.ops.sgkernels.remask_lowest_confidence``: C++ CPU kernel (csrc/sampling.cpp),
+One op, ``torch.ops.sgkernels.remask_lowest_confidence``: C++ CPU kernel (csrc/cpu/sampling.cpp),
 Triton CUDA kernel (sgkernels/kernels/sampling.py), fake kernel and reference here.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def remask_lowest_confidence(
         raise ValueError(f"logp: expected shape [B, N], got {tuple(logp.shape)}")
     _validate.check_mask("is_masked", is_masked, logp.shape, logp.device)
     n = _validate.num_to_mask_tensor(num_to_mask, logp.shape[0], logp.device)
-    tau = _validate.check_scalar("choice_temperature", choice_temperature)
+    tau = _validate.check_float("choice_temperature", choice_temperature)
     seed = _rng.resolve_seed(seed)
     offset = _rng.check_offset(offset)
     impl = choose_impl(logp.device)

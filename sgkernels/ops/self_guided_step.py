@@ -5,7 +5,7 @@ positions keep theirs and their logits are never read. Then the ``num_to_mask`` 
 the positions just sampled are masked again (as :func:`remask_lowest_confidence`, same seed and
 offset), and their token is reset to what ``tokens`` held there (the mask id).
 
-One op, ``torch.ops.sgkernels.self_guided_step``: C++ CPU kernel (csrc/sampling.cpp), Triton CUDA
+One op, ``torch.ops.sgkernels.self_guided_step``: C++ CPU kernel (csrc/cpu/sampling.cpp), Triton CUDA
 kernels (sgkernels/kernels/sampling.py), fake kernel and reference here.
 """
 from __future__ import annotations
@@ -92,8 +92,8 @@ def self_guided_step(
     _validate.check_mask("is_masked", is_masked, tokens.shape, logits.device)
     n = _validate.num_to_mask_tensor(num_to_mask, logits.shape[0], logits.device)
     guidance_scale = _validate.check_guidance_scale(guidance_scale)
-    temperature = _validate.check_scalar("temperature", temperature)
-    tau = _validate.check_scalar("choice_temperature", choice_temperature)
+    temperature = _validate.check_float("temperature", temperature)
+    tau = _validate.check_float("choice_temperature", choice_temperature)
     seed = _rng.resolve_seed(seed)
     offset = _rng.check_offset(offset)
     tokens = tokens.to(torch.int64)

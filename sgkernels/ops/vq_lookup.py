@@ -1,8 +1,8 @@
 """``vq_lookup``: index of the nearest codebook entry (squared L2) of every row of ``z``.
 
 One op, ``torch.ops.sgkernels.vq_lookup(z, codebook, return_distance) -> (indices, sq_distance)``:
-schema and C++ CPU kernel in csrc/vq.cpp, CUDA kernel in csrc/cuda/vq.cu, fake kernel and the
-plain-PyTorch reference :func:`vq_lookup_reference` here.
+schema in csrc/schema.cpp, C++ CPU kernel in csrc/cpu/vq.cpp, CUDA kernel in csrc/cuda/vq.cu,
+fake kernel and the plain-PyTorch reference :func:`vq_lookup_reference` here.
 
 Neither kernel materialises the N x K distance matrix: they minimise ``||e_k||^2 - 2 z.e_k`` over
 tiles of codes with a running (value, index) minimum per row, accumulating in float32, and add

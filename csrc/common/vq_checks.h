@@ -1,4 +1,4 @@
-// Argument checks of vq_lookup shared by the CPU (csrc/vq.cpp) and CUDA (csrc/cuda/vq.cu) kernels,
+// Argument checks of vq_lookup shared by the CPU (csrc/cpu/vq.cpp) and CUDA (csrc/cuda/vq.cu) kernels,
 // a second line of defence behind the Python wrapper. NaN/inf are checked elsewhere: fused into the
 // CPU kernel's conversion pass, and by the Python wrapper on CUDA.
 #pragma once

@@ -1,6 +1,6 @@
-// Body of the CPU vq_lookup kernels, written once against a small SIMD abstraction `V` and
-// included by csrc/vq.cpp into one namespace per ISA (AVX-512, AVX2+FMA, portable), each under its
-// own `#pragma GCC target` region. Do not include anything here: the includer has done it.
+// Body of the CPU vq_lookup kernels (csrc/cpu/vq.cpp), written once against a small SIMD abstraction
+// `V` (and the register block kMR x kNV) that each ISA namespace (common/isa.h) defines before
+// including it. No includes here: the includer has done them.
 //
 // Scores: s(k) = ||e_k||^2 - 2 z.e_k (the ||z||^2 term does not change the argmin). The codebook is
 // packed once per call into panels of NR = NV * V::W codes: panels[p][d][j] = -2 * e[p*NR + j][d]
@@ -144,3 +144,5 @@ static void scan_row(const float* __restrict s, const float* __restrict e2, int6
     }
   }
 }
+
+constexpr VqKernels kVqKernels = {V::W, kMR, kNV, &pack, &tile, &scan_row};

@@ -1,10 +1,11 @@
-"""``python -m sgkernels.demo``: a small self-guided sampling run, timed against the eager step.
+"""``python -m examples.kernel_demo`` (from the repository root): the fused step on a synthetic model.
 
-Until the trained end-to-end model lands, the "model" is synthetic: a fixed per-position
-distribution over 16 gray levels that draws the letters "SG" on a 32x32 token grid, and a guide
-that is its spatially blurred ("smoothed") version. The demo runs the full MaskGIT loop (cosine
-schedule, choice-temperature decay) with the fused ``self_guided_step``, times each step against
-the open-muse-style eager step on the same logits, and writes a picture of the unmasking order.
+The "model" is synthetic: a fixed per-position distribution over 16 gray levels that draws the
+letters "SG" on a 32x32 token grid, and a guide that is its spatially blurred ("smoothed") version.
+The demo runs the full MaskGIT loop (cosine schedule, choice-temperature decay) with the fused
+``self_guided_step``, times each step against the open-muse-style eager step of ``benchmarks/`` on
+the same logits, and writes a picture of the unmasking order. (The trained model's demo is
+``sgkernels demo``.)
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import sgkernels as sgk
+from benchmarks.anchors import open_muse_step  # a folder of the checkout, not packaged: run from the root
+from sgkernels._png import tile, write_png
 
 LEVELS = 16
 GLYPHS = {
@@ -46,15 +49,6 @@ def synthetic_logits(batch: int, size: int = 32):
     return base.expand(batch, -1, -1).contiguous(), guide.expand(batch, -1, -1).contiguous()
 
 
-def _eager_step():
-    """The open-muse eager step from benchmarks/ (a source checkout), or None when not importable."""
-    try:
-        from benchmarks.anchors import open_muse_step
-    except ImportError:
-        return None
-    return open_muse_step
-
-
 def sample(logits, guide, steps, guidance_scale, tau0, seed, eager=False, history=None):
     batch, n_tok, vocab = logits.shape
     mask_id = vocab
@@ -67,7 +61,7 @@ def sample(logits, guide, steps, guidance_scale, tau0, seed, eager=False, histor
         tau = sgk.choice_temperature(k, steps, tau0)
         t0 = time.perf_counter()
         if eager:
-            tokens, is_masked = _eager_step()(tokens, is_masked, logits, guide, n, guidance_scale=guidance_scale,
+            tokens, is_masked = open_muse_step(tokens, is_masked, logits, guide, n, guidance_scale=guidance_scale,
                                                temperature=1.0, choice_temperature=tau, mask_id=mask_id, generator=gen)
         else:
             tokens, is_masked = sgk.self_guided_step(tokens, is_masked, logits, guide, n, guidance_scale=guidance_scale,
@@ -87,7 +81,7 @@ def to_rgb(tokens, is_masked, size):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sgkernels.demo", description="Self-guided sampling demo (synthetic model).")
+    parser = argparse.ArgumentParser(prog="python -m examples.kernel_demo", description="Self-guided sampling demo (synthetic model).")
     parser.add_argument("--out", default="demo.png", help="picture of the unmasking order (PNG)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
@@ -101,24 +95,19 @@ def main(argv=None) -> int:
     history = []
     tokens, fused = sample(logits, guide, args.steps, args.guidance_scale, args.choice_temperature, args.seed, history=history)
     ms = lambda ts: 1e3 * sum(ts) / len(ts)  # noqa: E731
-    if _eager_step() is None:
-        print(f"fused step {ms(fused):.3f} ms/step (run from a source checkout to compare with the eager step)")
-    else:
-        _, eager = sample(logits, guide, args.steps, args.guidance_scale, args.choice_temperature, args.seed, eager=True)
-        # The same loop at MaskGIT-256 size (V = 1024), where the sampling step costs the most.
-        gen = torch.Generator().manual_seed(args.seed)
-        big_l, big_g = torch.randn(8, 1024, 1024, generator=gen), torch.randn(8, 1024, 1024, generator=gen)
-        _, fused_big = sample(big_l, big_g, 4, 1.0, 4.5, args.seed)
-        _, eager_big = sample(big_l, big_g, 4, 1.0, 4.5, args.seed, eager=True)
-        print(f"toy grid          : fused {ms(fused):8.3f} ms/step, eager open-muse step {ms(eager):8.3f} ms/step "
-              f"({ms(eager) / ms(fused):.1f}x)")
-        print(f"B=8 N=1024 V=1024 : fused {ms(fused_big):8.3f} ms/step, eager open-muse step {ms(eager_big):8.3f} ms/step "
-              f"({ms(eager_big) / ms(fused_big):.1f}x)")
+    _, eager = sample(logits, guide, args.steps, args.guidance_scale, args.choice_temperature, args.seed, eager=True)
+    # The same loop at MaskGIT-256 size (V = 1024), where the sampling step costs the most.
+    gen = torch.Generator().manual_seed(args.seed)
+    big_l, big_g = torch.randn(8, 1024, 1024, generator=gen), torch.randn(8, 1024, 1024, generator=gen)
+    _, fused_big = sample(big_l, big_g, 4, 1.0, 4.5, args.seed)
+    _, eager_big = sample(big_l, big_g, 4, 1.0, 4.5, args.seed, eager=True)
+    print(f"toy grid          : fused {ms(fused):8.3f} ms/step, eager open-muse step {ms(eager):8.3f} ms/step "
+          f"({ms(eager) / ms(fused):.1f}x)")
+    print(f"B=8 N=1024 V=1024 : fused {ms(fused_big):8.3f} ms/step, eager open-muse step {ms(eager_big):8.3f} ms/step "
+          f"({ms(eager_big) / ms(fused_big):.1f}x)")
     target = (target_image(size) * (LEVELS - 1)).round().long().reshape(-1)
     acc = (tokens == target).float().mean().item()
     print(f"tokens equal to the target glyph's gray level: {acc:.1%}")
-    from ._png import tile, write_png
-
     shown = min(args.batch, 4)
     frames = np.stack([np.stack([to_rgb(t[b], m[b], size) for t, m in history]) for b in range(shown)])
     write_png(args.out, tile(frames, scale=3))

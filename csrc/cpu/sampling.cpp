@@ -1,46 +1,23 @@
-// Schemas of the fused sampling ops. CPU kernels: this file; CUDA kernels: Triton, registered from
-// sgkernels/ops/*.py with torch.library.register_kernel + wrap_triton.
-#include <torch/library.h>
-
-TORCH_LIBRARY_FRAGMENT(sgkernels, m) {
-  // logits, guide_logits: [..., V] float32/bfloat16/float16, any strides.
-  // -> tokens int64 [...], logp float32 [...] (untempered guided log-softmax at the token).
-  m.def(
-      "guided_sample(Tensor logits, Tensor? guide_logits, float guidance_scale, float temperature, "
-      "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
-  // logp float32 [B, N], is_masked bool [B, N], num_to_mask int64 [B] -> remask bool [B, N].
-  m.def(
-      "remask_lowest_confidence(Tensor logp, Tensor is_masked, Tensor num_to_mask, "
-      "float choice_temperature, int seed, int offset, Tensor(a!) status) -> Tensor");
-  // tokens int64 [B, N], is_masked bool [B, N], logits/guide_logits [B, N, V], num_to_mask int64 [B]
-  // -> (new_tokens int64 [B, N], new_is_masked bool [B, N]).
-  m.def(
-      "self_guided_step(Tensor tokens, Tensor is_masked, Tensor logits, Tensor? guide_logits, "
-      "Tensor num_to_mask, float guidance_scale, float temperature, float choice_temperature, "
-      "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
-}
-
-// ================================================================================================
-// CPU kernels.
+// CPU kernels of the sampling ops guided_sample, remask_lowest_confidence and self_guided_step
+// (schemas: csrc/schema.cpp; CUDA kernels: Triton, sgkernels/kernels/sampling.py).
 //
 // guided_sample: one OpenMP task per row. The row's guided logits are computed once from memory
 // into a thread-local float32 buffer (any strides: a row with a non-unit last-dim stride is first
 // gathered), with its max and a NaN/+inf check in the same pass. Then e_i = exp((g_i - M) / T)
 // (a vectorised polynomial exp) with the float64 sum of every 64-element block, and the token is
-// the first i whose float64 running sum exceeds u * Z: found by walking the block sums, then the
+// the first i whose float64 running sum exceeds uniform * Z: found by walking the block sums, then the
 // one block holding the crossing. logp = g_k - M - log(sum_i exp(g_i - M)).
 // remask_lowest_confidence: per batch row, composite keys (order_key(conf) << 32 | n) of the
 // candidates and std::nth_element.
 // self_guided_step: both, in one parallel region; known rows never touch their logits.
 //
-// Sampling method: exact inverse CDF, one Philox call per row. Gumbel-max (argmax of g + G over the
-// vocabulary) needs a Philox call per 4 elements and two logs per element: measured by
-// `python -m benchmarks.sampling_method` on the 2-core dev machine (2026-11-25) it was 21-26x
-// slower than this kernel at 2048x1024, 8192x1024 and 2048x8192 fp32 rows. The Triton kernels use
-// the same method, so one seed gives the same tokens on CPU and GPU.
+// Sampling method: exact inverse CDF, one Philox call per row (Gumbel-max would need a Philox call
+// per 4 elements and two logs per element; python -m benchmarks.sampling_method compares the two).
+// The Triton kernels use the same method, so one seed gives the same tokens on CPU and GPU.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -49,20 +26,18 @@ TORCH_LIBRARY_FRAGMENT(sgkernels, m) {
 #include <tuple>
 #include <vector>
 
-#include "cpu_math.h"
-#include "cpu_rows.h"
-#include "philox.h"
+#include "common/isa.h"
+#include "common/philox.h"
+#include "common/status_bits.h"
+#include "cpu/sampling_rows.h"
 
 namespace sgk {
 namespace {
 
-constexpr int kNonfiniteLogits = 1;
-constexpr int kNegativeNumToMask = 2;
-
 struct Scratch {
   std::vector<float> g, e;
   std::vector<double> bsum;
-  std::vector<float> raw_l, raw_u;  // gathered rows of a non-unit last-dim stride (bytes)
+  std::vector<float> raw_logits, raw_guide;  // gathered rows of a non-unit last-dim stride (bytes)
   std::vector<uint64_t> keys;
 };
 
@@ -100,30 +75,33 @@ const void* contiguous_row(const char* p, int64_t stride, int64_t v, int64_t es,
 
 struct SampleParams {
   int64_t vocab;
-  float c;         // 1 + guidance_scale
-  float scale;     // 1 / temperature (clamped to FLT_MAX)
-  bool argmax;     // temperature == 0
-  int tl, tu;      // dtype indices of logits / guide
-  int64_t esl, esu;
-  int64_t vs_l, vs_u;  // last-dim strides (elements)
+  float one_plus_s;       // 1 + guidance_scale
+  float inv_temperature;  // 1 / temperature (clamped to FLT_MAX)
+  bool argmax;            // temperature == 0
+  LoadFn load;            // for the logits' and the guide's dtypes
+  int64_t logits_itemsize, guide_itemsize;
+  int64_t logits_vstride, guide_vstride;  // last-dim strides (elements)
+  const SampleKernels* kernels;
 };
 
 SampleParams make_params(const at::Tensor& logits, const std::optional<at::Tensor>& guide, double s, double t) {
   SampleParams p{};
   p.vocab = logits.size(-1);
-  p.c = static_cast<float>(1.0 + s);
+  p.one_plus_s = static_cast<float>(1.0 + s);
   p.argmax = t == 0.0;
   const double inv = p.argmax ? 1.0 : 1.0 / t;
-  p.scale = inv > std::numeric_limits<float>::max() ? std::numeric_limits<float>::max() : static_cast<float>(inv);
-  p.tl = dtype_index(logits.scalar_type());
-  p.esl = logits.element_size();
-  p.vs_l = logits.stride(-1);
+  p.inv_temperature =
+      inv > std::numeric_limits<float>::max() ? std::numeric_limits<float>::max() : static_cast<float>(inv);
+  p.kernels = &SGK_PER_ISA(kSampleKernels);
+  const int logits_dtype = dtype_index(logits.scalar_type());
+  p.logits_itemsize = logits.element_size();
+  p.logits_vstride = logits.stride(-1);
   if (guide.has_value()) {
-    p.tu = dtype_index(guide->scalar_type());
-    p.esu = guide->element_size();
-    p.vs_u = guide->stride(-1);
+    p.load = p.kernels->load[logits_dtype][dtype_index(guide->scalar_type())];
+    p.guide_itemsize = guide->element_size();
+    p.guide_vstride = guide->stride(-1);
   } else {
-    p.tu = -1;
+    p.load = p.kernels->load[logits_dtype][logits_dtype];
   }
   return p;
 }
@@ -154,13 +132,13 @@ struct RowOut {
   bool bad;
 };
 
-RowOut sample_row(const char* l, const char* u, const SampleParams& p, double uniform, Scratch& s) {
-  const CpuKernels& k = cpu_kernels();
+RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, double uniform, Scratch& s) {
+  const SampleKernels& k = *p.kernels;
   const int64_t v = p.vocab, vp = padded_len(v);
-  const void* lrow = contiguous_row(l, p.vs_l, v, p.esl, s.raw_l);
-  const void* urow = u == nullptr ? nullptr : contiguous_row(u, p.vs_u, v, p.esu, s.raw_u);
+  const void* logits_row = contiguous_row(logits, p.logits_vstride, v, p.logits_itemsize, s.raw_logits);
+  const void* guide_row = guide == nullptr ? nullptr : contiguous_row(guide, p.guide_vstride, v, p.guide_itemsize, s.raw_guide);
   float* g = grow(s.g, vp);
-  const LoadResult lr = k.load[p.tl][u == nullptr ? p.tl : p.tu](lrow, urow, v, vp, p.c, g);
+  const LoadResult lr = p.load(logits_row, guide_row, v, vp, p.one_plus_s, g);
   const float m = lr.max;
   if (lr.bad || m == -std::numeric_limits<float>::infinity()) {
     return {0, std::numeric_limits<float>::quiet_NaN(), true};
@@ -173,10 +151,10 @@ RowOut sample_row(const char* l, const char* u, const SampleParams& p, double un
   } else {
     float* e = grow(s.e, vp);
     double* bsum = grow(s.bsum, vp / kBlock);
-    const double z = k.exp_blocks(g, vp, m, p.scale, e, bsum);
-    sum = p.scale == 1.0f ? z : k.sum_exp(g, vp, m);
+    const double z = k.exp_blocks(g, vp, m, p.inv_temperature, e, bsum);
+    sum = p.inv_temperature == 1.0f ? z : k.sum_exp(g, vp, m);
     tok = cdf_search(e, bsum, vp / kBlock, v, uniform * z);
-    if (tok < 0) {  // u * Z rounded up to Z: the last token of nonzero weight
+    if (tok < 0) {  // uniform * Z rounded up to Z: the last token of nonzero weight
       tok = v - 1;
       while (tok > 0 && !(e[tok] > 0.0f)) --tok;
     }
@@ -191,6 +169,15 @@ void mark_smallest(std::vector<uint64_t>& keys, int64_t n, bool* out) {
   if (n <= 0) return;
   if (n < cnt) std::nth_element(keys.begin(), keys.begin() + n, keys.end());
   for (int64_t i = 0; i < std::min(n, cnt); ++i) out[keys[i] & 0xFFFFFFFFu] = true;
+}
+
+// uint32 key with key(a) < key(b) iff a < b as floats; -0 and +0 map to the same key; every NaN
+// maps to the largest key (torch's sort puts NaN last).
+inline uint32_t order_key(float f) {
+  if (f != f) return 0xFFFFFFFFu;
+  f = f + 0.0f;  // -0 -> +0
+  const uint32_t b = float_to_bits(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
 inline float confidence(float logp, float tau, uint32_t w2, uint32_t w3) {
@@ -246,13 +233,13 @@ std::tuple<at::Tensor, at::Tensor> guided_sample_cpu(const at::Tensor& logits, c
   if (rows == 0) return {tokens, logp};
   const SampleParams p = make_params(logits, guide, guidance_scale, temperature);
   const int nd = static_cast<int>(lead.size());
-  std::vector<int64_t> sizes(lead.begin(), lead.end()), lstr(nd), ustr(nd, 0);
+  std::vector<int64_t> sizes(lead.begin(), lead.end()), logits_bstr(nd), guide_bstr(nd, 0);
   for (int d = 0; d < nd; ++d) {
-    lstr[d] = logits.stride(d) * p.esl;
-    if (guide.has_value()) ustr[d] = guide->stride(d) * p.esu;
+    logits_bstr[d] = logits.stride(d) * p.logits_itemsize;
+    if (guide.has_value()) guide_bstr[d] = guide->stride(d) * p.guide_itemsize;
   }
-  const char* lbase = static_cast<const char*>(logits.const_data_ptr());
-  const char* ubase = guide.has_value() ? static_cast<const char*>(guide->const_data_ptr()) : nullptr;
+  const char* logits_base = static_cast<const char*>(logits.const_data_ptr());
+  const char* guide_base = guide.has_value() ? static_cast<const char*>(guide->const_data_ptr()) : nullptr;
   int64_t* tok_out = tokens.mutable_data_ptr<int64_t>();
   float* logp_out = logp.mutable_data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
@@ -264,19 +251,19 @@ std::tuple<at::Tensor, at::Tensor> guided_sample_cpu(const at::Tensor& logits, c
     Scratch& s = scratch();
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t r = 0; r < rows; ++r) {
-      int64_t rem = r, loff = 0, uoffb = 0;
+      int64_t rem = r, logits_off = 0, guide_off = 0;
       for (int d = nd - 1; d >= 0; --d) {
         const int64_t i = rem % sizes[d];
         rem /= sizes[d];
-        loff += i * lstr[d];
-        uoffb += i * ustr[d];
+        logits_off += i * logits_bstr[d];
+        guide_off += i * guide_bstr[d];
       }
       const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
-      const RowOut o = sample_row(lbase + loff, ubase == nullptr ? nullptr : ubase + uoffb, p,
+      const RowOut o = sample_row(logits_base + logits_off, guide_base == nullptr ? nullptr : guide_base + guide_off, p,
                                   token_uniform(w.w0, w.w1), s);
       tok_out[r] = o.token;
       logp_out[r] = o.logp;
-      if (o.bad) flags |= kNonfiniteLogits;
+      if (o.bad) flags |= status::NONFINITE_LOGITS;
     }
   }
   or_status(status, flags);
@@ -325,7 +312,7 @@ at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const
     }
     int64_t nb = nmp[b];
     if (nb < 0) {
-      flags |= kNegativeNumToMask;
+      flags |= status::NEGATIVE_NUM_TO_MASK;
       nb = 0;
     }
     mark_smallest(keys, nb, outp + b * n_tok);
@@ -377,11 +364,11 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
   std::vector<int64_t> sampled(static_cast<size_t>(batch * n_tok));
 
   const SampleParams p = make_params(logits, guide, guidance_scale, temperature);
-  const int64_t ls0 = logits.stride(0) * p.esl, ls1 = logits.stride(1) * p.esl;
-  const int64_t us0 = guide.has_value() ? guide->stride(0) * p.esu : 0;
-  const int64_t us1 = guide.has_value() ? guide->stride(1) * p.esu : 0;
-  const char* lbase = static_cast<const char*>(logits.const_data_ptr());
-  const char* ubase = guide.has_value() ? static_cast<const char*>(guide->const_data_ptr()) : nullptr;
+  const int64_t ls0 = logits.stride(0) * p.logits_itemsize, ls1 = logits.stride(1) * p.logits_itemsize;
+  const int64_t gs0 = guide.has_value() ? guide->stride(0) * p.guide_itemsize : 0;
+  const int64_t gs1 = guide.has_value() ? guide->stride(1) * p.guide_itemsize : 0;
+  const char* logits_base = static_cast<const char*>(logits.const_data_ptr());
+  const char* guide_base = guide.has_value() ? static_cast<const char*>(guide->const_data_ptr()) : nullptr;
   const float tau = static_cast<float>(choice_temperature);
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
   const int nt = num_threads_for(std::max(n_rows * p.vocab, batch * n_tok * 16));
@@ -395,11 +382,12 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
       const int64_t r = rows[i];
       const int64_t b = r / n_tok, n = r % n_tok;
       const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
-      const RowOut o = sample_row(lbase + b * ls0 + n * ls1, ubase == nullptr ? nullptr : ubase + b * us0 + n * us1,
+      const RowOut o = sample_row(logits_base + b * ls0 + n * ls1,
+                                  guide_base == nullptr ? nullptr : guide_base + b * gs0 + n * gs1,
                                   p, token_uniform(w.w0, w.w1), s);
       sampled[r] = o.token;
       conf[r] = confidence(o.logp, tau, w.w2, w.w3);
-      if (o.bad) flags |= kNonfiniteLogits;
+      if (o.bad) flags |= status::NONFINITE_LOGITS;
     }
     // (implicit barrier) then the remask, one batch row at a time
 #pragma omp for schedule(dynamic, 1)
@@ -415,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
       }
       int64_t nb = nmp[b];
       if (nb < 0) {
-        flags |= kNegativeNumToMask;
+        flags |= status::NEGATIVE_NUM_TO_MASK;
         nb = 0;
       }
       mark_smallest(keys, nb, out_mask + base);

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cpu_math.h"
+#include "common/isa.h"
 
 namespace sgk {
 

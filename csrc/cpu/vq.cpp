@@ -1,24 +1,26 @@
-// vq_lookup: nearest codebook entry (squared L2) of each row of z. Schema and CPU kernel.
-// CUDA kernel: csrc/cuda/vq.cu. Wrapper, fake kernel and reference: sgkernels/ops/vq_lookup.py.
+// CPU kernel of vq_lookup (schema: csrc/schema.cpp): nearest codebook entry (squared L2) of each
+// row of z. CUDA kernel: csrc/cuda/vq.cu. Wrapper, fake kernel and reference: sgkernels/ops/vq_lookup.py.
 //
-// CPU kernel: argmin_k ||e_k||^2 - 2 z.e_k, blocked, never materialising N x K.
-//  * "micro" path: z tiles (fp32 copies, any input dtype/strides) against the codebook packed into
-//    panels of NR codes; an MR x NR register-blocked FMA micro-kernel with the running argmin fused
-//    into its epilogue (csrc/vq_cpu_kernel.h). Small D (4..32) is a template parameter (unrolled).
-//  * "gemm" path (opt-in, SGK_VQ_PATH=gemm): per thread, at::mm (MKL sgemm) of a z tile against a codebook chunk
-//    into a small buffer (kGemmRows x kGemmCodes floats), then a fused SIMD argmin scan of it.
-//  * ISA: AVX-512F, AVX2+FMA, or portable C++, picked at run time with __builtin_cpu_supports
-//    (`#pragma GCC target` regions; the build never uses -march=native).
-//  * OpenMP (at::parallel_for) over z tiles: each row is owned by one thread, no merge needed.
+// argmin_k ||e_k||^2 - 2 z.e_k, blocked, never materialising N x K:
+//  * "micro" path (the default): z tiles (fp32 copies, any input dtype/strides) against the codebook
+//    packed into panels of NR codes; an MR x NR register-blocked FMA micro-kernel with the running
+//    argmin fused into its epilogue (csrc/cpu/vq_kernel.h). Small D (4..64) is a template parameter
+//    (unrolled).
+//  * "gemm" path: per thread, at::mm (MKL sgemm) of a z tile against a codebook chunk into a small
+//    buffer (kGemmRows x kGemmCodes floats), then a fused SIMD argmin scan of it. Slower than the
+//    micro path at every shape measured (MKL re-packs the codebook chunk for every z tile, and the
+//    extra pass over the buffer costs too); kept as a second implementation to test against and to
+//    time: the environment variable SGK_VQ_PATH=gemm selects it (read at every call; micro otherwise).
+//  * One build per ISA (common/isa.h); OpenMP (at::parallel_for) over z tiles: each row is owned by
+//    one thread, no merge needed.
 //  * NaN/inf in z or the codebook is detected during the fp32 conversion/packing (no extra pass).
-// Debug/testing switches read per call: SGK_VQ_ISA=avx512|avx2|generic, SGK_VQ_PATH=micro|gemm.
+// Reads z once (itemsize bytes per element) and the codebook once per z tile (from L2); writes
+// 8 bytes per row (+ 4 with return_distance).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
-
-#include "vq_checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -30,23 +32,12 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define SGK_VQ_X86 1
-#include <immintrin.h>
-#else
-#define SGK_VQ_X86 0
-#endif
+#include "common/isa.h"
+#include "common/vq_checks.h"
 
-TORCH_LIBRARY_FRAGMENT(sgkernels, m) {
-  // z [..., D] float32/bfloat16/float16 (any strides), codebook [K, D] (same float dtypes).
-  // -> (indices int64 [...], sq_distance float32 [...] if return_distance else float32 [0]).
-  m.def("vq_lookup(Tensor z, Tensor codebook, bool return_distance) -> (Tensor, Tensor)");
-}
+namespace sgk {
 
-namespace sgk_vq {
-
-struct Isa {
-  const char* name;
+struct VqKernels {
   int W, MR, NV;
   bool (*pack)(const float*, int64_t, int, float*, float*);
   void (*tile)(const float*, int64_t, int, const float*, const float*, int64_t, int64_t, float*, int32_t*);
@@ -54,7 +45,7 @@ struct Isa {
 };
 
 // ---------------------------------------------------------------- portable (any CPU)
-namespace generic {
+SGK_BEGIN_GENERIC
 struct V {
   static constexpr int W = 8;
   struct F { float v[W]; };
@@ -76,15 +67,12 @@ struct V {
 };
 constexpr int kMR = 4;
 constexpr int kNV = 1;
-#include "vq_cpu_kernel.h"
-static Isa get() { return {"generic", V::W, kMR, kNV, &pack, &tile, &scan_row}; }
-}  // namespace generic
+#include "cpu/vq_kernel.h"
+SGK_END_GENERIC
 
-#if SGK_VQ_X86
+#if SGK_X86
 // ---------------------------------------------------------------- AVX2 + FMA
-namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+SGK_BEGIN_AVX2
 struct V {
   static constexpr int W = 8;
   using F = __m256;
@@ -108,15 +96,11 @@ struct V {
 };
 constexpr int kMR = 6;
 constexpr int kNV = 2;
-#include "vq_cpu_kernel.h"
-#pragma GCC pop_options
-static Isa get() { return {"avx2", V::W, kMR, kNV, &pack, &tile, &scan_row}; }
-}  // namespace avx2
+#include "cpu/vq_kernel.h"
+SGK_END_AVX2
 
-// ---------------------------------------------------------------- AVX-512F
-namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
+// ---------------------------------------------------------------- AVX-512
+SGK_BEGIN_AVX512
 struct V {
   static constexpr int W = 16;
   using F = __m512;
@@ -138,25 +122,11 @@ struct V {
 };
 constexpr int kMR = 8;
 constexpr int kNV = 2;
-#include "vq_cpu_kernel.h"
-#pragma GCC pop_options
-static Isa get() { return {"avx512", V::W, kMR, kNV, &pack, &tile, &scan_row}; }
-}  // namespace avx512
+#include "cpu/vq_kernel.h"
+SGK_END_AVX512
 #endif
 
-static Isa select_isa() {
-  const char* env = std::getenv("SGK_VQ_ISA");
-  const std::string want = env ? env : "";
-#if SGK_VQ_X86
-  const bool has512 = __builtin_cpu_supports("avx512f");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (want == "generic") return generic::get();
-  if (want == "avx2" && has2) return avx2::get();
-  if (has512 && (want.empty() || want == "avx512" || want == "auto")) return avx512::get();
-  if (has2) return avx2::get();
-#endif
-  return generic::get();
-}
+namespace {
 
 // ---------------------------------------------------------------- z tiles -> fp32
 // Rows [r0, r0 + rows) of the 2-D view (strides s0, s1) into out [mt][D], rows past `rows` zeroed.
@@ -209,7 +179,7 @@ constexpr int64_t kGemmCodes = 512;  // codes per sgemm chunk (buffer: rows x kG
 
 std::tuple<at::Tensor, at::Tensor> vq_lookup_cpu(const at::Tensor& z, const at::Tensor& codebook,
                                                  bool return_distance) {
-  sgk::check_vq_inputs(z, codebook);
+  check_vq_inputs(z, codebook);
   TORCH_CHECK(z.device().is_cpu(), "vq_lookup_cpu: expected CPU tensors");
   const int64_t K = codebook.size(0);
   const int D = static_cast<int>(codebook.size(1));
@@ -220,13 +190,9 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cpu(const at::Tensor& z, const at::
   if (N == 0) return finish(idx, dist, z, return_distance);
 
   const at::Tensor cb = codebook.to(at::kFloat).contiguous();
-  const Isa isa = select_isa();
+  const VqKernels& isa = SGK_PER_ISA(kVqKernels);
   const char* path_env = std::getenv("SGK_VQ_PATH");
-  const std::string path = path_env ? path_env : "";
-  // The fused micro-kernel beat the sgemm path at every shape measured (D = 8..256; MKL re-packs the
-  // codebook chunk for every z tile, and the extra pass over the buffer costs too), so "gemm" is
-  // opt-in only.
-  const bool use_gemm = path == "gemm";
+  const bool use_gemm = path_env != nullptr && std::string(path_env) == "gemm";
   const int W = isa.W;
   const int MR = isa.MR;
   const int NR = isa.NV * isa.W;
@@ -327,6 +293,7 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cpu(const at::Tensor& z, const at::
   return finish(idx, dist, z, return_distance);
 }
 
-}  // namespace sgk_vq
+}  // namespace
+}  // namespace sgk
 
-TORCH_LIBRARY_IMPL(sgkernels, CPU, m) { m.impl("vq_lookup", &sgk_vq::vq_lookup_cpu); }
+TORCH_LIBRARY_IMPL(sgkernels, CPU, m) { m.impl("vq_lookup", &sgk::vq_lookup_cpu); }

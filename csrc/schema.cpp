@@ -1,0 +1,40 @@
+// Every op of the torch.ops.sgkernels namespace: the schemas. Kernels: CPU in csrc/cpu/, CUDA in
+// csrc/cuda/ (vq_lookup) or Triton (sgkernels/kernels/, registered from sgkernels/ops/), fake
+// kernels and references in sgkernels/ops/. `status` is the int32 status word the kernels OR
+// common/status_bits.h bits into on bad input.
+#include <torch/library.h>
+
+TORCH_LIBRARY(sgkernels, m) {
+  // logits, guide_logits: [..., V] float32/bfloat16/float16, any strides.
+  // -> tokens int64 [...], logp float32 [...] (untempered guided log-softmax at the token).
+  m.def(
+      "guided_sample(Tensor logits, Tensor? guide_logits, float guidance_scale, float temperature, "
+      "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
+  // logp float32 [B, N], is_masked bool [B, N], num_to_mask int64 [B] -> remask bool [B, N].
+  m.def(
+      "remask_lowest_confidence(Tensor logp, Tensor is_masked, Tensor num_to_mask, "
+      "float choice_temperature, int seed, int offset, Tensor(a!) status) -> Tensor");
+  // tokens int64 [B, N], is_masked bool [B, N], logits/guide_logits [B, N, V], num_to_mask int64 [B]
+  // -> (new_tokens int64 [B, N], new_is_masked bool [B, N]).
+  m.def(
+      "self_guided_step(Tensor tokens, Tensor is_masked, Tensor logits, Tensor? guide_logits, "
+      "Tensor num_to_mask, float guidance_scale, float temperature, float choice_temperature, "
+      "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
+
+  // logits [..., V] float32/bfloat16/float16 (any strides), target [...] integer.
+  // -> (loss: [] for "mean"/"sum", [...] for "none", in logits' dtype;
+  //     grad: d loss / d logits, [..., V], logits' dtype, contiguous;
+  //     flags: int32 [1], status bits of bad input (CUDA; the CPU kernel raises)).
+  m.def(
+      "cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing, "
+      "str reduction) -> (Tensor, Tensor, Tensor)");
+  // The same, with the gradient written over `logits` (any strides); returns the loss. Bad input:
+  // CPU raises, CUDA ORs bits into `status`.
+  m.def(
+      "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, int ignore_index, float label_smoothing, "
+      "str reduction, Tensor(b!) status) -> Tensor");
+
+  // z [..., D] float32/bfloat16/float16 (any strides), codebook [K, D] (same float dtypes).
+  // -> (indices int64 [...], sq_distance float32 [...] if return_distance else float32 [0]).
+  m.def("vq_lookup(Tensor z, Tensor codebook, bool return_distance) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,124 @@
+"""Files of weights: atomic writes, safetensors / torch weight files, state-dict checks.
+
+Every checkpoint format of the package (``models.checkpoint``, ``training.checkpoints``,
+``digits.nets``) writes through :func:`atomic_write` (temp file in the same directory, fsync,
+``os.replace``), so a file that exists is complete. Weights are a plain ``{name: tensor}`` dict,
+stored with safetensors (``"safetensors"``) or ``torch.save`` (``"torch"``, read back with
+``torch.load(weights_only=True)``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+WEIGHT_EXTENSIONS = {"safetensors": ".safetensors", "torch": ".pt"}
+
+
+def safetensors_available() -> bool:
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def weights_format(fmt: str = "auto") -> str:
+    """``"safetensors"`` or ``"torch"``; ``"auto"`` picks safetensors when it is importable."""
+    if fmt == "auto":
+        return "safetensors" if safetensors_available() else "torch"
+    if fmt not in WEIGHT_EXTENSIONS:
+        raise ValueError(f"format must be 'auto', 'safetensors' or 'torch', got {fmt!r}")
+    if fmt == "safetensors" and not safetensors_available():
+        raise ImportError("format='safetensors' needs the safetensors package")
+    return fmt
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``path`` via a temp file + fsync + os.replace, with the usual 0o666 & ~umask mode."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0o600: keep checkpoints readable by others
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    """:func:`atomic_write` of ``obj`` as indented JSON with a final newline."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory (makes renames inside it durable); a no-op where the OS does not allow it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def serialize(state: dict[str, torch.Tensor], fmt: str) -> bytes:
+    """The bytes of a weight file of format ``fmt`` (``"safetensors"`` / ``"torch"``) holding ``state``."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        return save(tensors, metadata={"format": "pt"})
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return buf.getvalue()
+
+
+def read_weights(path: str, fmt: str, map_location) -> dict[str, torch.Tensor]:
+    """The ``{name: tensor}`` dict of a weight file written from :func:`serialize`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint weights missing: {path}")
+    if fmt == "safetensors":
+        if not safetensors_available():
+            raise ImportError(f"{path} is a safetensors file: install safetensors to read it")
+        from safetensors.torch import load_file
+
+        device = "cpu" if map_location is None else str(torch.device(map_location))
+        return load_file(path, device=device)
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors")
+    return state
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise naming the missing / unexpected keys and the shape mismatches of ``state`` for ``module``."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {unexpected}"] if unexpected else [])
+        raise KeyError(f"{what}: " + "; ".join(parts))
+    bad = [f"{k}: expected {expected[k]}, got {tuple(state[k].shape)}" for k in expected if tuple(state[k].shape) != expected[k]]
+    if bad:
+        raise ValueError(f"{what}: shape mismatch: " + "; ".join(bad))

@@ -1,0 +1,176 @@
+"""The digits model's commands (``sgkernels generate | evaluate | demo | train``; parsing: :mod:`sgkernels.cli`).
+
+Each command takes the parsed arguments, prints its result and returns the exit status. A user
+error (bad path, unknown class, unreadable model directory, missing extra) raises :class:`CLIError`,
+which the dispatcher prints as one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from .._png import grid, write_png
+from ..sampler import guidance_active
+from . import data
+from .evaluate import evaluate_samples, metric_line, mode_label, sweep
+from .plot import plot_sweep
+from .pipeline import DEFAULTS, DigitsModel, class_balanced_labels
+from .stages import run_stage
+
+
+class CLIError(Exception):
+    """A user error: reported as one line, exit status 2."""
+
+
+def _parse_classes(text: str | None, num_classes: int) -> list[int]:
+    if text is None:
+        return list(range(num_classes))
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            c = int(part)
+        except ValueError:
+            raise CLIError(f"--classes: expected comma-separated class ids, got {part!r}") from None
+        if not 0 <= c < num_classes:
+            raise CLIError(f"--classes: unknown class {c} (this model has classes 0..{num_classes - 1})")
+        out.append(c)
+    if not out:
+        raise CLIError("--classes: expected at least one class")
+    return out
+
+
+def _check_writable(path: str) -> None:
+    if os.path.isdir(path):
+        raise CLIError(f"cannot write {path}: it is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CLIError(f"cannot write {path}: permission denied")
+
+
+def _tau(args, dm: DigitsModel) -> float:
+    """``--choice-temperature``, or the default of the sampling mode (guided or plain MaskGIT)."""
+    if args.choice_temperature is not None:
+        return args.choice_temperature
+    if guidance_active(dm.guide, args.guidance_scale):
+        return DEFAULTS.choice_temperature
+    return DEFAULTS.plain_choice_temperature
+
+
+def _load(model_dir, need_classifier=False) -> DigitsModel:
+    if model_dir is not None and not os.path.isdir(model_dir):
+        raise CLIError(f"--model: directory not found: {model_dir}")
+    try:
+        return DigitsModel.load(model_dir, need_classifier=need_classifier)
+    except Exception as e:  # noqa: BLE001  (any failure to read a corrupt directory: safetensors, json, shapes)
+        where = model_dir if model_dir is not None else "the shipped model"
+        raise CLIError(f"cannot load {where}: {e}") from None
+
+
+def _grid(images, cols: int):
+    return grid(data.to_uint8(images), cols, pad=2, scale=2, background=128)
+
+
+def _write_png(path: str, rgb) -> None:
+    try:
+        write_png(path, rgb)
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _real_images():
+    try:
+        x, _ = data.load_split("heldout")
+    except ImportError as e:
+        raise CLIError(f"evaluate needs the digits data: {e}") from None
+    return x
+
+
+def generate(args) -> int:
+    _check_writable(args.out)
+    dm = _load(args.model)
+    classes = _parse_classes(args.classes, dm.num_classes)
+    labels = class_balanced_labels(args.num, classes=classes)
+    tau = _tau(args, dm)
+    t0 = time.perf_counter()
+    images = dm.generate(labels, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                         choice_temperature=tau)
+    dt = time.perf_counter() - t0
+    _write_png(args.out, _grid(images, min(args.num, len(classes))))
+    mode = mode_label(args.guidance_scale, "self-guided (s={:g})")
+    print(f"wrote {args.out}: {args.num} digits, {mode}, T={args.steps}, tau0={tau:g}, seed={args.seed} "
+          f"({args.num / dt:.1f} images/s)")
+    return 0
+
+
+def evaluate(args) -> int:
+    if args.sweep:
+        _check_writable(args.plot)
+    dm = _load(args.model, need_classifier=True)
+    real = _real_images()
+    if not args.sweep:
+        r = evaluate_samples(dm, real, args.num, args.seed, args.steps, args.guidance_scale, _tau(args, dm))
+        print(metric_line(r))
+        if args.json:
+            print(json.dumps(r))
+        return 0
+    if dm.guide is None:
+        raise CLIError("--sweep compares guided and unguided sampling: this model has no guide")
+    scale = args.guidance_scale if guidance_active(dm.guide, args.guidance_scale) else 1.0
+    results = []
+    for r in sweep(dm, real, args.num, args.seed, args.steps, scale):
+        print(metric_line(r), flush=True)
+        results.append(r)
+    try:
+        plot_sweep(results, args.plot)
+    except ImportError as e:
+        raise CLIError(str(e)) from None
+    except OSError as e:
+        raise CLIError(f"cannot write {args.plot}: {e.strerror or e}") from None
+    print(f"wrote {args.plot}")
+    if args.json:
+        print(json.dumps({"sweep": results}))
+    return 0
+
+
+def demo(args) -> int:
+    _check_writable(args.out)
+    dm = _load(args.model, need_classifier=True)
+    modes = ((DEFAULTS.guidance_scale, DEFAULTS.choice_temperature), (0.0, DEFAULTS.plain_choice_temperature))
+    labels = class_balanced_labels(20, dm.num_classes)
+    grids = []
+    for s, tau in modes:
+        images = dm.generate(labels, seed=args.seed, steps=DEFAULTS.steps, guidance_scale=s, choice_temperature=tau)
+        grids.append(_grid(images, 10))
+    gap = np.full((grids[0].shape[0], 16, 3), 255, dtype=np.uint8)
+    _write_png(args.out, np.concatenate([grids[0], gap, grids[1]], axis=1))
+    print(f"wrote {args.out}: left self-guided (s={DEFAULTS.guidance_scale:g}, tau0={DEFAULTS.choice_temperature:g}), "
+          f"right plain MaskGIT (tau0={DEFAULTS.plain_choice_temperature:g}), T={DEFAULTS.steps}, seed {args.seed}")
+    real = _real_images()
+    for s, tau in modes:
+        r = evaluate_samples(dm, real, args.num_eval, args.seed, DEFAULTS.steps, s, tau)
+        print(metric_line(r), flush=True)
+    return 0
+
+
+def train(args) -> int:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out: {args.out} exists and is not a directory")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot create {args.out}: {e.strerror or e}") from None
+    if args.stage in ("generator", "guide"):
+        need = "tokenizer" if args.stage == "generator" else "generator"
+        if not os.path.exists(os.path.join(args.out, need, "config.json")):
+            raise CLIError(f"stage {args.stage!r} needs {os.path.join(args.out, need)}: run "
+                           f"'sgkernels train {need} --out {args.out}' first")
+    result = run_stage(args.stage, args.out, args.steps, args.seed, progress=not args.no_progress,
+                       threads=args.threads)
+    print(json.dumps(result))
+    return 0
