@@ -30,6 +30,7 @@ from . import integrations, models, nn  # noqa: E402  (models -> nn -> ops: impo
 from .models import TOAST, MaskTransformer, MaskTransformerConfig, TOASTConfig  # noqa: E402
 from .models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .sampler import SelfGuidedSampler  # noqa: E402
+from .pipeline import SelfGuidedPipeline  # noqa: E402
 from . import train  # noqa: E402
 from .train import TrainConfig, train_guide  # noqa: E402
 
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MaskTransformer",
     "MaskTransformerConfig",
+    "SelfGuidedPipeline",
     "SelfGuidedSampler",
     "TrainConfig",
     "TOAST",

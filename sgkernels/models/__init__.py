@@ -5,5 +5,8 @@ models never import the sampler.
 """
 from .transformer import MaskTransformer, MaskTransformerConfig, TransformerOutput
 from .toast import TOAST, TOASTConfig
+from .pretrained import CheckpointError, from_pretrained
+from .vqgan import MaskGitVQGAN, MaskGitVQGANConfig
 
-__all__ = ["MaskTransformer", "MaskTransformerConfig", "TOAST", "TOASTConfig", "TransformerOutput"]
+__all__ = ["MaskTransformer", "MaskTransformerConfig", "TOAST", "TOASTConfig", "TransformerOutput",
+           "CheckpointError", "MaskGitVQGAN", "MaskGitVQGANConfig", "from_pretrained"]
