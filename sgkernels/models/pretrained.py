@@ -232,8 +232,14 @@ def load_open_muse(directory: str, *, map_location="cpu") -> tuple[MaskTransform
         guide = None
         if toast_config is not None:
             guide = _build(TOAST, toast_config, convert_toast(state, toast_config))
-    except (KeyError, ValueError) as e:  # shape mismatches, named by the converters
-        raise CheckpointError(f"{path}: {e.args[0] if e.args else e}") from None
+    except (KeyError, ValueError) as e:  # shape mismatches, named by the converters: report the first
+        message = str(e.args[0] if e.args else e)
+        _, found, items = message.partition("shape mismatch: ")
+        if found:
+            items = items.split("; ")
+            more = f" (+{len(items) - 1} more)" if len(items) > 1 else ""
+            message = f"shape mismatch with {CONFIG_NAME}: {items[0]}{more}"
+        raise CheckpointError(f"{path}: {message}") from None
     return model, guide
 
 
