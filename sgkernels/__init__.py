@@ -35,6 +35,7 @@ from . import integrations, models, nn  # noqa: E402  (models -> nn -> ops: impo
 from .models import TOAST, MaskTransformer, MaskTransformerConfig, TOASTConfig  # noqa: E402
 from .models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .sampler import SelfGuidedSampler  # noqa: E402
+from .pipeline import SelfGuidedPipeline  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ def __getattr__(name: str):
 __all__ = [
     "MaskTransformer",
     "MaskTransformerConfig",
+    "SelfGuidedPipeline",
     "SelfGuidedSampler",
     "TrainConfig",
     "TOAST",

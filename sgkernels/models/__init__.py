@@ -7,13 +7,19 @@ Layering: ``sgkernels.sampler`` / ``sgkernels.training`` -> ``sgkernels.models``
 from .transformer import MaskTransformer, MaskTransformerConfig, TransformerOutput
 from .toast import TOAST, TOASTConfig
 from .open_muse import toast_from_open_muse, transformer_from_open_muse
+from .pretrained import CheckpointError, from_pretrained
+from .vqgan import MaskGitVQGAN, MaskGitVQGANConfig
 
 __all__ = [
+    "CheckpointError",
+    "MaskGitVQGAN",
+    "MaskGitVQGANConfig",
     "MaskTransformer",
     "MaskTransformerConfig",
     "TOAST",
     "TOASTConfig",
     "TransformerOutput",
+    "from_pretrained",
     "toast_from_open_muse",
     "transformer_from_open_muse",
 ]

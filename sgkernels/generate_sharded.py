@@ -1,0 +1,191 @@
+"""FID-size sample sets, sharded over processes and resumable: :func:`generate_to_npz`.
+
+The images are cut into global batches of ``batch_size``: batch ``j`` holds images
+``j*batch_size ..`` with their class ids, and is sampled with its own seed
+:func:`batch_seed` ``(seed, j)``. Rank ``r`` of ``W`` processes takes the batches ``j = r, r+W, ..``;
+a batch does not depend on who draws it, so any number of processes gives the same images as one
+(for the same ``batch_size``).
+
+Each finished batch is written atomically to ``<out>.parts/batch_<j>.npz``; a rerun with the same
+settings (checked against ``<out>.parts/run.json``) skips the batches already there, whatever the
+number of processes. When every batch is there, rank 0 streams them into ``<out>`` (written to a
+temporary file and moved into place) and removes the parts folder. ``<out>`` is an ADM-evaluator
+``.npz``: ``arr_0`` uint8 ``[N, H, W, 3]`` and ``arr_1`` int64 class ids ``[N]``.
+
+Under ``torchrun`` call :func:`init_distributed` first (it joins the process group the launcher
+describes and picks this rank's GPU), then build the pipeline on the device it returns.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+
+from . import _rng
+from ._io import atomic_write
+from .pipeline import SelfGuidedPipeline, class_tensor
+
+MANIFEST = "run.json"
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``: joins the torchrun process group when ``WORLD_SIZE > 1``.
+
+    NCCL with one GPU per process (``LOCAL_RANK``) when CUDA is available, else gloo on the CPU.
+    Without torchrun: ``(0, 1, cuda or cpu)``.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The sampler seed of global batch ``index``: Philox of ``(index)`` under key ``seed``, in [0, 2**63)."""
+    w0, w1, _, _ = _rng.philox4x32(_rng.resolve_seed(seed), index, 0, 0, 0x5EED)
+    return ((int(w0) << 32) | int(w1)) & (_rng.MAX_SEED - 1)
+
+
+def _labels(class_ids, num_images: int, num_classes: int) -> torch.Tensor:
+    """Class id of every image: ``i % num_classes`` (balanced) for None, else ``class_ids`` repeated."""
+    if class_ids is None:
+        return torch.arange(num_images, dtype=torch.int64) % num_classes
+    ids = class_tensor(class_ids, num_classes)
+    return ids.repeat((num_images + ids.numel() - 1) // ids.numel())[:num_images]
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _write_npz_streamed(path: str, parts: list[str], num_images: int, labels: np.ndarray) -> None:
+    """``arr_0`` = the concatenated ``images`` of ``parts``, ``arr_1`` = ``labels``; one batch in memory at a time."""
+    with np.load(parts[0]) as first:
+        shape = first["images"].shape[1:]
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:  # np.savez's layout
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                        "shape": (num_images, *shape)})
+                for part in parts:
+                    with np.load(part) as p:
+                        f.write(np.ascontiguousarray(p["images"], dtype=np.uint8).tobytes())
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, labels)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def generate_to_npz(pipe: SelfGuidedPipeline, out_npz: str | os.PathLike, *, num_images: int, batch_size: int = 64,
+                    seed: int = 0, class_ids=None, steps: int = 18, guidance_scale: float = 1.0,
+                    choice_temperature: float = 25.0, temperature: float = 1.0, progress: bool = True,
+                    rank: int | None = None, world_size: int | None = None, **sampler_options) -> str | None:
+    """Sample ``num_images`` images into the ADM-style ``out_npz`` (see the module docstring).
+
+    Args:
+        pipe: the pipeline, on this rank's device.
+        num_images, batch_size: N, and images per global batch (the images depend on it).
+        seed: base seed (batch ``j`` uses :func:`batch_seed` ``(seed, j)``).
+        class_ids: None (balanced: image ``i`` gets class ``i % num_classes``), or ids repeated to N.
+        steps, guidance_scale, choice_temperature, temperature, sampler_options: as
+            :meth:`SelfGuidedPipeline.__call__`; ``sampler_options`` must be JSON values (they are
+            recorded in ``run.json``).
+        progress: a tqdm bar on rank 0 (its own batches).
+        rank, world_size: default to the initialised ``torch.distributed`` group, else ``0, 1``.
+    Returns:
+        ``out_npz`` on rank 0, None on the other ranks.
+    """
+    for name, value in (("num_images", num_images), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out_npz = os.fspath(out_npz)
+    if os.path.exists(out_npz):
+        raise FileExistsError(f"{out_npz}: exists; remove it or choose another path")
+    parts_dir = out_npz + ".parts"
+    labels = _labels(class_ids, num_images, pipe.num_classes)
+    settings = dict(num_images=num_images, batch_size=batch_size, seed=seed, steps=steps,
+                    guidance_scale=guidance_scale, choice_temperature=choice_temperature, temperature=temperature,
+                    sampler_options=sampler_options,
+                    labels_sha256=hashlib.sha256(labels.numpy().tobytes()).hexdigest())
+    manifest = os.path.join(parts_dir, MANIFEST)
+    if rank == 0:
+        os.makedirs(parts_dir, exist_ok=True)
+        if not os.path.exists(manifest):
+            atomic_write(manifest, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
+    _barrier(world_size)
+    with open(manifest) as f:
+        recorded = json.load(f)
+    if recorded != json.loads(json.dumps(settings, sort_keys=True)):
+        diff = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        raise ValueError(f"{manifest}: an interrupted run with other settings ({', '.join(diff)}); "
+                         "rerun with its settings or remove the folder")
+
+    num_batches = (num_images + batch_size - 1) // batch_size
+    part = [os.path.join(parts_dir, f"batch_{j:06d}.npz") for j in range(num_batches)]
+    mine = [j for j in range(rank, num_batches, world_size)]
+    todo = [j for j in mine if not os.path.exists(part[j])]
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        size = lambda js: sum(min(batch_size, num_images - j * batch_size) for j in js)  # noqa: E731
+        bar = tqdm(total=size(mine), initial=size(mine) - size(todo), unit="img",
+                   desc=f"sampling (rank 0 of {world_size})" if world_size > 1 else "sampling")
+    for j in todo:
+        batch = labels[j * batch_size:(j + 1) * batch_size]
+        images = pipe(batch, steps=steps, guidance_scale=guidance_scale, choice_temperature=choice_temperature,
+                      temperature=temperature, seed=batch_seed(seed, j), output="uint8", **sampler_options)
+        atomic_write(part[j], _npz_bytes(images=images.numpy(), labels=batch.numpy()))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    _barrier(world_size)
+    if rank != 0:
+        return None
+    missing = [j for j in range(num_batches) if not os.path.exists(part[j])]
+    if missing:
+        raise RuntimeError(f"{parts_dir}: batches {missing[:8]} are missing (a rank failed?); rerun to finish them")
+    _write_npz_streamed(out_npz, part, num_images, labels.numpy())
+    shutil.rmtree(parts_dir)
+    return out_npz
