@@ -321,6 +321,9 @@ def generate(
     num_blocks = _check_args(prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
                              remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, threshold, factor)
     steps_per_block = steps // num_blocks
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and mask_id >= vocab:  # checked again on the logits: the config may lack it
+        raise ValueError(f"mask_id: {mask_id} is outside the model's vocabulary (V = {vocab})")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
     batch, plen = prompt.shape
