@@ -13,11 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import has_cpu_kernel
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import MaskedLMOutput
 
 import sgkernels as sgk
-from sgkernels.integrations import dream
+
+pytest.importorskip("transformers")
+from transformers import PretrainedConfig, PreTrainedModel  # noqa: E402
+from transformers.modeling_outputs import MaskedLMOutput  # noqa: E402
+
+from sgkernels.integrations import dream  # noqa: E402
 from sgkernels.ops.filters import confidence_reference, filter_logits_reference, keep_mask_reference
 
 V, MASK, PAD = 16, 15, 14
