@@ -3,7 +3,13 @@
 * :func:`open_muse_step`: the open-muse / official self-guidance eager MaskGIT step (softmax,
   multinomial, gather, log, Gumbel noise, full sort).
 * :func:`llada_step`: LLaDA's generate() step with classifier-free guidance: float64 Gumbel noise
-  over ``[B, L, V]``, float64 softmax, and a Python loop of topk over the rows.
+  over ``[B, L, V]``, the confidence softmax in the logits' dtype (LLaDA today) or in float64
+  (``softmax_dtype=torch.float64``: LLaDA before its commit "Remove float64 in softmax", 2025-06-02),
+  and a Python loop of topk over the rows.
+* :func:`fast_dllm_threshold_step`: Fast-dLLM's ``get_transfer_index`` with a confidence threshold
+  (float64 softmax, per-row topk and threshold loop).
+* :func:`dream_step`: one step of Dream's ``_sample`` with ``alg="maskgit_plus"`` and ``top_p``:
+  gather the masked rows, temper, sort-based top-p, softmax, ``Categorical`` sample, topk.
 """
 from __future__ import annotations
 
@@ -39,12 +45,15 @@ def _add_gumbel_noise(logits, temperature):
     return logits.exp() / gumbel_noise
 
 
-def llada_step(x, mask_index, cond_logits, uncond_logits, num_transfer, *, cfg_scale, temperature):
-    """One LLaDA generate() step with CFG and low-confidence remasking. ``num_transfer``: int64 [B]."""
+def llada_step(x, mask_index, cond_logits, uncond_logits, num_transfer, *, cfg_scale, temperature, softmax_dtype=None):
+    """One LLaDA generate() step with CFG and low-confidence remasking. ``num_transfer``: int64 [B].
+
+    ``softmax_dtype=None``: the confidence softmax in the logits' dtype, as LLaDA today; ``torch.float64``:
+    as LLaDA before 2025-06-02."""
     logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
     logits_with_noise = _add_gumbel_noise(logits, temperature)
     x0 = torch.argmax(logits_with_noise, dim=-1)
-    p = torch.softmax(logits.to(torch.float64), dim=-1)
+    p = torch.softmax(logits if softmax_dtype is None else logits.to(softmax_dtype), dim=-1)
     x0_p = torch.gather(p, dim=-1, index=x0[..., None]).squeeze(-1)
     x0 = torch.where(mask_index, x0, x)
     confidence = torch.where(mask_index, x0_p, -torch.inf)
@@ -54,4 +63,49 @@ def llada_step(x, mask_index, cond_logits, uncond_logits, num_transfer, *, cfg_s
         transfer_index[j, select_index] = True
     x = x.clone()
     x[transfer_index] = x0[transfer_index]
+    return x
+
+
+def fast_dllm_threshold_step(x, mask_index, logits, *, threshold, temperature):
+    """Fast-dLLM's get_transfer_index with ``threshold`` (no cache): fix every candidate >= threshold, at least one."""
+    logits_with_noise = _add_gumbel_noise(logits, temperature)
+    x0 = torch.argmax(logits_with_noise, dim=-1)
+    p = torch.softmax(logits.to(torch.float64), dim=-1)
+    x0_p = torch.gather(p, dim=-1, index=x0[..., None]).squeeze(-1)
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, -torch.inf)
+    transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+    num_transfer = mask_index.sum(dim=1)
+    for j in range(confidence.shape[0]):
+        _, select_index = torch.topk(confidence[j], k=int(num_transfer[j]))
+        transfer_index[j, select_index] = True
+        for k in range(1, int(num_transfer[j])):
+            if confidence[j, select_index[k]] < threshold:
+                transfer_index[j, select_index[k]] = False
+    x = x.clone()
+    x[transfer_index] = x0[transfer_index]
+    return x
+
+
+def dream_step(x, mask_index, logits, num_transfer: int, *, temperature, top_p, mask_id):
+    """One step of Dream's _sample, alg="maskgit_plus": sample_tokens with temperature and top_p, then topk."""
+    mask_logits = logits[mask_index] / temperature
+    sorted_logits, sorted_indices = torch.sort(mask_logits, descending=True)
+    cumulative_probs = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cumulative_probs > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = 0
+    mask = torch.zeros_like(mask_logits, dtype=torch.bool).scatter_(-1, sorted_indices, remove)
+    mask_logits = mask_logits.masked_fill(mask, torch.finfo(mask_logits.dtype).min)
+    probs = torch.softmax(mask_logits, dim=-1)
+    x0 = torch.distributions.Categorical(probs=probs).sample()
+    confidence = torch.gather(probs, -1, x0[:, None]).squeeze(-1)
+    full_confidence = torch.full_like(x, -torch.inf, dtype=logits.dtype)
+    full_confidence[mask_index] = confidence
+    _, transfer_index = torch.topk(full_confidence, num_transfer)
+    x_ = torch.full_like(x, mask_id)
+    x_[mask_index] = x0
+    rows = torch.arange(x.size(0), device=x.device)[:, None].expand_as(transfer_index)
+    x = x.clone()
+    x[rows, transfer_index] = x_[rows, transfer_index]
     return x

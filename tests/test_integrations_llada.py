@@ -301,3 +301,153 @@ def test_threshold_decoding_does_not_hang_on_a_model_that_predicts_mask_id():
     prompt = torch.zeros(1, 2, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="mask_id"):
         llada.generate(AlwaysMask(), prompt, steps=4, gen_length=4, block_length=4, threshold=0.9, mask_id=15)
+
+
+# --- LLaDA's current generate(): attention_mask, EOS/EoT flags; Fast-dLLM's factor rule -----------------
+
+EOS, EOT = 9, 10  # stand-ins for LLaDA's 126081 / 126348 in the tiny vocabulary
+
+
+class TinyLLaDA(TinyBidirectionalLM):
+    """Shaped like LLaDA's HF model: ``model(input_ids, attention_mask=None).logits``, 2-D padding mask.
+
+    ``eos_bias``: EOS / EoT logits just below the top one, so their probability is large everywhere
+    (exercises the confidence renormalisation) without ties."""
+
+    def __init__(self, eos_bias=False, **kw):
+        super().__init__(**kw)
+        self.eos_bias = eos_bias
+        self.config = SimpleNamespace(vocab_size=self.emb.shape[0])
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        h = self.emb[input_ids] + self.pos[: input_ids.shape[1]]
+        q, k, v = (h @ self.qkv).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+        if attention_mask is not None:
+            scores = scores.masked_fill(attention_mask[:, None, :] == 0, -1e9)
+        logits = (h + torch.softmax(scores, -1) @ v) @ self.head
+        logits[..., self.mask_id] = -1e4
+        if self.eos_bias:
+            top = logits[..., :EOS].amax(-1)
+            logits[..., EOS], logits[..., EOT] = top - 0.3, top - 0.7
+        return SimpleNamespace(logits=logits)
+
+
+def reference_generate_current(model, prompt, attention_mask, steps, gen_length, block_length, cfg_scale=0.0,
+                               logits_eos_inf=False, confidence_eos_eot_inf=False, threshold=None, factor=None):
+    """Greedy LLaDA generate() as published today (float32 softmax), with Fast-dLLM's threshold/factor rules."""
+    batch, plen = prompt.shape
+    x = torch.full((batch, plen + gen_length), MASK, dtype=torch.long)
+    x[:, :plen] = prompt
+    am = None if attention_mask is None else torch.cat([attention_mask, torch.ones(batch, gen_length, dtype=attention_mask.dtype)], -1)
+    prompt_index = x != MASK
+    spb = steps // (gen_length // block_length)
+    for b in range(gen_length // block_length):
+        start, end = plen + b * block_length, plen + (b + 1) * block_length
+        n_mask = (x[:, start:end] == MASK).sum(1)
+        counts = [[int(n) // spb + (i < int(n) % spb) for i in range(spb)] for n in n_mask]
+        i = 0
+        while (x[:, start:end] == MASK).any() if (threshold or factor) else i < spb:
+            mask_index = x == MASK
+            if cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = MASK
+                kw = {} if am is None else dict(attention_mask=torch.cat([am, am]))
+                cond, un = model(torch.cat([x, un_x]), **kw).logits.chunk(2)
+                logits = un + (cfg_scale + 1) * (cond - un)
+            else:
+                logits = model(x, **({} if am is None else dict(attention_mask=am))).logits
+            if logits_eos_inf:
+                logits[:, :, EOS] = -torch.inf
+            x0 = logits.argmax(-1)
+            if confidence_eos_eot_inf:  # at temperature 0 LLaDA's code sets both on the logits
+                logits[:, :, EOS] = logits[:, :, EOT] = -torch.inf
+            conf = torch.softmax(logits.float(), -1).gather(-1, x0[..., None])[..., 0]
+            conf[:, end:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            conf = torch.where(mask_index, conf, -torch.inf)
+            transfer = torch.zeros_like(mask_index)
+            for j in range(batch):
+                n_cand = int(mask_index[j, :end].sum())
+                if factor is not None:
+                    if n_cand == 0:
+                        continue
+                    threshs = [1 - factor / (n + 1) for n in range(1, n_cand + 1)]
+                    threshs[0] = -1
+                    srt = torch.sort(conf[j][mask_index[j]], descending=True)[0]
+                    for top_i in range(n_cand):
+                        if srt[top_i] < threshs[top_i]:
+                            break
+                    if top_i == 0 or top_i == n_cand - 1:
+                        top_i += 1
+                    k = top_i
+                else:
+                    k = n_cand if threshold is not None else counts[j][i]
+                _, idx = torch.topk(conf[j], k)
+                transfer[j, idx] = True
+                if threshold is not None:
+                    for r in range(1, k):
+                        if conf[j, idx[r]] < threshold:
+                            transfer[j, idx[r]] = False
+            x[transfer] = x0[transfer]
+            i += 1
+    return x
+
+
+def _left_padded(batch=3, plen=6, pad=8):
+    prompt = _prompt(batch, plen, seed=2)
+    am = torch.ones_like(prompt)
+    for j in range(batch):
+        prompt[j, : 2 * j], am[j, : 2 * j] = pad, 0
+    return prompt, am
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(cfg_scale=1.0), dict(logits_eos_inf=True), dict(confidence_eos_eot_inf=True),
+    dict(logits_eos_inf=True, confidence_eos_eot_inf=True, cfg_scale=0.5),
+    dict(threshold=0.4), dict(factor=1.0), dict(factor=2.5, cfg_scale=1.0),
+])
+def test_current_llada_greedy_matches_reference_with_left_padding(monkeypatch, kw):
+    monkeypatch.setattr(llada, "EOS_ID", EOS)
+    monkeypatch.setattr(llada, "EOT_ID", EOT)
+    model = TinyLLaDA(eos_bias=True)
+    prompt, am = _left_padded()
+    ref = reference_generate_current(model, prompt, am, 12, 12, 4, **kw)
+    extra = {k: kw.pop(k) for k in ("threshold", "factor") if k in kw}
+    out = llada.generate(model, prompt, am, 12, 12, 4, 0.0, mask_id=MASK, seed=0, **kw, **extra)  # LLaDA's order
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    if kw.get("logits_eos_inf"):
+        assert not (out[:, 6:] == EOS).any()
+
+
+def test_attention_mask_reaches_the_model():
+    model = TinyLLaDA()
+    prompt, am = _left_padded()
+    with_mask = llada.generate(model, prompt, am, 4, 4, 4, mask_id=MASK, seed=0)
+    without = llada.generate(model, prompt, None, 4, 4, 4, mask_id=MASK, seed=0)
+    assert not torch.equal(with_mask, without)
+    torch.testing.assert_close(with_mask, reference_generate_current(model, prompt, am, 4, 4, 4), rtol=0, atol=0)
+
+
+def test_factor_count_rule():
+    conf = torch.tensor([[0.99, 0.9, 0.5, 0.2], [0.99, 0.9, 0.8, 0.7], [0.3, 0.1, -torch.inf, -torch.inf]],
+                        dtype=torch.float64)
+    cand = torch.isfinite(conf)
+    # factor 1: thresholds -1, 2/3, 3/4, 4/5: row 0 fails at n=3 -> 2; row 1 fails at the last -> all 4; row 2 -> both
+    assert llada.factor_count(conf, cand, 1.0).tolist() == [2, 4, 2]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(attention_mask=torch.ones(1, 4, dtype=torch.int64)), "attention_mask"),
+    (dict(mask_id=99), "mask_id"),
+    (dict(mask_id=-1), "mask_id"),
+    (dict(threshold=0.9, factor=1.0), "threshold, factor"),
+    (dict(factor=0.0), "factor"),
+    (dict(logits_eos_inf=True), "logits_eos_inf"),
+])
+def test_bad_input_current(kw, match):
+    args = dict(steps=4, gen_length=4, block_length=4, mask_id=MASK)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        llada.generate(TinyLLaDA(), _prompt(1), **args)

@@ -1,7 +1,10 @@
 """Drop-ins for the code users already run, built on the public fused ops only.
 
 * :mod:`sgkernels.integrations.llada`: LLaDA's ``generate()`` (blockwise masked-diffusion decoding,
-  CFG, low-confidence / random remasking, Fast-dLLM's confidence threshold) with one fused op per step.
+  left-padded batches, CFG, low-confidence / random remasking, EOS/EoT flags, Fast-dLLM's threshold
+  and factor rules) with one fused op per step.
+* :mod:`sgkernels.integrations.dream`: Dream's ``diffusion_generate`` and ``patch(model)`` (needs
+  ``transformers``; import the submodule explicitly).
 * :mod:`sgkernels.integrations.diffusers`: ``FusedAmusedScheduler`` and ``FusedAmusedPipeline``
   (needs the optional ``diffusers`` package; import the submodule explicitly).
 
