@@ -25,6 +25,8 @@ the same words; this module is the plain-PyTorch version the tests compare them 
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -40,6 +42,16 @@ MAX_SEED = 2**63
 SEED_STRIDE = 1_000_003
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """``(seed * SEED_STRIDE + index) mod 2**63``: the seed of batch / step ``index`` of a run seeded ``seed``.
+
+    Always a valid seed for every ``seed`` in [0, 2**63). SEED_STRIDE is odd, so ``seed -> seed * SEED_STRIDE``
+    is a bijection mod 2**63: different seeds give different derived seeds at the same ``index``, and
+    ``(seed, index)`` pairs are all distinct while ``seed < 2**63 / SEED_STRIDE`` and ``index < SEED_STRIDE``.
+    """
+    return (resolve_seed(seed) * SEED_STRIDE + index) % MAX_SEED
+
+
 def resolve_seed(seed: int | None) -> int:
     """Return ``seed`` checked to lie in [0, 2**63), or draw one from torch's default CPU generator.
 
@@ -48,8 +60,9 @@ def resolve_seed(seed: int | None) -> int:
     """
     if seed is None:
         return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # Integral: numpy integers too
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    seed = int(seed)
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return seed

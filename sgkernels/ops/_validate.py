@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
+
+from .. import _rng
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -32,7 +35,7 @@ def check_float(name: str | None, value, *, nonneg: bool = True) -> float:
     ``name`` prefixes the message; None leaves it out (argparse, which names the option itself).
     """
     prefix = "" if name is None else f"{name}: "
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # Real: numpy scalars too
         raise TypeError(f"{prefix}expected a float, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or (nonneg and value < 0):
@@ -46,10 +49,24 @@ def check_guidance_scale(value, name: str | None = "guidance_scale") -> float:
 
 
 def check_positive_int(name: str | None, value) -> int:
-    """``value`` as an int ``>= 1`` (bools are refused); ``name`` as in :func:`check_float`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as an int ``>= 1`` (bools are refused, numpy integers accepted); ``name`` as in :func:`check_float`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{'' if name is None else f'{name}: '}expected an int >= 1, got {value!r}")
-    return value
+    return int(value)
+
+
+def check_seed(name: str | None, value) -> int:
+    """``value`` as a seed: an int (numpy integers too) in [0, 2**63); ``name`` as in :func:`check_float`.
+
+    The range of :func:`sgkernels._rng.resolve_seed`, which the ops apply; front ends (the CLI) check
+    here so that the message names their argument.
+    """
+    prefix = "" if name is None else f"{name}: "
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{prefix}expected an int, got {type(value).__name__}")
+    if not 0 <= value < _rng.MAX_SEED:
+        raise ValueError(f"{prefix}expected an int in [0, 2**63), got {value}")
+    return int(value)
 
 
 def check_mask(name: str, mask, shape: torch.Size, device: torch.device) -> None:
