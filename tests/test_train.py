@@ -382,6 +382,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".")]
     steps_logged = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps_logged[-1] == RESUME_STEPS and max(steps_logged) == RESUME_STEPS
+    assert steps_logged == list(range(1, RESUME_STEPS + 1))  # no step logged twice across the kill
 
     # the resumed run continues exactly where the uninterrupted run would be
     backbone, guide, data, config = resume_setup(delay=0.0)
