@@ -12,6 +12,10 @@ number of processes. When every batch is there, rank 0 streams them into ``<out>
 temporary file and moved into place) and removes the parts folder. ``<out>`` is an ADM-evaluator
 ``.npz``: ``arr_0`` uint8 ``[N, H, W, 3]`` and ``arr_1`` int64 class ids ``[N]``.
 
+:func:`generate_to_dir` writes the same images as one PNG per image (``<dir>/000000.png``, ..,
+``labels.txt``), resumable the same way (``<dir>/run.json``). The command line runs both:
+``sgkernels generate --model M --vae V --count N (--out-npz F | --out-dir D)`` (:mod:`sgkernels.pipeline_cli`).
+
 Under ``torchrun`` call :func:`init_distributed` first (it joins the process group the launcher
 describes and picks this rank's GPU), then build the pipeline on the device it returns.
 """
@@ -61,7 +65,7 @@ def batch_seed(seed: int, index: int) -> int:
     return ((int(w0) << 32) | int(w1)) & (_rng.MAX_SEED - 1)
 
 
-def _labels(class_ids, num_images: int, num_classes: int) -> torch.Tensor:
+def image_labels(class_ids, num_images: int, num_classes: int) -> torch.Tensor:
     """Class id of every image: ``i % num_classes`` (balanced) for None, else ``class_ids`` repeated."""
     if class_ids is None:
         return torch.arange(num_images, dtype=torch.int64) % num_classes
@@ -127,7 +131,7 @@ def _rank_world(rank, world_size) -> tuple[int, int]:
 
 
 def _settings(pipe, num_images, batch_size, seed, class_ids, sampling: dict, sampler_options: dict):
-    labels = _labels(class_ids, num_images, pipe.num_classes)
+    labels = image_labels(class_ids, num_images, pipe.num_classes)
     settings = dict(num_images=num_images, batch_size=batch_size, seed=seed, **sampling,
                     sampler_options=sampler_options,
                     labels_sha256=hashlib.sha256(labels.numpy().tobytes()).hexdigest())

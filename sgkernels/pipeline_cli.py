@@ -21,7 +21,7 @@ import torch
 
 from ._cli import CLIError, check_writable, parse_classes, save_image, show_progress
 from ._png import grid
-from .generate_sharded import _labels, batch_seed, generate_to_dir, generate_to_npz, init_distributed
+from .generate_sharded import batch_seed, generate_to_dir, generate_to_npz, image_labels, init_distributed
 from .models.pretrained import CheckpointError
 from .pipeline import SelfGuidedPipeline
 
@@ -81,7 +81,7 @@ def generate(args) -> int:
     t0 = time.perf_counter()
     try:
         if args.out is not None:
-            labels = _labels(classes, args.num, pipe.num_classes)
+            labels = image_labels(classes, args.num, pipe.num_classes)
             pixels = []
             for j, start in enumerate(range(0, args.num, batch_size)):
                 pixels.append(pipe(labels[start:start + batch_size], seed=batch_seed(args.seed, j), output="uint8",
