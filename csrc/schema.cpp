@@ -10,6 +10,12 @@ TORCH_LIBRARY(sgkernels, m) {
   m.def(
       "guided_sample(Tensor logits, Tensor? guide_logits, float guidance_scale, float temperature, "
       "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
+  // head_sample: the LM head fused with guided_sample. hidden, guide_hidden [R, d], weight [V, d],
+  // bias [V] (float32/bfloat16/float16), row_ids int64 [R] (each row's Philox row index; None = 0..R-1).
+  // -> tokens int64 [R], logp float32 [R] of guided_sample(blend(hidden) @ weight^T + bias).
+  m.def(
+      "head_sample(Tensor hidden, Tensor weight, Tensor? bias, Tensor? guide_hidden, Tensor? row_ids, "
+      "float guidance_scale, float temperature, int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
   // logp float32 [B, N], is_masked bool [B, N], num_to_mask int64 [B] -> remask bool [B, N].
   m.def(
       "remask_lowest_confidence(Tensor logp, Tensor is_masked, Tensor num_to_mask, "

@@ -28,7 +28,7 @@ import torch
 from . import _rng
 from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
-from .ops import _validate, check_errors, self_guided_step
+from .ops import _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
 from .schedule import TEMPERATURE_DECAYS, choice_temperature, mask_len
 
 
@@ -63,6 +63,12 @@ class SelfGuidedSampler:
             A graph is captured once per batch size and reads the parameters' memory: call
             :meth:`reset_graphs` after moving the model or replacing (not updating in place) its
             parameters.
+        fused_head: project only the masked positions, once, with :func:`sgkernels.head_sample`:
+            the passes stop before the head's last linear, CFG and the guide are blended on its input
+            features (the blend commutes with a linear map: one GEMM for guide + base), and the
+            ``[B, N, K]`` logits never exist. Same tokens as the logits path up to float rounding.
+            On CUDA it costs one host sync per step (the masked rows' count). Off with
+            ``cuda_graph=True`` (the graphed passes return logits).
 
     ``sampler(class_labels, *, seed=None, progress=False, callback=None)`` returns int64 tokens
     ``[B, N]`` (codebook ids). ``seed`` fixes every random number (``None``: drawn from torch's
@@ -82,6 +88,7 @@ class SelfGuidedSampler:
         temperature: float = 1.0,
         cfg_scale: float = 0.0,
         cuda_graph: bool = False,
+        fused_head: bool = True,
     ):
         check_model_and_guide(model, guide)
         steps = _validate.check_positive_int("steps", steps)
@@ -96,6 +103,7 @@ class SelfGuidedSampler:
         self.temperature = _validate.check_float("temperature", temperature)
         self.cfg_scale = _validate.check_float("cfg_scale", cfg_scale)
         self.cuda_graph = bool(cuda_graph)
+        self.fused_head = bool(fused_head)
         self._graphs: dict = {}
 
     def reset_graphs(self) -> None:
@@ -130,6 +138,33 @@ class SelfGuidedSampler:
             logits, hidden = model(tokens, labels), None
         guide_logits = self.guide(model, hidden, labels) if self.guided else None
         return logits, guide_logits
+
+    def _features(self, tokens: torch.Tensor, labels: torch.Tensor):
+        """The step's passes stopped before the head's last linear: blended base features ``[B, N, d]``
+        (CFG applied) and the guide's features (or None)."""
+        model = self.model
+        if self.cfg_scale > 0:
+            b = tokens.shape[0]
+            hidden_all = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, -1)]),
+                               with_head=False).hidden_states
+            feats = model.head_features(hidden_all)
+            cond, uncond = feats[:b], feats[b:]
+            base, hidden = uncond + (1.0 + self.cfg_scale) * (cond - uncond), hidden_all[:b]
+        else:
+            hidden = model(tokens, labels, with_head=False).hidden_states
+            base = model.head_features(hidden)
+        guide = model.head_features(self.guide(model, hidden, labels, with_head=False)) if self.guided else None
+        return base, guide
+
+    def _fused_step(self, tokens, is_masked, labels, num_to_mask, tau: float, seed: int, step: int):
+        """One step through :func:`sgkernels.head_sample` (masked rows only) + remask: the same
+        streams as :func:`sgkernels.self_guided_step` (row ``b * N + n``, ``offset = step``)."""
+        base, guide = self._features(tokens, labels)
+        weight, bias = self.model.head_projection()
+        sampled, logp = head_sample(base, weight, bias, guide, guidance_scale=self.guidance_scale,
+                                    temperature=self.temperature, seed=seed, offset=step, rows=is_masked)
+        remask = remask_lowest_confidence(logp, is_masked, num_to_mask, choice_temperature=tau, seed=seed, offset=step)
+        return torch.where(is_masked & ~remask, sampled, tokens), remask
 
     def _graphed(self, tokens: torch.Tensor, labels: torch.Tensor):
         """The step's passes as a CUDA graph over static ``tokens``/``labels`` buffers (captured once per batch size)."""
@@ -196,6 +231,13 @@ class SelfGuidedSampler:
                 steps = tqdm(steps, desc="self-guided sampling" if self.guided else "MaskGIT sampling", unit="step")
             with torch.no_grad():
                 for step in steps:
+                    if self.fused_head and not self.cuda_graph:
+                        num_to_mask = mask_len(step, self.steps, n, is_masked.sum(dim=1))
+                        tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
+                        tokens, is_masked = self._fused_step(tokens, is_masked, labels, num_to_mask, tau, seed, step)
+                        if callback is not None:
+                            callback(step, tokens, is_masked)
+                        continue
                     if self.cuda_graph:
                         logits, guide_logits = self._graphed(tokens, labels)
                     else:

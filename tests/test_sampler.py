@@ -90,7 +90,7 @@ def test_one_fused_step_per_iteration(tiny, monkeypatch):
 
     monkeypatch.setattr(sampler_module, "self_guided_step", spy)
     s = SelfGuidedSampler(model, guide, steps=4, choice_temperature=10.0, temperature_decay="compound",
-                          guidance_scale=1.5, temperature=0.7)
+                          guidance_scale=1.5, temperature=0.7, fused_head=False)
     s(LABELS, seed=11)
     assert len(calls) == 4
     for k, (shape, has_guide, kw) in enumerate(calls):
@@ -196,3 +196,26 @@ def test_maskgit_256_two_steps_cpu():
     assert out.shape == (1, 256) and ((out >= 0) & (out < 1024)).all()
     assert counts == [sgk.mask_len(0, 2, 256, 256), 0]
     print(f"MaskGIT-256, 2 guided steps, B=1, CPU: {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.parametrize("cfg_scale,guidance_scale,temperature", [(0.0, 1.5, 1.0), (2.0, 1.0, 0.7), (0.0, 0.0, 1.0),
+                                                                   (1.0, 2.0, 0.0)])
+def test_fused_head_equals_logits_path(tiny, monkeypatch, cfg_scale, guidance_scale, temperature):
+    """fused_head (head_sample on the masked rows, guide and CFG blended on the head's input features)
+    gives the logits path's tokens: the same streams, logits equal up to float rounding."""
+    model, guide = tiny
+    calls = []
+    real = sampler_module.head_sample
+
+    def spy(base, weight, bias, g, **kw):
+        calls.append((base.shape, g is not None, int(kw["rows"].sum())))
+        return real(base, weight, bias, g, **kw)
+
+    monkeypatch.setattr(sampler_module, "head_sample", spy)
+    kw = dict(steps=5, guidance_scale=guidance_scale, cfg_scale=cfg_scale, temperature=temperature,
+              choice_temperature=4.0)
+    fused = SelfGuidedSampler(model, guide, **kw)(LABELS, seed=21)
+    plain = SelfGuidedSampler(model, guide, fused_head=False, **kw)(LABELS, seed=21)
+    assert torch.equal(fused, plain)
+    assert len(calls) == 5 and calls[0] == ((3, 16, 32), guidance_scale != 0, 48)
+    assert [c[2] for c in calls] == sorted((c[2] for c in calls), reverse=True)  # only masked rows

@@ -24,8 +24,10 @@ ARCHS = (80, 90)
 KERNELS = {  # every kernel of each module of sgkernels/kernels
     "sampling": ("_sample_rows_kernel", "_remask_kernel", "_philox_words_kernel"),
     "cross_entropy": ("_xent_rows_kernel",),
+    "head_sample": ("_head_stats_kernel", "_head_pick_kernel"),
 }
 N_XENT_CONFIGS = 6
+N_HEAD_CONFIGS = 6
 
 
 def _load():
@@ -137,10 +139,38 @@ def _xent_configs(C):
     return out
 
 
+def _head_configs(H):
+    """head_sample: the tl.dot stats kernel (bf16/fp16 tensor cores, fp32 IEEE dot; every BLOCK_R) and
+    the per-row pick kernel (LLaDA's V = 126464 -> 988 tiles of 128 -> NUM_TILES 1024)."""
+    stats_types = {
+        "b_ptr": "*fp32", "tmax_ptr": "*fp32", "usum_ptr": "*fp64", "tsum_ptr": "*fp64", "targ_ptr": "*i32",
+        "tbad_ptr": "*i32", "R": "i32", "V": "i32", "D": "i32", "stride_hr": "i64", "stride_wv": "i64",
+        "n_tiles": "i32", "inv_temperature": "fp32",
+    }
+    pick_types = dict(stats_types, ids_ptr="*i64", tokens_ptr="*i64", logp_ptr="*fp32", status_ptr="*i32",
+                      seed="i64", offset="i64")
+    del pick_types["R"]
+    out = []
+    for dt, bias, mode, block_r in (("bf16", True, "temp", 64), ("fp16", False, "greedy", 16), ("fp32", True, "t1", 32)):
+        f32 = dt == "fp32"
+        const = dict(HAS_BIAS=bias, GREEDY=mode == "greedy", TEMP_ONE=mode == "t1", F32_DOT=f32, BLOCK_R=block_r,
+                     BLOCK_V=H._TILE_V, BLOCK_K=32 if f32 else 64)
+        types = dict(stats_types, h_ptr=f"*{dt}", w_ptr=f"*{dt}")
+        out.append((f"head_stats[{dt},bias={bias},{mode},R={block_r}]", H._head_stats_kernel, types, const, 4))
+    for dt, ids, mode, tiles in (("bf16", True, "temp", 1024), ("fp32", False, "greedy", 256), ("fp16", True, "t1", 1024)):
+        const = dict(HAS_BIAS=True, HAS_IDS=ids, GREEDY=mode == "greedy", TEMP_ONE=mode == "t1", NUM_TILES=tiles,
+                     BLOCK_V=H._TILE_V, BLOCK_K=32 if dt == "fp32" else 64)
+        types = dict(pick_types, h_ptr=f"*{dt}", w_ptr=f"*{dt}")
+        out.append((f"head_pick[{dt},ids={ids},{mode},tiles={tiles}]", H._head_pick_kernel, types, const, 4))
+    assert len(out) == N_HEAD_CONFIGS
+    return out
+
+
 def main(only=()) -> int:
     triton, ASTSource, GPUTarget, S = _load()
     C = _load_module("cross_entropy")
     configs = _sampler_configs(S) + _remask_configs(S) + _philox_configs(S) + _xent_configs(C)
+    configs += _head_configs(_load_module("head_sample"))
     assert {fn.__name__ for _, fn, _, _, _ in configs} == {k for ks in KERNELS.values() for k in ks}
     failed = 0
     for name, fn, types, const, num_warps in configs:
@@ -213,12 +243,13 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     ok = [line for line in out.splitlines() if line.startswith("OK ")]
-    assert len(ok) == len(ARCHS) * (8 + 4 + 1 + N_XENT_CONFIGS), out[-6000:]
+    assert len(ok) == len(ARCHS) * (8 + 4 + 1 + N_XENT_CONFIGS + N_HEAD_CONFIGS), out[-6000:]
     for cc in ARCHS:
         assert any(f"sm_{cc} sample_rows" in line for line in ok)
         assert any(f"sm_{cc} remask" in line for line in ok)
         assert any(f"sm_{cc} philox_words" in line for line in ok)
         assert any(f"sm_{cc} xent_rows" in line for line in ok)
+        assert any(f"sm_{cc} head_stats" in line for line in ok) and any(f"sm_{cc} head_pick" in line for line in ok)
 
 
 def test_every_kernel_is_covered():

@@ -149,6 +149,7 @@ class TOAST(nn.Module):
         class_labels: torch.Tensor,
         *,
         return_layers: bool = False,
+        with_head: bool = True,
     ):
         self.check_backbone(backbone)
         cfg = backbone.config
@@ -167,6 +168,8 @@ class TOAST(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in backbone.parameters()):
             # Frozen backbone without touching the caller's requires_grad flags.
             return _forward_ids_detached(backbone, blank, value_feedbacks, return_layers)
+        if not with_head:  # the guide's last hidden states only (the sampler's fused head path)
+            return backbone.forward_ids(blank, value_feedbacks=value_feedbacks, with_head=False).hidden_states
         return backbone.forward_ids(blank, value_feedbacks=value_feedbacks, return_layers=return_layers)
 
     def reconstruction_loss(self, output: TransformerOutput, weight: float = 0.1) -> torch.Tensor:

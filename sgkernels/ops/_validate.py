@@ -99,3 +99,46 @@ def num_to_mask_tensor(num_to_mask, batch: int, device: torch.device) -> torch.T
     if num_to_mask.device != device:
         raise ValueError(f"num_to_mask: expected device {device}, got {num_to_mask.device}")
     return num_to_mask.to(torch.int64).contiguous()
+
+
+def check_head(weight, bias, d: int, device: torch.device) -> None:
+    """An LM head: ``weight`` [V, d] and ``bias`` [V] or None, float dtypes, on ``device``."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor [V, d], got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight: expected float32, bfloat16 or float16, got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape [V, {d}] with V >= 1 (d of hidden), got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"weight: expected device {device} (same as hidden), got {weight.device}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor [V] or None, got {type(bias).__name__}")
+    if bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"bias: expected float32, bfloat16 or float16, got {bias.dtype}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias: expected device {device} (same as hidden), got {bias.device}")
+
+
+def check_rows(rows, lead: torch.Size, device: torch.device) -> None:
+    """``rows`` of a row-selecting op: None, a bool mask of shape ``lead``, or an integer index
+    tensor [K] into the ``lead.numel()`` flattened rows (range checked on CPU only: no sync)."""
+    if rows is None:
+        return
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows: expected None, a bool mask or an integer index tensor, got {type(rows).__name__}")
+    if rows.device != device:
+        raise ValueError(f"rows: expected device {device}, got {rows.device}")
+    if rows.dtype == torch.bool:
+        if rows.shape != lead:
+            raise ValueError(f"rows: a bool mask must have shape {tuple(lead)}, got {tuple(rows.shape)}")
+        return
+    if rows.dtype.is_floating_point or rows.dtype.is_complex:
+        raise TypeError(f"rows: expected a bool mask or an integer index tensor, got {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"rows: an index tensor must be 1-D [K], got shape {tuple(rows.shape)}")
+    if rows.device.type == "cpu" and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= lead.numel()):
+        raise ValueError(f"rows: indices must lie in [0, {lead.numel()}), got [{int(rows.min())}, {int(rows.max())}]")
