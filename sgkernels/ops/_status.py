@@ -88,3 +88,17 @@ def check_now_if_cpu(device: torch.device) -> None:
     """Raise at once for CPU tensors (this thread's word); CUDA errors wait for :func:`check_errors`."""
     if device.type == "cpu":
         check_errors(device)
+
+
+def raise_if(cond: torch.Tensor, message: str) -> None:
+    """The plain-PyTorch references' data-dependent check: ``ValueError(message)`` if the 0-d bool
+    tensor ``cond`` is True.
+
+    Under ``torch.compile`` a Python ``if`` on a tensor cannot be traced (``fullgraph=True`` fails),
+    so there it becomes a runtime assert in the graph (``torch._assert_async``): the call still
+    fails, with a ``RuntimeError`` carrying ``message``.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(~cond, message)
+    elif bool(cond):
+        raise ValueError(message)

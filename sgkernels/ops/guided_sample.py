@@ -62,8 +62,7 @@ def guided_sample_reference(
     """
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     g = guided_logits(logits, guide_logits, guidance_scale).reshape(-1, vocab)
-    if bool(bad_rows(g).any()):
-        raise ValueError("logits: a sampled row had NaN or +inf guided logits (or all -inf)")
+    _status.raise_if(bad_rows(g).any(), "logits: a sampled row had NaN or +inf guided logits (or all -inf)")
     w0, w1, _, _ = _rng.row_words(seed, offset, torch.arange(g.shape[0], device=g.device))
     tokens, logp = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
     return tokens.reshape(lead), logp.reshape(lead)
@@ -94,6 +93,10 @@ def guided_sample(
     Returns:
         ``tokens`` int64 ``[...]`` and ``logp`` float32 ``[...]``: ``log_softmax(g)[token]`` under the
         untempered guided distribution.
+    Autograd: ``logp`` is differentiable on every backend (the tokens are not):
+    ``d logp / d g = onehot(token) - softmax(g)``, times ``1 + s`` for ``logits`` and ``-s`` for
+    ``guide_logits`` (a coefficient of 0 gives a zero gradient). ``temperature`` does not enter:
+    ``logp`` is untempered.
     Raises:
         TypeError/ValueError on bad arguments. A row with NaN/+inf guided logits (or all -inf) raises
         ValueError at once on CPU; on CUDA it sets a device flag that
@@ -107,6 +110,8 @@ def guided_sample(
     temperature = _validate.check_float("temperature", temperature)
     seed = _rng.resolve_seed(seed)
     offset = _rng.check_offset(offset)
+    if _logp_needs_grad(logits, guide_logits):  # autograd: see the end of this module
+        return _guided_sample_with_grad(logits, guide_logits, guidance_scale, temperature, seed, offset)
     impl = choose_impl(logits.device)
     if impl == "torch":
         return guided_sample_reference(
@@ -137,3 +142,53 @@ def _guided_sample_cuda(*args):
 
 if triton_available():
     torch.library.register_kernel("sgkernels::guided_sample", "cuda", _guided_sample_cuda)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd of logp (policy-gradient fine-tuning needs d logp / d logits of the sampled tokens).
+# The op mutates its status word, so it cannot carry a registered autograd formula; the wrapper
+# samples without grad and attaches the gradient with this Function (traceable by torch.compile).
+# ----------------------------------------------------------------------------------------------
+def _logp_needs_grad(logits: torch.Tensor, guide_logits: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        logits.requires_grad or (guide_logits is not None and guide_logits.requires_grad)
+    )
+
+
+def _guided_sample_with_grad(logits, guide_logits, guidance_scale, temperature, seed, offset):
+    guide = None if guide_logits is None else guide_logits.detach()
+    with torch.no_grad():
+        tokens, logp = guided_sample(
+            logits.detach(), guide, guidance_scale=guidance_scale, temperature=temperature, seed=seed, offset=offset
+        )
+    if guide_logits is None:
+        return tokens, _LogpGrad.apply(logp, tokens, guidance_scale, logits)
+    return tokens, _LogpGrad.apply(logp, tokens, guidance_scale, logits, guide_logits)
+
+
+class _LogpGrad(torch.autograd.Function):
+    """Identity on ``logp``; backward: ``d logp / d (logits, guide)`` at the sampled ``tokens``."""
+
+    @staticmethod
+    def forward(ctx, logp, tokens, guidance_scale, logits, guide_logits=None):
+        ctx.guidance_scale = guidance_scale
+        ctx.has_guide = guide_logits is not None
+        ctx.save_for_backward(tokens, logits, guide_logits if ctx.has_guide else logits)
+        return logp.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        tokens, logits, guide = ctx.saved_tensors
+        guide = guide if ctx.has_guide else None
+        s = ctx.guidance_scale
+        g = guided_logits(logits, guide, s).double()
+        # d logp / d g = onehot(token) - softmax(g) (rows of -inf entries get 0 there).
+        d = torch.softmax(g, dim=-1).neg_()
+        d.scatter_add_(-1, tokens.unsqueeze(-1), torch.ones_like(d[..., :1]))
+        d.mul_(grad_logp.double().unsqueeze(-1))
+        grad_logits = grad_guide = None
+        if ctx.needs_input_grad[3]:
+            grad_logits = (d if guide is None else d * (1.0 + s)).to(logits.dtype)
+        if ctx.has_guide and ctx.needs_input_grad[4]:
+            grad_guide = (d * (-s)).to(guide.dtype)
+        return None, None, None, grad_logits, grad_guide

@@ -47,8 +47,7 @@ def remask_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch spec of :func:`remask_lowest_confidence` (a stable sort per row)."""
     n = _validate.num_to_mask_tensor(num_to_mask, logp.shape[0], logp.device)
-    if bool((n < 0).any()):
-        raise ValueError("num_to_mask: expected values >= 0, got a negative entry")
+    _status.raise_if((n < 0).any(), "num_to_mask: expected values >= 0, got a negative entry")
     conf = confidence_reference(logp, choice_temperature, seed, offset)
     return select_lowest_reference(conf, is_masked, n)
 
