@@ -1,10 +1,11 @@
 // Every op of the torch.ops.sgkernels namespace: the schemas. Kernels: CPU in csrc/cpu/, CUDA in
 // csrc/cuda/ (vq_lookup) or Triton (sgkernels/kernels/, registered from sgkernels/ops/), fake
-// kernels and references in sgkernels/ops/. `status` is the int32 status word the kernels OR
-// common/status_bits.h bits into on bad input. `seed` is a SymInt so that a seed drawn inside
+// kernels and references in sgkernels/ops/. `status` is the int32 status word the CUDA (Triton)
+// kernels OR common/status_bits.h bits into on bad input; the CPU kernels raise ValueError per
+// call instead and leave it untouched. `seed` is a SymInt so that a seed drawn inside
 // torch.compile (seed=None: torch.randint(...).item(), an unbacked SymInt) can reach the op, and
-// `offset` so that a step index that dynamo made dynamic does too; the
-// kernels take an int64_t (the dispatcher converts the concrete value at run time).
+// `offset` so that a step index that dynamo made dynamic does too; the kernels take an int64_t
+// (the dispatcher converts the concrete value at run time).
 #include <torch/library.h>
 
 TORCH_LIBRARY(sgkernels, m) {

@@ -16,7 +16,7 @@ import torch
 from .. import _rng
 from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl
 
 
 def confidence_reference(logp: torch.Tensor, choice_temperature: float, seed: int, offset: int) -> torch.Tensor:
@@ -89,11 +89,7 @@ def remask_lowest_confidence(
     impl = choose_impl(logp.device)
     if impl == "torch":
         return remask_reference(logp, is_masked, n, choice_temperature=tau, seed=seed, offset=offset)
-    status = _status.status_buffer(logp.device)
-    fn = torch.ops.sgkernels.remask_lowest_confidence if impl == "op" else _triton().remask_triton
-    out = fn(logp.float(), is_masked, n, tau, seed, offset, status)
-    _status.check_now_if_cpu(logp.device)
-    return out
+    return call_sampling_kernel("remask_lowest_confidence", _triton().remask_triton, impl, logp.device, logp.float(), is_masked, n, tau, seed, offset)
 
 
 @torch.library.register_fake("sgkernels::remask_lowest_confidence")

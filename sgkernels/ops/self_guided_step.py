@@ -15,7 +15,7 @@ import torch
 from .. import _rng
 from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl
 from .guided_sample import _sample_rows_reference, bad_rows, guided_logits
 from .remask import confidence_reference, select_lowest_reference
 
@@ -104,11 +104,7 @@ def self_guided_step(
             tokens, is_masked, logits, guide_logits, n, guidance_scale=guidance_scale, temperature=temperature,
             choice_temperature=tau, seed=seed, offset=offset,
         )
-    status = _status.status_buffer(logits.device)
-    fn = torch.ops.sgkernels.self_guided_step if impl == "op" else _triton().self_guided_step_triton
-    out = fn(tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset, status)
-    _status.check_now_if_cpu(logits.device)
-    return out
+    return call_sampling_kernel("self_guided_step", _triton().self_guided_step_triton, impl, logits.device, tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset)
 
 
 @torch.library.register_fake("sgkernels::self_guided_step")
