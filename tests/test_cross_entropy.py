@@ -390,3 +390,23 @@ def test_threads_mixing_bad_and_good_targets(compiled_kernel):
     assert all(r is not None for r in results), results
     assert sum(r[0] for r in results) > 1000  # thousands of calls, over a thousand bad ones
     assert [r[1:] for r in results] == [(0, 0, 0)] * n_threads, results
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice_with_retained_graph(backend, reduction):
+    """The backward scales the stored gradient in place only when the graph is not retained: a
+    retained graph gives the same gradient on every backward, and create_graph a double backward."""
+    name, device = backend
+    logits, target = case(5, 13, seed=4)
+    x = logits.to(device).requires_grad_()
+    with use_backend(name):
+        loss = fused_cross_entropy(x, target.to(device), reduction=reduction)
+    g_out = torch.full_like(loss, 3.0)
+    first = torch.autograd.grad(loss, x, g_out, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, x, g_out, retain_graph=True)[0]
+    third = torch.autograd.grad(loss, x, g_out)[0]
+    want = ref(logits, target, g_out.cpu(), reduction=reduction)[1]
+    for g in (first, second, third):
+        assert_close(g.cpu(), want, tolerance(OP, torch.float32))
+    if device == "cuda":
+        sgk.check_errors()
