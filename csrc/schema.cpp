@@ -1,7 +1,11 @@
 // Every op of the torch.ops.sgkernels namespace: the schemas. Kernels: CPU in csrc/cpu/, CUDA in
 // csrc/cuda/ (vq_lookup) or Triton (sgkernels/kernels/, registered from sgkernels/ops/), fake
-// kernels and references in sgkernels/ops/. `status` is the int32 status word the kernels OR
-// common/status_bits.h bits into on bad input.
+// kernels and references in sgkernels/ops/. `status` is the int32 status word the CUDA (Triton)
+// kernels OR common/status_bits.h bits into on bad input; the CPU kernels raise ValueError per
+// call instead and leave it untouched. `seed` is a SymInt so that a seed drawn inside
+// torch.compile (seed=None: torch.randint(...).item(), an unbacked SymInt) can reach the op, and
+// `offset` so that a step index that dynamo made dynamic does too; the kernels take an int64_t
+// (the dispatcher converts the concrete value at run time).
 #include <torch/library.h>
 
 TORCH_LIBRARY(sgkernels, m) {
@@ -9,7 +13,7 @@ TORCH_LIBRARY(sgkernels, m) {
   // -> tokens int64 [...], logp float32 [...] (untempered guided log-softmax at the token).
   m.def(
       "guided_sample(Tensor logits, Tensor? guide_logits, float guidance_scale, float temperature, "
-      "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
+      "SymInt seed, SymInt offset, Tensor(a!) status) -> (Tensor, Tensor)");
   // head_sample: the LM head fused with guided_sample. hidden, guide_hidden [R, d], weight [V, d],
   // bias [V] (float32/bfloat16/float16), row_ids int64 [R] (each row's Philox row index; None = 0..R-1).
   // -> tokens int64 [R], logp float32 [R] of guided_sample(blend(hidden) @ weight^T + bias).
@@ -19,13 +23,13 @@ TORCH_LIBRARY(sgkernels, m) {
   // logp float32 [B, N], is_masked bool [B, N], num_to_mask int64 [B] -> remask bool [B, N].
   m.def(
       "remask_lowest_confidence(Tensor logp, Tensor is_masked, Tensor num_to_mask, "
-      "float choice_temperature, int seed, int offset, Tensor(a!) status) -> Tensor");
+      "float choice_temperature, SymInt seed, SymInt offset, Tensor(a!) status) -> Tensor");
   // tokens int64 [B, N], is_masked bool [B, N], logits/guide_logits [B, N, V], num_to_mask int64 [B]
   // -> (new_tokens int64 [B, N], new_is_masked bool [B, N]).
   m.def(
       "self_guided_step(Tensor tokens, Tensor is_masked, Tensor logits, Tensor? guide_logits, "
       "Tensor num_to_mask, float guidance_scale, float temperature, float choice_temperature, "
-      "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
+      "SymInt seed, SymInt offset, Tensor(a!) status) -> (Tensor, Tensor)");
 
   // logits [..., V] float32/bfloat16/float16 (any strides), target [...] integer.
   // -> (loss: [] for "mean"/"sum", [...] for "none", in logits' dtype;

@@ -70,6 +70,8 @@ def resolve_seed(seed: int | None) -> int:
 
 def check_offset(offset: int) -> int:
     """Validate a stream offset: an int in [0, 2**63)."""
+    if isinstance(offset, torch.SymInt):  # a step index that torch.compile made dynamic
+        return offset
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
     if not 0 <= offset < MAX_SEED:
@@ -108,9 +110,32 @@ def philox4x32(seed: int, c0: torch.Tensor, c1, c2, c3, n_rounds: int = N_ROUNDS
 
 
 def row_words(seed: int, offset: int, rows: torch.Tensor):
-    """The four Philox words of each row index in ``rows`` (int64 tensor), for ``seed``/``offset``."""
+    """The four Philox words of each row index in ``rows`` (int64 tensor), for ``seed``/``offset``.
+
+    Under ``torch.compile`` they come from :func:`_philox_rows_op`, the same code behind an opaque
+    op: inductor would otherwise inline the ten rounds' integer arithmetic into one expression
+    whose size grows exponentially with the rounds (each word is read several times per round),
+    and the compile would not finish.
+    """
+    if torch.compiler.is_compiling():
+        return tuple(_philox_rows_op(rows, seed, offset).unbind(0))
+    return _row_words(seed, offset, rows)
+
+
+def _row_words(seed: int, offset: int, rows: torch.Tensor):
     rows = rows.to(torch.int64)
     return philox4x32(seed, rows & _MASK32, rows >> 32, offset & _MASK32, (offset >> 32) & _MASK32)
+
+
+@torch.library.custom_op("sgkernels::philox_rows", mutates_args=())
+def _philox_rows_op(rows: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """int64 ``[4, *rows.shape]``: :func:`row_words` stacked (``seed``/``offset`` may be SymInts)."""
+    return torch.stack(_row_words(int(seed), int(offset), rows))
+
+
+@_philox_rows_op.register_fake
+def _philox_rows_fake(rows, seed, offset):
+    return rows.new_empty((4, *rows.shape), dtype=torch.int64)
 
 
 def token_uniform(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:

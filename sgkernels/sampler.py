@@ -189,6 +189,28 @@ class SelfGuidedSampler:
         return static_out
 
     # -- sampling -----------------------------------------------------------------------------
+    def step(self, tokens: torch.Tensor, is_masked: torch.Tensor, labels: torch.Tensor, step: int, seed: int):
+        """Step ``step`` of the loop: the network passes and one fused :func:`self_guided_step`
+        (or, with ``fused_head``, :func:`head_sample` on the masked rows + the remask).
+
+        ``tokens`` int64 ``[B, N]``, ``is_masked`` bool ``[B, N]``, ``labels`` int64 ``[B]`` (checked),
+        ``seed`` an int. Returns the new ``(tokens, is_masked)``. Traceable by
+        ``torch.compile(fullgraph=True)`` (without ``cuda_graph``).
+        """
+        num_to_mask = mask_len(step, self.steps, tokens.shape[1], is_masked.sum(dim=1))
+        tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
+        if self.fused_head and not self.cuda_graph:
+            return self._fused_step(tokens, is_masked, labels, num_to_mask, tau, seed, step)
+        if self.cuda_graph:
+            logits, guide_logits = self._graphed(tokens, labels)
+        else:
+            logits, guide_logits = self._logits(tokens, labels)
+        return self_guided_step(
+            tokens, is_masked, logits, guide_logits, num_to_mask,
+            guidance_scale=self.guidance_scale,
+            temperature=self.temperature, choice_temperature=tau, seed=seed, offset=step,
+        )
+
     def _check_labels(self, class_labels, device: torch.device) -> torch.Tensor:
         if not isinstance(class_labels, torch.Tensor) or class_labels.dtype not in (
                 torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -231,24 +253,7 @@ class SelfGuidedSampler:
                 steps = tqdm(steps, desc="self-guided sampling" if self.guided else "MaskGIT sampling", unit="step")
             with torch.no_grad():
                 for step in steps:
-                    if self.fused_head and not self.cuda_graph:
-                        num_to_mask = mask_len(step, self.steps, n, is_masked.sum(dim=1))
-                        tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
-                        tokens, is_masked = self._fused_step(tokens, is_masked, labels, num_to_mask, tau, seed, step)
-                        if callback is not None:
-                            callback(step, tokens, is_masked)
-                        continue
-                    if self.cuda_graph:
-                        logits, guide_logits = self._graphed(tokens, labels)
-                    else:
-                        logits, guide_logits = self._logits(tokens, labels)
-                    num_to_mask = mask_len(step, self.steps, n, is_masked.sum(dim=1))
-                    tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
-                    tokens, is_masked = self_guided_step(
-                        tokens, is_masked, logits, guide_logits, num_to_mask,
-                        guidance_scale=self.guidance_scale,
-                        temperature=self.temperature, choice_temperature=tau, seed=seed, offset=step,
-                    )
+                    tokens, is_masked = self.step(tokens, is_masked, labels, step, seed)
                     if callback is not None:
                         callback(step, tokens, is_masked)
         finally:

@@ -161,7 +161,10 @@ class TOAST(nn.Module):
         b = hidden_states.shape[0]
         if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (b,):
             raise ValueError(f"class_labels: expected an int64 tensor of shape ({b},)")
-        if class_labels.device.type == "cpu" and b and bool(((class_labels < 0) | (class_labels >= cfg.num_classes)).any()):
+        out_of_range = (class_labels < 0) | (class_labels >= cfg.num_classes)
+        if torch.compiler.is_compiling():  # no data-dependent `if` in a graph: a runtime assert
+            torch._assert_async(~out_of_range.any(), "class_labels: out of range")
+        elif class_labels.device.type == "cpu" and b and bool(out_of_range.any()):
             raise ValueError(f"class_labels: expected values in [0, {cfg.num_classes}), got {class_labels.tolist()}")
         value_feedbacks = self.value_feedbacks(hidden_states.detach(), class_labels.long())
         blank = torch.full((b, cfg.seq_len), cfg.mask_token_id, dtype=torch.int64, device=hidden_states.device)

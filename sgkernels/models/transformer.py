@@ -241,12 +241,16 @@ class MaskTransformer(nn.Module):
                     f"on {class_labels.device}"
                 )
             labels = class_labels.long()
-            if labels.device.type == "cpu" and labels.numel() and bool((labels >= cfg.num_classes).any()):
+            if torch.compiler.is_compiling():  # no data-dependent `if` in a graph: a runtime assert
+                torch._assert_async(~(labels >= cfg.num_classes).any(), "class_labels: out of range")
+            elif labels.device.type == "cpu" and labels.numel() and bool((labels >= cfg.num_classes).any()):
                 raise ValueError(f"class_labels: expected values in [-1, {cfg.num_classes}), got {labels.tolist()}")
             cls_ids = torch.where(labels < 0, cfg.mask_token_id, labels + cfg.codebook_size)[:, None]
         if tokens.device.type == "cpu" and tokens.numel():  # (on CUDA this check would sync every pass)
             bad = (tokens < 0) | ((tokens >= cfg.codebook_size) & (tokens != cfg.mask_token_id))
-            if bool(bad.any()):
+            if torch.compiler.is_compiling():
+                torch._assert_async(~bad.any(), "tokens: expected codebook ids or the mask id")
+            elif bool(bad.any()):
                 raise ValueError(
                     f"tokens: expected codebook ids in [0, {cfg.codebook_size}) or the mask id {cfg.mask_token_id}"
                 )

@@ -38,7 +38,8 @@ def check_float(name: str | None, value, *, nonneg: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # Real: numpy scalars too
         raise TypeError(f"{prefix}expected a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or (nonneg and value < 0):
+    # comparisons, not math.isfinite: they also work on the SymFloat torch.compile may pass
+    if not (value == value and abs(value) != math.inf) or (nonneg and value < 0):
         raise ValueError(f"{prefix}expected a finite float{' >= 0' if nonneg else ''}, got {value}")
     return value
 

@@ -14,31 +14,50 @@ import torch
 from .. import _rng
 from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl
+
+BLEND_RULE = """The blend ``g = guide + (1 + s) * (logits - guide)``, i.e. ``(1 + s) * logits + (-s) * guide``,
+    in float32, with non-finite terms defined exactly:
+
+    * a term whose coefficient is 0 does not contribute at all: ``s = 0`` gives exactly the logits,
+      ``s = -1`` exactly the guide (a NaN or inf in the dropped term has no effect);
+    * otherwise a token that is -inf in either term is excluded (g = -inf), whatever the signs of
+      the coefficients (banned tokens, top-k/top-p filters applied upstream);
+    * NaN or +inf in either term makes g NaN: the row cannot be sampled (an error).
+    """
+
 
 def guided_logits(logits: torch.Tensor, guide_logits: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-    """``guide + (1 + s) * (logits - guide)`` in float32 (``logits`` as float32 when no guide)."""
-    g = logits.float()
-    if guide_logits is None:
-        return g
+    """The guided logits ``g`` [..., V] float32 (``logits`` as float32 when no guide): see :data:`BLEND_RULE`."""
+    if guide_logits is None or guidance_scale == 0.0:
+        return logits.float()
     u = guide_logits.float()
-    return u + (1.0 + guidance_scale) * (g - u)
+    if 1.0 + guidance_scale == 0.0:
+        return u
+    g = logits.float()
+    x = u + (1.0 + guidance_scale) * (g - u)
+    x = torch.where(torch.isneginf(g) | torch.isneginf(u), float("-inf"), x)
+    bad_term = torch.isnan(g) | torch.isposinf(g) | torch.isnan(u) | torch.isposinf(u)
+    return torch.where(bad_term, float("nan"), x)
 
 
 def _sample_rows_reference(g: torch.Tensor, temperature: float, u: torch.Tensor):
     """Inverse-CDF sample of each row of float32 ``g`` [R, V] with uniforms ``u`` [R] (float64)."""
     g64 = g.double()
-    log_z = torch.logsumexp(g64, dim=-1)
+    # log-probabilities relative to the row max (g - M): exact at any scale (two maxima at 1e30
+    # give log(1/2), where logsumexp(g) - g would round to 0)
+    d = g64 - g64.max(dim=-1, keepdim=True).values
+    log_z = torch.log(torch.exp(d).sum(dim=-1))
     if temperature == 0.0:
         tokens = torch.argmax(g64, dim=-1)
     else:
-        w = torch.softmax(g64 / temperature, dim=-1)
+        w = torch.softmax(d / temperature, dim=-1)
         cdf = torch.cumsum(w, dim=-1)
         r = u.to(cdf.device) * cdf[:, -1]
         tokens = (cdf <= r[:, None]).sum(dim=-1)
         last_nonzero = g.shape[-1] - 1 - torch.argmax(torch.flip(w > 0, dims=[-1]).to(torch.int8), dim=-1)
         tokens = torch.minimum(tokens, last_nonzero)
-    logp = (g64.gather(-1, tokens[:, None])[:, 0] - log_z).float()
+    logp = (d.gather(-1, tokens[:, None])[:, 0] - log_z).float()
     return tokens, logp
 
 
@@ -62,8 +81,7 @@ def guided_sample_reference(
     """
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     g = guided_logits(logits, guide_logits, guidance_scale).reshape(-1, vocab)
-    if bool(bad_rows(g).any()):
-        raise ValueError("logits: a sampled row had NaN or +inf guided logits (or all -inf)")
+    _status.raise_if(bad_rows(g).any(), "logits: a sampled row had NaN or +inf guided logits (or all -inf)")
     w0, w1, _, _ = _rng.row_words(seed, offset, torch.arange(g.shape[0], device=g.device))
     tokens, logp = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
     return tokens.reshape(lead), logp.reshape(lead)
@@ -82,18 +100,28 @@ def guided_sample(
 
     ``g = guide + (1 + s) * (logits - guide)`` (``g = logits`` without a guide);
     ``tokens ~ Categorical(softmax(g / temperature))``, argmax when ``temperature == 0``.
+    A temperature below ``1 / FLT_MAX`` acts as argmax over the row's maxima (ties drawn uniformly),
+    one above ``1 / FLT_MIN`` as uniform over the finite entries.
+
+    Non-finite logits, the same rule on every backend (:data:`BLEND_RULE`): a term whose coefficient
+    is 0 is dropped (``s = 0``: exactly the logits; ``s = -1``: exactly the guide); a token that is
+    -inf in either remaining term is excluded; NaN or +inf in either makes the row bad.
 
     Args:
         logits: ``[..., V]`` float32/bfloat16/float16, any strides (a ``[..., :K]`` slice of a larger
             head output is read in place).
         guide_logits: ``[..., V]``, same shape and device, or None.
-        guidance_scale: s; any finite float (s = 0 gives the base logits, up to float rounding).
+        guidance_scale: s; any finite float (s = 0 gives exactly the base logits, s = -1 the guide).
         temperature: >= 0 token temperature.
         seed: int in [0, 2**63), or None to draw one from torch's default generator.
         offset: stream offset (e.g. the step index); the same seed/offset reproduce exactly.
     Returns:
         ``tokens`` int64 ``[...]`` and ``logp`` float32 ``[...]``: ``log_softmax(g)[token]`` under the
         untempered guided distribution.
+    Autograd: ``logp`` is differentiable on every backend (the tokens are not):
+    ``d logp / d g = onehot(token) - softmax(g)``, times ``1 + s`` for ``logits`` and ``-s`` for
+    ``guide_logits`` (a coefficient of 0 gives a zero gradient). ``temperature`` does not enter:
+    ``logp`` is untempered.
     Raises:
         TypeError/ValueError on bad arguments. A row with NaN/+inf guided logits (or all -inf) raises
         ValueError at once on CPU; on CUDA it sets a device flag that
@@ -107,16 +135,14 @@ def guided_sample(
     temperature = _validate.check_float("temperature", temperature)
     seed = _rng.resolve_seed(seed)
     offset = _rng.check_offset(offset)
+    if _logp_needs_grad(logits, guide_logits):  # autograd: see the end of this module
+        return _guided_sample_with_grad(logits, guide_logits, guidance_scale, temperature, seed, offset)
     impl = choose_impl(logits.device)
     if impl == "torch":
         return guided_sample_reference(
             logits, guide_logits, guidance_scale=guidance_scale, temperature=temperature, seed=seed, offset=offset
         )
-    status = _status.status_buffer(logits.device)
-    fn = torch.ops.sgkernels.guided_sample if impl == "op" else _triton().guided_sample_triton
-    tokens, logp = fn(logits, guide_logits, guidance_scale, temperature, seed, offset, status)
-    _status.check_now_if_cpu(logits.device)
-    return tokens, logp
+    return call_sampling_kernel("guided_sample", _triton().guided_sample_triton, impl, logits.device, logits, guide_logits, guidance_scale, temperature, seed, offset)
 
 
 @torch.library.register_fake("sgkernels::guided_sample")
@@ -137,3 +163,53 @@ def _guided_sample_cuda(*args):
 
 if triton_available():
     torch.library.register_kernel("sgkernels::guided_sample", "cuda", _guided_sample_cuda)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd of logp (policy-gradient fine-tuning needs d logp / d logits of the sampled tokens).
+# The op mutates its status word, so it cannot carry a registered autograd formula; the wrapper
+# samples without grad and attaches the gradient with this Function (traceable by torch.compile).
+# ----------------------------------------------------------------------------------------------
+def _logp_needs_grad(logits: torch.Tensor, guide_logits: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        logits.requires_grad or (guide_logits is not None and guide_logits.requires_grad)
+    )
+
+
+def _guided_sample_with_grad(logits, guide_logits, guidance_scale, temperature, seed, offset):
+    guide = None if guide_logits is None else guide_logits.detach()
+    with torch.no_grad():
+        tokens, logp = guided_sample(
+            logits.detach(), guide, guidance_scale=guidance_scale, temperature=temperature, seed=seed, offset=offset
+        )
+    if guide_logits is None:
+        return tokens, _LogpGrad.apply(logp, tokens, guidance_scale, logits)
+    return tokens, _LogpGrad.apply(logp, tokens, guidance_scale, logits, guide_logits)
+
+
+class _LogpGrad(torch.autograd.Function):
+    """Identity on ``logp``; backward: ``d logp / d (logits, guide)`` at the sampled ``tokens``."""
+
+    @staticmethod
+    def forward(ctx, logp, tokens, guidance_scale, logits, guide_logits=None):
+        ctx.guidance_scale = guidance_scale
+        ctx.has_guide = guide_logits is not None
+        ctx.save_for_backward(tokens, logits, guide_logits if ctx.has_guide else logits)
+        return logp.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        tokens, logits, guide = ctx.saved_tensors
+        guide = guide if ctx.has_guide else None
+        s = ctx.guidance_scale
+        g = guided_logits(logits, guide, s).double()
+        # d logp / d g = onehot(token) - softmax(g) (rows of -inf entries get 0 there).
+        d = torch.softmax(g, dim=-1).neg_()
+        d.scatter_add_(-1, tokens.unsqueeze(-1), torch.ones_like(d[..., :1]))
+        d.mul_(grad_logp.double().unsqueeze(-1))
+        grad_logits = grad_guide = None
+        if ctx.needs_input_grad[3]:
+            grad_logits = (d if guide is None else d * (1.0 + s)).to(logits.dtype)
+        if ctx.has_guide and ctx.needs_input_grad[4]:
+            grad_guide = (d * (-s)).to(guide.dtype)
+        return None, None, None, grad_logits, grad_guide

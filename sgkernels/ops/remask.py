@@ -16,7 +16,7 @@ import torch
 from .. import _rng
 from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl
 
 
 def confidence_reference(logp: torch.Tensor, choice_temperature: float, seed: int, offset: int) -> torch.Tensor:
@@ -47,8 +47,7 @@ def remask_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch spec of :func:`remask_lowest_confidence` (a stable sort per row)."""
     n = _validate.num_to_mask_tensor(num_to_mask, logp.shape[0], logp.device)
-    if bool((n < 0).any()):
-        raise ValueError("num_to_mask: expected values >= 0, got a negative entry")
+    _status.raise_if((n < 0).any(), "num_to_mask: expected values >= 0, got a negative entry")
     conf = confidence_reference(logp, choice_temperature, seed, offset)
     return select_lowest_reference(conf, is_masked, n)
 
@@ -90,11 +89,7 @@ def remask_lowest_confidence(
     impl = choose_impl(logp.device)
     if impl == "torch":
         return remask_reference(logp, is_masked, n, choice_temperature=tau, seed=seed, offset=offset)
-    status = _status.status_buffer(logp.device)
-    fn = torch.ops.sgkernels.remask_lowest_confidence if impl == "op" else _triton().remask_triton
-    out = fn(logp.float(), is_masked, n, tau, seed, offset, status)
-    _status.check_now_if_cpu(logp.device)
-    return out
+    return call_sampling_kernel("remask_lowest_confidence", _triton().remask_triton, impl, logp.device, logp.float(), is_masked, n, tau, seed, offset)
 
 
 @torch.library.register_fake("sgkernels::remask_lowest_confidence")

@@ -15,7 +15,7 @@ import torch
 from .. import _rng
 from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl
 from .guided_sample import _sample_rows_reference, bad_rows, guided_logits
 from .remask import confidence_reference, select_lowest_reference
 
@@ -26,19 +26,20 @@ def self_guided_step_reference(
     """Plain-PyTorch spec of :func:`self_guided_step`."""
     batch, n_tok, vocab = logits.shape
     n = _validate.num_to_mask_tensor(num_to_mask, batch, logits.device)
-    if bool((n < 0).any()):
-        raise ValueError("num_to_mask: expected values >= 0, got a negative entry")
+    _status.raise_if((n < 0).any(), "num_to_mask: expected values >= 0, got a negative entry")
+    # Every row is sampled and the known ones discarded (no data-dependent shapes: torch.compile
+    # traces it in one graph); a known row's logits are replaced by zeros before sampling.
     flat_mask = is_masked.reshape(-1)
-    rows = torch.nonzero(flat_mask).reshape(-1)
-    g = guided_logits(logits.reshape(-1, vocab)[rows], None if guide_logits is None else guide_logits.reshape(-1, vocab)[rows], guidance_scale)
-    if bool(bad_rows(g).any()):
-        raise ValueError("logits: a sampled row had NaN or +inf guided logits (or all -inf)")
+    rows = torch.arange(flat_mask.numel(), device=logits.device)
+    g = guided_logits(logits.reshape(-1, vocab), None if guide_logits is None else guide_logits.reshape(-1, vocab), guidance_scale)
+    _status.raise_if(
+        (bad_rows(g) & flat_mask).any(), "logits: a sampled row had NaN or +inf guided logits (or all -inf)"
+    )
+    g = torch.where(flat_mask[:, None], g, 0.0)
     w0, w1, _, _ = _rng.row_words(seed, offset, rows)
     sampled, logp_rows = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
-    new_tokens = tokens.reshape(-1).clone()
-    logp = torch.zeros(batch * n_tok, dtype=torch.float32, device=logits.device)
-    new_tokens[rows] = sampled.to(new_tokens.dtype)
-    logp[rows] = logp_rows
+    new_tokens = torch.where(flat_mask, sampled.to(torch.int64), tokens.reshape(-1))
+    logp = torch.where(flat_mask, logp_rows, 0.0)
     conf = confidence_reference(logp.reshape(batch, n_tok), choice_temperature, seed, offset)
     remask = select_lowest_reference(conf, is_masked, n)
     new_tokens = torch.where(remask, tokens, new_tokens.reshape(batch, n_tok))
@@ -103,11 +104,7 @@ def self_guided_step(
             tokens, is_masked, logits, guide_logits, n, guidance_scale=guidance_scale, temperature=temperature,
             choice_temperature=tau, seed=seed, offset=offset,
         )
-    status = _status.status_buffer(logits.device)
-    fn = torch.ops.sgkernels.self_guided_step if impl == "op" else _triton().self_guided_step_triton
-    out = fn(tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset, status)
-    _status.check_now_if_cpu(logits.device)
-    return out
+    return call_sampling_kernel("self_guided_step", _triton().self_guided_step_triton, impl, logits.device, tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset)
 
 
 @torch.library.register_fake("sgkernels::self_guided_step")
