@@ -43,7 +43,12 @@ step() {
   local t=$SECONDS
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]} verdict
-  case $rc in 0) verdict=ok ;; 124|137) verdict=TIMEOUT ;; *) verdict="FAIL($rc)" ;; esac
+  case $name:$rc in
+    *:0) verdict=ok ;;
+    artifact:3) verdict=WARN-stale-or-other-torch; rc=0 ;;  # installed; the log says what differs
+    *:124|*:137) verdict=TIMEOUT ;;
+    *) verdict="FAIL($rc)" ;;
+  esac
   [ $rc = 0 ] || FAILED=1
   log "== $name: $verdict in $((SECONDS - t)) s"
   SUMMARY+=("$name=$verdict")
@@ -52,11 +57,12 @@ step() {
 
 DRY=0
 [ "$ARG" = "--dry" ] && DRY=1
-if [ "$DRY" = 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+# GPU_SUITE_ASSUME_GPU=1: take the GPU path even where no GPU is visible (to check its plumbing).
+if [ "$DRY" = 0 ] && [ -z "${GPU_SUITE_ASSUME_GPU:-}" ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   log "gpu_suite: no CUDA device visible: dry run"
   DRY=1
 fi
-log "gpu_suite: $(date -u +%FT%TZ) $(hostname) python $($PY -c 'import platform; print(platform.python_version())') budget ${BUDGET} s"
+log "gpu_suite: $(date -u +%FT%TZ) ${HOSTNAME:-host} python $($PY -c 'import platform; print(platform.python_version())') budget ${BUDGET} s"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
 
 # The benchmark ops, most wanted first: eager step and torch.compile; LLaDA's current step;
@@ -84,7 +90,6 @@ else
   [ -z "$ART" ] && ART=$(ls -t dist/gpu/sgkernels-*.whl 2>/dev/null | head -n 1)
   built=0
   if [ -n "$ART" ] && [ -f "$ART" ]; then
-    # rc 3: installed, but stale or built against another torch (said in the log); still used.
     step artifact 60 $PY tools/gpu_artifact.py install "$ART"
     $PY -c "import sgkernels, sys; sys.exit(0 if sgkernels._C.WITH_CUDA else 1)" 2>&1 | tee -a "$LOG" && built=1  # pipefail
   else
@@ -97,7 +102,8 @@ else
   step info 60 $PY -m sgkernels.info
   xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 4"
   ptime=""; $PY -c "import pytest_timeout" 2>/dev/null && ptime="--timeout 120"
-  step tests 150 $PY -m pytest -m cuda $xdist $ptime -q -p no:cacheprovider -rfE --durations=10 tests
+  step tests 150 $PY -m pytest -m cuda $xdist $ptime -q -p no:cacheprovider -rfE --durations=10 \
+    --continue-on-collection-errors tests
   bench self_guided_step 75
   bench llada_step 45
   bench vq_lookup 30
