@@ -104,7 +104,7 @@ else
   ptime=""; $PY -c "import pytest_timeout" 2>/dev/null && ptime="--timeout 120"
   step tests 150 $PY -m pytest -m cuda $xdist $ptime -q -p no:cacheprovider -rfE --durations=10 \
     --continue-on-collection-errors tests
-  bench self_guided_step 75
+  bench self_guided_step 90
   bench llada_step 45
   bench vq_lookup 30
   bench cross_entropy 40
