@@ -286,12 +286,15 @@ class MaskTransformer(nn.Module):
             return logits
         return TransformerOutput(logits, h if return_hidden else None, ins, outs)
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """MLM head on the image positions of the last block's output: ``[B, N+1, d]`` -> ``[B, N, K]``."""
+    def logits_from_hidden(self, hidden: torch.Tensor, *, full_vocab: bool = False) -> torch.Tensor:
+        """MLM head on the image positions of the last block's output: ``[B, N+1, d]`` -> ``[B, N, K]``
+        (``full_vocab``: every id of the head, codebook, [MASK] and classes, ``[B, N, vocab_size]``)."""
         h = hidden[:, 1:]
         if self.final_norm is not None:
             h = self.final_norm(h)
         h = self.head_norm(F.gelu(self.head_dense(h), approximate="none" if self.config.gelu == "exact" else "tanh"))
+        if full_vocab:
+            return self.head(h)
         k = self.config.codebook_size
         return F.linear(h, self.head.weight[:k], self.head.bias[:k])
 
