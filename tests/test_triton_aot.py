@@ -27,6 +27,7 @@ KERNELS = {  # every kernel of each module of sgkernels/kernels
     "cross_entropy": ("_xent_rows_kernel",),
 }
 N_XENT_CONFIGS = 6
+N_REMASK_CONFIGS = 7
 
 
 def _load():
@@ -116,6 +117,7 @@ def _remask_configs(S):
         const = dict(FUSED=fused, HAS_DECODED=dec, STRICT=strict, HAS_MASK_ID=mask_id, MULTI_TILE=multi, BLOCK_N=n)
         name = f"remask[fused={fused},decoded={dec},strict={strict},mask_id={mask_id},multi={multi},N={n}]"
         out.append((name, S._remask_kernel, types, const, max(1, min(8, n // 256))))
+    assert len(out) == N_REMASK_CONFIGS
     return out
 
 
@@ -226,7 +228,7 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     ok = [line for line in out.splitlines() if line.startswith("OK ")]
-    assert len(ok) == len(ARCHS) * (8 + 4 + 1 + N_XENT_CONFIGS), out[-6000:]
+    assert len(ok) == len(ARCHS) * (8 + N_REMASK_CONFIGS + 1 + N_XENT_CONFIGS), out[-6000:]
     for cc in ARCHS:
         assert any(f"sm_{cc} sample_rows" in line for line in ok)
         assert any(f"sm_{cc} remask" in line for line in ok)
