@@ -21,15 +21,22 @@ TORCH_LIBRARY(sgkernels, m) {
       "head_sample(Tensor hidden, Tensor weight, Tensor? bias, Tensor? guide_hidden, Tensor? row_ids, "
       "float guidance_scale, float temperature, int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
   // logp float32 [B, N], is_masked bool [B, N], num_to_mask int64 [B] -> remask bool [B, N].
+  // decoded_confidence: None (decoded positions are never chosen) or the confidence with which
+  // they compete; strict_below: the tie rule (choose the confidences strictly below the one of
+  // rank num_to_mask) instead of exactly num_to_mask.
   m.def(
       "remask_lowest_confidence(Tensor logp, Tensor is_masked, Tensor num_to_mask, "
-      "float choice_temperature, SymInt seed, SymInt offset, Tensor(a!) status) -> Tensor");
+      "float choice_temperature, SymInt seed, SymInt offset, Tensor(a!) status, "
+      "float? decoded_confidence=None, bool strict_below=False) -> Tensor");
   // tokens int64 [B, N], is_masked bool [B, N], logits/guide_logits [B, N, V], num_to_mask int64 [B]
-  // -> (new_tokens int64 [B, N], new_is_masked bool [B, N]).
+  // -> (new_tokens int64 [B, N], new_is_masked bool [B, N]). decoded_confidence and strict_below
+  // as remask_lowest_confidence; mask_token_id: the token of re-masked positions (None: tokens'
+  // own, the mask id; required with decoded_confidence).
   m.def(
       "self_guided_step(Tensor tokens, Tensor is_masked, Tensor logits, Tensor? guide_logits, "
       "Tensor num_to_mask, float guidance_scale, float temperature, float choice_temperature, "
-      "SymInt seed, SymInt offset, Tensor(a!) status) -> (Tensor, Tensor)");
+      "SymInt seed, SymInt offset, Tensor(a!) status, float? decoded_confidence=None, bool strict_below=False, "
+      "int? mask_token_id=None) -> (Tensor, Tensor)");
 
   // logits [..., V] float32/bfloat16/float16 (any strides), target [...] integer.
   // -> (loss: [] for "mean"/"sum", [...] for "none", in logits' dtype;

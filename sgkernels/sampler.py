@@ -6,9 +6,25 @@ Per step ``k = 0 .. T-1``:
 2. with a guide and ``guidance_scale != 0``: the guide's pass 2 from pass 1's hidden states ->
    ``l_smooth`` (so a step costs 2 backbone passes; 1 without guidance: plain MaskGIT);
 3. ONE fused :func:`sgkernels.self_guided_step` call (``offset=k``): sample every masked position
-   from ``l_smooth + (1+s)(l_base - l_smooth)`` and re-mask the ``mask_len(k)`` least confident of
-   them (cosine schedule :func:`sgkernels.mask_len`, choice temperature
+   from ``l_smooth + (1+s)(l_base - l_smooth)`` and re-mask the ``mask_len(k)`` least confident
+   (cosine schedule :func:`sgkernels.mask_len`, choice temperature
    :func:`sgkernels.choice_temperature`).
+
+Presets (:data:`PRESETS`), the rules in which the official UnlockMGM code and MaskGIT JAX differ:
+
+=====================  ==============================  ==================================
+rule                   ``"unlockmgm"`` (default)        ``"maskgit"``
+=====================  ==============================  ==================================
+schedule rounding      float32 (``mask_rounding``)      float64
+re-masks per step      at least 1 (``at_least_one``)    0 once one position is left
+decoded positions      compete, conf. log(FLT_MAX)      never re-masked
+                       + tau G (``decoded_confidence``)
+ties at the cut        strictly below (``tie_rule``)    exactly k, lower index first
+choice temperature     compounded (``temperature_decay``) tau0 (1 - (k+1)/T)
+=====================  ==============================  ==================================
+
+(The official code's sixth difference, the auxiliary loss's vocabulary, is training's:
+:func:`sgkernels.training.aux_loss`.)
 
 Classifier-free guidance (``cfg_scale = w > 0``) replaces ``l_base`` with
 ``l_u + (1 + w)(l_c - l_u)``; the unconditional pass puts the **[MASK] id** in the class slot
@@ -29,7 +45,25 @@ from . import _rng
 from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
 from .ops import _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
-from .schedule import TEMPERATURE_DECAYS, choice_temperature, mask_len
+from .ops.remask import TIE_RULES
+from .schedule import ROUNDINGS, TEMPERATURE_DECAYS, choice_temperature, mask_len
+
+# log(float32 max) as the official code computes it (float32): decoded positions' confidence.
+LOG_FLOAT32_MAX = float(torch.log(torch.tensor(torch.finfo(torch.float32).max)))
+PRESETS = {
+    "unlockmgm": dict(temperature_decay="compound", mask_rounding="float32", at_least_one=True,
+                      decoded_confidence=LOG_FLOAT32_MAX, tie_rule="strict_below"),
+    "maskgit": dict(temperature_decay="maskgit", mask_rounding="float64", at_least_one=False,
+                    decoded_confidence=None, tie_rule="exact_k"),
+}
+
+
+class _FromPreset:
+    def __repr__(self) -> str:
+        return "FROM_PRESET"
+
+
+FROM_PRESET = _FromPreset()  # an argument's default: its preset's value
 
 
 def guidance_requested(guidance_scale: float) -> bool:
@@ -55,7 +89,15 @@ class SelfGuidedSampler:
         steps: T >= 1.
         guidance_scale: s (paper default 1.0); 0 = plain MaskGIT (one pass per step).
         choice_temperature: tau_0 (25 for T = 18 at 256px with guidance; MaskGIT alone: 4.5).
+        preset: ``"unlockmgm"`` (default: the official UnlockMGM code's rules) or ``"maskgit"``
+            (MaskGIT JAX's); the table in the module docstring. The five arguments below default to
+            their preset's value; an explicit value overrides it.
         temperature_decay: ``"maskgit"`` (tau_0 (1 - (k+1)/T)) or ``"compound"`` (the official code).
+        mask_rounding: ``"float32"`` or ``"float64"``: :func:`sgkernels.schedule.schedule_count`.
+        at_least_one: re-mask at least one position every step but the last (:func:`sgkernels.mask_len`).
+        decoded_confidence: None (decoded positions are never re-masked) or the confidence with
+            which they compete (:func:`sgkernels.self_guided_step`).
+        tie_rule: ``"strict_below"`` or ``"exact_k"`` (:func:`sgkernels.remask_lowest_confidence`).
         temperature: token temperature t_tok (1 in the paper).
         cfg_scale: classifier-free guidance weight w (0 = off); see the module docstring.
         cuda_graph: capture the model passes of a step in a CUDA graph and replay it each step
@@ -84,7 +126,12 @@ class SelfGuidedSampler:
         steps: int = 18,
         guidance_scale: float = 1.0,
         choice_temperature: float = 25.0,
-        temperature_decay: str = "maskgit",
+        preset: str = "unlockmgm",
+        temperature_decay=FROM_PRESET,
+        mask_rounding=FROM_PRESET,
+        at_least_one=FROM_PRESET,
+        decoded_confidence=FROM_PRESET,
+        tie_rule=FROM_PRESET,
         temperature: float = 1.0,
         cfg_scale: float = 0.0,
         cuda_graph: bool = False,
@@ -92,8 +139,29 @@ class SelfGuidedSampler:
     ):
         check_model_and_guide(model, guide)
         steps = _validate.check_positive_int("steps", steps)
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
+        rules = dict(PRESETS[preset])
+        given = dict(temperature_decay=temperature_decay, mask_rounding=mask_rounding, at_least_one=at_least_one,
+                     decoded_confidence=decoded_confidence, tie_rule=tie_rule)
+        rules.update({k: v for k, v in given.items() if v is not FROM_PRESET})
+        temperature_decay = rules["temperature_decay"]
         if temperature_decay not in TEMPERATURE_DECAYS:
             raise ValueError(f"temperature_decay: expected one of {TEMPERATURE_DECAYS}, got {temperature_decay!r}")
+        if rules["mask_rounding"] not in ROUNDINGS:
+            raise ValueError(f"mask_rounding: expected one of {ROUNDINGS}, got {rules['mask_rounding']!r}")
+        if not isinstance(rules["at_least_one"], bool):
+            raise TypeError(f"at_least_one: expected a bool, got {type(rules['at_least_one']).__name__}")
+        if rules["tie_rule"] not in TIE_RULES:
+            raise ValueError(f"tie_rule: expected one of {TIE_RULES}, got {rules['tie_rule']!r}")
+        if rules["decoded_confidence"] is not None:
+            rules["decoded_confidence"] = _validate.check_float("decoded_confidence", rules["decoded_confidence"],
+                                                                nonneg=False)
+        self.preset = preset
+        self.mask_rounding = rules["mask_rounding"]
+        self.at_least_one = rules["at_least_one"]
+        self.decoded_confidence = rules["decoded_confidence"]
+        self.tie_rule = rules["tie_rule"]
         self.model = model
         self.guide = guide
         self.steps = steps
@@ -105,6 +173,15 @@ class SelfGuidedSampler:
         self.cuda_graph = bool(cuda_graph)
         self.fused_head = bool(fused_head)
         self._graphs: dict = {}
+
+    def _step_rules(self, mask_token_id: int) -> dict:
+        """The preset's options of :func:`self_guided_step` (only the non-default ones are passed)."""
+        rules = {}
+        if self.decoded_confidence is not None:
+            rules.update(decoded_confidence=self.decoded_confidence, mask_token_id=mask_token_id)
+        if self.tie_rule != "exact_k":
+            rules["tie_rule"] = self.tie_rule
+        return rules
 
     def reset_graphs(self) -> None:
         """Drop the captured CUDA graphs (they are captured again on the next call)."""
@@ -163,8 +240,13 @@ class SelfGuidedSampler:
         weight, bias = self.model.head_projection()
         sampled, logp = head_sample(base, weight, bias, guide, guidance_scale=self.guidance_scale,
                                     temperature=self.temperature, seed=seed, offset=step, rows=is_masked)
-        remask = remask_lowest_confidence(logp, is_masked, num_to_mask, choice_temperature=tau, seed=seed, offset=step)
-        return torch.where(is_masked & ~remask, sampled, tokens), remask
+        rules = self._step_rules(self.model.config.mask_token_id)
+        mask_token_id = rules.pop("mask_token_id", None)
+        remask = remask_lowest_confidence(logp, is_masked, num_to_mask, choice_temperature=tau, seed=seed,
+                                          offset=step, **rules)
+        new_tokens = torch.where(is_masked, sampled, tokens)
+        reset = tokens if mask_token_id is None else torch.full_like(tokens, mask_token_id)
+        return torch.where(remask, reset, new_tokens), remask
 
     def _graphed(self, tokens: torch.Tensor, labels: torch.Tensor):
         """The step's passes as a CUDA graph over static ``tokens``/``labels`` buffers (captured once per batch size)."""
@@ -197,7 +279,8 @@ class SelfGuidedSampler:
         ``seed`` an int. Returns the new ``(tokens, is_masked)``. Traceable by
         ``torch.compile(fullgraph=True)`` (without ``cuda_graph``).
         """
-        num_to_mask = mask_len(step, self.steps, tokens.shape[1], is_masked.sum(dim=1))
+        num_to_mask = mask_len(step, self.steps, tokens.shape[1], is_masked.sum(dim=1), rounding=self.mask_rounding,
+                               at_least_one=self.at_least_one)
         tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
         if self.fused_head and not self.cuda_graph:
             return self._fused_step(tokens, is_masked, labels, num_to_mask, tau, seed, step)
@@ -209,6 +292,7 @@ class SelfGuidedSampler:
             tokens, is_masked, logits, guide_logits, num_to_mask,
             guidance_scale=self.guidance_scale,
             temperature=self.temperature, choice_temperature=tau, seed=seed, offset=step,
+            **self._step_rules(self.model.config.mask_token_id),
         )
 
     def _check_labels(self, class_labels, device: torch.device) -> torch.Tensor:

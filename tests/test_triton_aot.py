@@ -4,7 +4,8 @@
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas bundled in the triton wheel) for
 representative constexpr configs: fp32/bf16/fp16 logits, guide or not, greedy / T == 1 / T != 1,
 row mask or not, packed small rows, the register-heaviest single tile, the multi-tile loop; the
-remask kernel (plain and fused, small and largest N); the Philox test helper; the cross-entropy
+remask kernel (plain and fused, small and largest single-tile N, the multi-tile loop, the
+decoded-confidence / strict-below / mask-id options); the Philox test helper; the cross-entropy
 kernel (fp32/bf16/fp16, int32/int64 targets, mean or not, smoothing or not, packed rows, the largest
 single tile, the two-pass multi-tile loop).
 
@@ -28,6 +29,7 @@ KERNELS = {  # every kernel of each module of sgkernels/kernels
 }
 N_XENT_CONFIGS = 6
 N_HEAD_CONFIGS = 6
+N_REMASK_CONFIGS = 7
 
 
 def _load():
@@ -98,14 +100,27 @@ def _sampler_configs(S):
 def _remask_configs(S):
     types = {
         "logp_ptr": "*fp32", "mask_ptr": "*i1", "num_ptr": "*i64", "out_mask_ptr": "*i1", "tokens_ptr": "*i64",
-        "sampled_ptr": "*i64", "out_tokens_ptr": "*i64", "status_ptr": "*i32", "N": "i32", "tau": "fp32",
-        "seed": "i64", "offset": "i64",
+        "sampled_ptr": "*i64", "out_tokens_ptr": "*i64", "keys_ptr": "*i64", "status_ptr": "*i32", "N": "i32",
+        "tau": "fp32", "dec_conf": "fp32", "mask_id": "i64", "seed": "i64", "offset": "i64",
     }
-    return [
-        (f"remask[fused={f},N={n}]", S._remask_kernel, types, dict(FUSED=f, BLOCK_N=n), max(1, min(8, n // 256)))
-        for f in (False, True)
-        for n in (256, 4096)
+    # (FUSED, HAS_DECODED, STRICT, HAS_MASK_ID, MULTI_TILE, BLOCK_N): plain and fused, small and the
+    # largest register tile, the multi-tile loop (tiles of _REMASK_TILE), every option at least once.
+    picks = [
+        (False, False, False, False, False, 256),
+        (True, False, False, False, False, 4096),
+        (False, True, True, False, False, 4096),
+        (True, True, True, True, False, 256),
+        (False, False, False, False, True, S._REMASK_TILE),
+        (True, True, True, True, True, S._REMASK_TILE),
+        (True, False, False, False, True, S._REMASK_TILE),
     ]
+    out = []
+    for fused, dec, strict, mask_id, multi, n in picks:
+        const = dict(FUSED=fused, HAS_DECODED=dec, STRICT=strict, HAS_MASK_ID=mask_id, MULTI_TILE=multi, BLOCK_N=n)
+        name = f"remask[fused={fused},decoded={dec},strict={strict},mask_id={mask_id},multi={multi},N={n}]"
+        out.append((name, S._remask_kernel, types, const, max(1, min(8, n // 256))))
+    assert len(out) == N_REMASK_CONFIGS
+    return out
 
 
 def _philox_configs(S):
@@ -243,7 +258,7 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     ok = [line for line in out.splitlines() if line.startswith("OK ")]
-    assert len(ok) == len(ARCHS) * (8 + 4 + 1 + N_XENT_CONFIGS + N_HEAD_CONFIGS), out[-6000:]
+    assert len(ok) == len(ARCHS) * (8 + N_REMASK_CONFIGS + 1 + N_XENT_CONFIGS + N_HEAD_CONFIGS), out[-6000:]
     for cc in ARCHS:
         assert any(f"sm_{cc} sample_rows" in line for line in ok)
         assert any(f"sm_{cc} remask" in line for line in ok)

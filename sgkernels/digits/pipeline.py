@@ -67,8 +67,10 @@ class DigitsModel:
                 choice_temperature: float = DEFAULTS.choice_temperature, temperature: float = 1.0) -> SelfGuidedSampler:
         if guidance_requested(guidance_scale) and self.guide is None:
             raise ValueError("this model has no guide: use guidance scale 0 (or train the 'guide' stage)")
+        # preset "maskgit": the rules the digits models' sampling settings were tuned with
         return SelfGuidedSampler(self.model, self.guide, steps=steps, guidance_scale=guidance_scale,
-                                 choice_temperature=choice_temperature, temperature=temperature)
+                                 choice_temperature=choice_temperature, temperature=temperature,
+                                 preset="maskgit")
 
     @torch.no_grad()
     def generate(self, labels, *, seed: int = 0, batch_size: int = 250, progress: bool = False, **sampling):

@@ -297,10 +297,14 @@ class MaskTransformer(nn.Module):
             return logits
         return TransformerOutput(logits, h if return_hidden else None, ins, outs)
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """MLM head on the image positions of the last block's output: ``[B, N+1, d]`` -> ``[B, N, K]``."""
+    def logits_from_hidden(self, hidden: torch.Tensor, *, full_vocab: bool = False) -> torch.Tensor:
+        """MLM head on the image positions of the last block's output: ``[B, N+1, d]`` -> ``[B, N, K]``
+        (``full_vocab``: every id of the head, codebook, [MASK] and classes, ``[B, N, vocab_size]``)."""
+        h = self.head_features(hidden)
+        if full_vocab:
+            return self.head(h)
         weight, bias = self.head_projection()
-        return F.linear(self.head_features(hidden), weight, bias)
+        return F.linear(h, weight, bias)
 
     def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
         """The MLM head up to its last linear: ``[B, N+1, d]`` -> ``[B, N, d]`` (image positions).

@@ -142,7 +142,10 @@ def guided_sample(
         return guided_sample_reference(
             logits, guide_logits, guidance_scale=guidance_scale, temperature=temperature, seed=seed, offset=offset
         )
-    return call_sampling_kernel("guided_sample", _triton().guided_sample_triton, impl, logits.device, logits, guide_logits, guidance_scale, temperature, seed, offset)
+    return call_sampling_kernel(
+        "guided_sample", _triton().guided_sample_triton, impl, logits.device,
+        logits, guide_logits, guidance_scale, temperature, seed, offset,
+    )
 
 
 @torch.library.register_fake("sgkernels::guided_sample")

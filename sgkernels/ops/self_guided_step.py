@@ -17,11 +17,12 @@ from .._backend import triton_available
 from . import _status, _validate
 from ._dispatch import call_sampling_kernel, choose_impl
 from .guided_sample import _sample_rows_reference, bad_rows, guided_logits
-from .remask import confidence_reference, select_lowest_reference
+from .remask import check_remask_options, confidence_reference, select_lowest_reference
 
 
 def self_guided_step_reference(
-    tokens, is_masked, logits, guide_logits, num_to_mask, *, guidance_scale, temperature, choice_temperature, seed, offset=0
+    tokens, is_masked, logits, guide_logits, num_to_mask, *, guidance_scale, temperature, choice_temperature, seed,
+    offset=0, decoded_confidence=None, tie_rule="exact_k", mask_token_id=None,
 ):
     """Plain-PyTorch spec of :func:`self_guided_step`."""
     batch, n_tok, vocab = logits.shape
@@ -40,9 +41,12 @@ def self_guided_step_reference(
     sampled, logp_rows = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
     new_tokens = torch.where(flat_mask, sampled.to(torch.int64), tokens.reshape(-1))
     logp = torch.where(flat_mask, logp_rows, 0.0)
-    conf = confidence_reference(logp.reshape(batch, n_tok), choice_temperature, seed, offset)
-    remask = select_lowest_reference(conf, is_masked, n)
-    new_tokens = torch.where(remask, tokens, new_tokens.reshape(batch, n_tok))
+    conf = confidence_reference(logp.reshape(batch, n_tok), choice_temperature, seed, offset, is_masked,
+                                decoded_confidence)
+    candidates = is_masked if decoded_confidence is None else torch.ones_like(is_masked)
+    remask = select_lowest_reference(conf, candidates, n, tie_rule)
+    reset = tokens if mask_token_id is None else torch.full_like(tokens, mask_token_id)
+    new_tokens = torch.where(remask, reset, new_tokens.reshape(batch, n_tok))
     return new_tokens, remask
 
 
@@ -58,6 +62,9 @@ def self_guided_step(
     choice_temperature: float = 0.0,
     seed: int | None = None,
     offset: int = 0,
+    decoded_confidence: float | None = None,
+    tie_rule: str = "exact_k",
+    mask_token_id: int | None = None,
 ):
     """One fused MaskGIT step: sample masked positions, re-mask the least confident.
 
@@ -68,9 +75,15 @@ def self_guided_step(
         num_to_mask: int or int64 tensor ``[B]``: how many just-sampled positions to mask again.
         guidance_scale, temperature, choice_temperature: s, t_tok >= 0, tau >= 0.
         seed, offset: the RNG stream; use a distinct offset per step (e.g. the step index).
+        decoded_confidence: None (a known position is never re-masked), or a finite float with
+            which known positions compete for re-masking (confidence ``decoded_confidence + tau * G``;
+            the official code: ``log(float32 max)``); see :func:`remask_lowest_confidence`.
+        tie_rule: ``"exact_k"`` or ``"strict_below"`` (:func:`remask_lowest_confidence`).
+        mask_token_id: the token written at re-masked positions; None keeps what ``tokens`` held
+            there (the mask id: right unless known positions can be re-masked, so it is required
+            with ``decoded_confidence``).
     Returns:
-        ``new_tokens`` int64 ``[B, N]`` and ``new_is_masked`` bool ``[B, N]``. A known position is
-        never re-masked.
+        ``new_tokens`` int64 ``[B, N]`` and ``new_is_masked`` bool ``[B, N]``.
     Raises:
         as :func:`guided_sample` and :func:`remask_lowest_confidence` (only masked rows are checked
         for NaN; on CUDA through :func:`sgkernels.check_errors`).
@@ -95,6 +108,12 @@ def self_guided_step(
     guidance_scale = _validate.check_guidance_scale(guidance_scale)
     temperature = _validate.check_float("temperature", temperature)
     tau = _validate.check_float("choice_temperature", choice_temperature)
+    dec, strict = check_remask_options(decoded_confidence, tie_rule)
+    if mask_token_id is not None and (isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int)):
+        raise TypeError(f"mask_token_id: expected an int or None, got {type(mask_token_id).__name__}")
+    if dec is not None and mask_token_id is None:
+        raise ValueError("mask_token_id: expected an int when decoded_confidence is set (re-masked decoded "
+                         "positions get it), got None")
     seed = _rng.resolve_seed(seed)
     offset = _rng.check_offset(offset)
     tokens = tokens.to(torch.int64)
@@ -102,13 +121,19 @@ def self_guided_step(
     if impl == "torch":
         return self_guided_step_reference(
             tokens, is_masked, logits, guide_logits, n, guidance_scale=guidance_scale, temperature=temperature,
-            choice_temperature=tau, seed=seed, offset=offset,
+            choice_temperature=tau, seed=seed, offset=offset, decoded_confidence=dec, tie_rule=tie_rule,
+            mask_token_id=mask_token_id,
         )
-    return call_sampling_kernel("self_guided_step", _triton().self_guided_step_triton, impl, logits.device, tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset)
+    return call_sampling_kernel(
+        "self_guided_step", _triton().self_guided_step_triton, impl, logits.device,
+        tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset,
+        decoded_confidence=dec, strict_below=strict, mask_token_id=mask_token_id,
+    )
 
 
 @torch.library.register_fake("sgkernels::self_guided_step")
-def _self_guided_step_fake(tokens, is_masked, logits, guide_logits, num_to_mask, s, t, tau, seed, offset, status):
+def _self_guided_step_fake(tokens, is_masked, logits, guide_logits, num_to_mask, s, t, tau, seed, offset, status,
+                           decoded_confidence=None, strict_below=False, mask_token_id=None):
     return torch.empty_like(tokens), torch.empty_like(is_masked)
 
 
@@ -118,8 +143,8 @@ def _triton():
     return sampling
 
 
-def _self_guided_step_cuda(*args):
-    return _triton().self_guided_step_triton(*args)
+def _self_guided_step_cuda(*args, **kwargs):
+    return _triton().self_guided_step_triton(*args, **kwargs)
 
 
 if triton_available():

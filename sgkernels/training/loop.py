@@ -274,4 +274,4 @@ class _GuideLoss(nn.Module):
     def forward(self, inputs, class_labels, targets):
         cfg = self._config
         return aux_loss(self._backbone[0], self.guide, inputs, class_labels, targets, label_smoothing=cfg.label_smoothing,
-                        recon_weight=cfg.recon_weight, ignore_index=self._ignore_index)
+                        recon_weight=cfg.recon_weight, ignore_index=self._ignore_index, ce_vocab=cfg.ce_vocab)
