@@ -101,6 +101,30 @@ def run_philox_words(dev: str, gen: torch.Generator) -> None:
     assert torch.equal(out.cpu(), torch.stack(_rng.row_words(5, 3, rows)))
 
 
+def run_head_sample(dev: str, gen: torch.Generator) -> None:
+    """Both Triton kernels (stats + pick), a bool rows mask and an index tensor, V above one tile."""
+    for n_rows, d, vocab, dtype in [(37, 24, 1000, torch.float32), (5, 16, 3, torch.bfloat16), (3, 32, 20001, torch.float16)]:
+        hidden = torch.randn(n_rows, d, generator=gen, device=dev).to(dtype)
+        guide = torch.randn(n_rows, d, generator=gen, device=dev).to(dtype)
+        weight = torch.randn(vocab, d, generator=gen, device=dev).to(dtype)
+        bias = torch.randn(vocab, generator=gen, device=dev).to(dtype)
+        rows = torch.rand(n_rows, generator=gen, device=dev) < 0.6
+        tokens, logp = sgk.head_sample(hidden, weight, bias, guide, guidance_scale=1.0, seed=4, rows=rows)
+        assert int(tokens.max()) < vocab and torch.isfinite(logp).all()
+        idx = torch.nonzero(rows).squeeze(1)
+        tokens_i, _ = sgk.head_sample(hidden, weight, bias, guide, guidance_scale=1.0, seed=4, rows=idx)
+        assert tokens_i.shape == idx.shape
+
+
+def run_philox_rows(dev: str, gen: torch.Generator) -> None:
+    """The Python-defined op that gives the references' Philox words under torch.compile."""
+    from sgkernels import _rng
+
+    rows = torch.tensor([0, 1, 77, 2**32 + 5], dtype=torch.int64, device=dev)
+    words = _rng._philox_rows_op(rows, 5, 3)
+    assert torch.equal(words.cpu(), torch.stack(_rng.row_words(5, 3, rows.cpu())))
+
+
 # One run per op in the torch.ops.sgkernels namespace (a run may cover several ops).
 RUNS: dict[str, Callable[[str, torch.Generator], None]] = {
     "guided_sample": run_guided_sample,
@@ -109,6 +133,8 @@ RUNS: dict[str, Callable[[str, torch.Generator], None]] = {
     "cross_entropy_fwd": run_cross_entropy,
     "cross_entropy_fwd_inplace": run_cross_entropy,
     "vq_lookup": run_vq_lookup,
+    "head_sample": run_head_sample,
+    "philox_rows": run_philox_rows,
 }
 # Each Triton kernel of sgkernels.kernels and the run that launches it.
 KERNELS: dict[str, Callable[[str, torch.Generator], None]] = {
@@ -116,6 +142,8 @@ KERNELS: dict[str, Callable[[str, torch.Generator], None]] = {
     "sampling._remask_kernel": run_remask,
     "sampling._philox_words_kernel": run_philox_words,
     "cross_entropy._xent_rows_kernel": run_cross_entropy,
+    "head_sample._head_stats_kernel": run_head_sample,
+    "head_sample._head_pick_kernel": run_head_sample,
 }
 
 

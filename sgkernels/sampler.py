@@ -282,7 +282,9 @@ class SelfGuidedSampler:
         num_to_mask = mask_len(step, self.steps, tokens.shape[1], is_masked.sum(dim=1), rounding=self.mask_rounding,
                                at_least_one=self.at_least_one)
         tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
-        if self.fused_head and not self.cuda_graph:
+        # The fused head selects the masked rows (a data-dependent shape): eager only. Under
+        # torch.compile and in a CUDA graph the step projects every position (same streams).
+        if self.fused_head and not self.cuda_graph and not torch.compiler.is_compiling():
             return self._fused_step(tokens, is_masked, labels, num_to_mask, tau, seed, step)
         if self.cuda_graph:
             logits, guide_logits = self._graphed(tokens, labels)

@@ -38,7 +38,7 @@
 
 #include "common/isa.h"
 #include "common/philox.h"
-#include "common/status_bits.h"
+#include "common/raise_status.h"
 #include "cpu/sampling_rows.h"
 
 namespace sgk {
@@ -314,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> head_sample_cpu(const at::Tensor& hidden, con
     }
   });
   for (int64_t r = 0; r < R; ++r) flags |= row_bad[r] ? status::NONFINITE_LOGITS : 0;
-  if (flags != 0) status.mutable_data_ptr<int32_t>()[0] |= flags;
+  status::raise_flags(flags);  // per call: the status word is never written on CPU
   return {tokens, logp};
 }
 

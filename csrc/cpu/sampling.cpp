@@ -29,7 +29,7 @@
 
 #include "common/isa.h"
 #include "common/philox.h"
-#include "common/status_bits.h"
+#include "common/raise_status.h"
 #include "cpu/sampling_rows.h"
 
 namespace sgk {
@@ -205,21 +205,6 @@ int num_threads_for(int64_t work) {
   return work < 32768 ? 1 : std::max(nt, 1);
 }
 
-// Bad input found by this call's kernel: a ValueError, per call (never a shared flag, so threads
-// calling at once get their own errors only). The messages are sgkernels/ops/_status.py's.
-void raise_flags(int flags) {
-  if (flags == 0) return;
-  std::string msg = "sgkernels (cpu): ";
-  if (flags & status::NONFINITE_LOGITS) {
-    msg += "logits: a sampled row had NaN or +inf guided logits (or all -inf); its token is meaningless";
-  }
-  if (flags & status::NEGATIVE_NUM_TO_MASK) {
-    if (flags & status::NONFINITE_LOGITS) msg += "; ";
-    msg += "num_to_mask: expected values >= 0, got a negative entry";
-  }
-  TORCH_CHECK_VALUE(false, msg);
-}
-
 // The blend's terms whose coefficient is 0 are dropped: s == 0 reads the logits alone, s == -1
 // (1 + s == 0) the guide alone, so a NaN/inf in a dropped term has no effect.
 struct Terms {
@@ -312,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> guided_sample_cpu(const at::Tensor& logits_in
       if (o.bad) flags |= status::NONFINITE_LOGITS;
     }
   }
-  raise_flags(flags);
+  status::raise_flags(flags);
   return {tokens, logp};
 }
 
@@ -367,7 +352,7 @@ at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const
     }
     mark_smallest(keys, nb, strict_below, outp + b * n_tok);
   }
-  raise_flags(flags);
+  status::raise_flags(flags);
   return out;
 }
 
@@ -484,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
       }
     }
   }
-  raise_flags(flags);
+  status::raise_flags(flags);
   return {new_tokens, new_mask};
 }
 

@@ -30,7 +30,7 @@ import torch
 from .. import _rng
 from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl
 from .guided_sample import _sample_rows_reference, bad_rows
 
 
@@ -93,8 +93,8 @@ def head_sample_reference(
     logits = h @ weight.float().T
     if bias is not None:
         logits = logits + bias.float()
-    if bool(bad_rows(logits).any()):
-        raise ValueError("logits: a sampled row had NaN or +inf logits (hidden @ weight.T + bias), or all -inf")
+    _status.raise_if(bad_rows(logits).any(),
+                     "logits: a sampled row had NaN or +inf logits (hidden @ weight.T + bias), or all -inf")
     w0, w1, _, _ = _rng.row_words(seed, offset, sel)
     tokens, logp = _sample_rows_reference(logits, temperature, _rng.token_uniform(w0, w1))
     return _expand(kind, lead, ids, tokens, logp)
@@ -166,10 +166,10 @@ def head_sample(
     if ids is not None:
         h2 = h2.index_select(0, ids)
         g2 = None if g2 is None else g2.index_select(0, ids)
-    status = _status.status_buffer(hidden.device)
-    fn = torch.ops.sgkernels.head_sample if impl == "op" else _triton().head_sample_triton
-    tokens, logp = fn(h2, weight, bias, g2, ids, guidance_scale, temperature, seed, offset, status)
-    _status.check_now_if_cpu(hidden.device)
+    tokens, logp = call_sampling_kernel(
+        "head_sample", _triton().head_sample_triton if impl == "triton" else None, impl, hidden.device,
+        h2, weight, bias, g2, ids, guidance_scale, temperature, seed, offset,
+    )
     return _expand(kind, lead, ids, tokens, logp)
 
 
