@@ -1,4 +1,4 @@
-"""Shared test helpers: whether an op has a C++ CPU kernel, and a chi-square test with torch only."""
+"""Shared test helpers: whether an op has a C++ CPU kernel, chi-square tests (torch only, and two-sample with scipy)."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +28,23 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: f
     if dof < 1:
         return 1.0
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2.0))
+
+
+def joint_counts(seqs: torch.Tensor) -> dict:
+    """How often each whole row (as a tuple) occurs in ``seqs``."""
+    keys, counts = torch.unique(seqs, dim=0, return_counts=True)
+    return {tuple(k.tolist()): int(c) for k, c in zip(keys, counts)}
+
+
+def two_sample_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:
+    """p-value of a chi-square test that the rows of ``a`` and ``b`` come from one joint distribution."""
+    from scipy.stats import chi2_contingency
+
+    ca, cb = joint_counts(a), joint_counts(b)
+    keys = sorted(set(ca) | set(cb))
+    table = torch.tensor([[ca.get(k, 0) for k in keys], [cb.get(k, 0) for k in keys]], dtype=torch.float64)
+    # pool cells with few expected counts
+    small = table.sum(0) < 20
+    table = torch.cat([table[:, ~small], table[:, small].sum(1, keepdim=True)], dim=1)
+    table = table[:, table.sum(0) > 0]
+    return float(chi2_contingency(table.numpy())[1])

@@ -241,6 +241,16 @@ def assert_agree(actual: torch.Tensor, expected: torch.Tensor, tol: Tol) -> torc
     return same
 
 
+def assert_sampled(out, ref, tol: Tol, args) -> None:
+    """``check`` of the sampling ops: (int64 tokens over ``args[0]``'s leading dims, float32 log-probs);
+    tokens agree on at least ``tol.agree`` of the rows, and log-probs are close where they do."""
+    (tokens, logp), (ref_tokens, ref_logp) = out, ref
+    assert tokens.dtype == torch.int64 and logp.dtype == torch.float32
+    assert tokens.shape == args[0].shape[:-1] and logp.shape == ref_logp.shape
+    same = assert_agree(tokens, ref_tokens, tol)
+    assert_close(logp[same], ref_logp[same], tol)
+
+
 # ------------------------------------------------------------------------------------------------
 # The contract
 

@@ -15,6 +15,7 @@ from op_contract import (
     OpContract,
     assert_agree,
     assert_close,
+    assert_sampled,
     bad_list,
     raw_kernel,
     run_on,
@@ -67,11 +68,7 @@ class TestContract(OpContract):
         return cases
 
     def check(self, out, ref, tol, args, kwargs):
-        (tokens, logp), (ref_tokens, ref_logp) = out, ref
-        assert tokens.dtype == torch.int64 and logp.dtype == torch.float32
-        assert tokens.shape == args[0].shape[:-1] and logp.shape == ref_logp.shape
-        same = assert_agree(tokens, ref_tokens, tol)
-        assert_close(logp[same], ref_logp[same], tol)
+        assert_sampled(out, ref, tol, args)
 
     def bad_inputs(self):
         x = torch.randn(2, 3, 5)

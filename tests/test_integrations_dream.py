@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import has_cpu_kernel
+from helpers import has_cpu_kernel, joint_counts, two_sample_pvalue
 
 import sgkernels as sgk
 
@@ -180,23 +180,6 @@ def test_greedy_origin_and_dict_output_with_history():
         assert (before[changed] == MASK).all()
 
 
-def _counts(seqs):
-    keys, counts = torch.unique(seqs, dim=0, return_counts=True)
-    return {tuple(k.tolist()): int(c) for k, c in zip(keys, counts)}
-
-
-def _two_sample_pvalue(a, b):
-    from scipy.stats import chi2_contingency
-
-    ca, cb = _counts(a), _counts(b)
-    keys = sorted(set(ca) | set(cb))
-    table = torch.tensor([[ca.get(k, 0) for k in keys], [cb.get(k, 0) for k in keys]], dtype=torch.float64)
-    small = table.sum(0) < 20
-    table = torch.cat([table[:, ~small], table[:, small].sum(1, keepdim=True)], dim=1)
-    table = table[:, table.sum(0) > 0]
-    return float(chi2_contingency(table.numpy())[1])
-
-
 @pytest.mark.parametrize("kw", [
     dict(alg="origin", temperature=1.0),
     dict(alg="maskgit_plus", temperature=0.8, top_p=0.9),
@@ -212,8 +195,8 @@ def test_sampled_generation_matches_reference_in_distribution(kw):
     ref = reference_generate(model, ids.clone(), **gen, **kw)[:, 3:]
     gen["mask_token_id"] = gen.pop("mask_id")
     ours = dream.diffusion_generate(model, ids, seed=123, **gen, **kw)[:, 3:]
-    assert len(_counts(ours)) > (2 if kw["temperature"] == 0 else 4)  # really random
-    assert _two_sample_pvalue(ours, ref) > 1e-3
+    assert len(joint_counts(ours)) > (2 if kw["temperature"] == 0 else 4)  # really random
+    assert two_sample_pvalue(ours, ref) > 1e-3
 
 
 def test_patch_and_seed():

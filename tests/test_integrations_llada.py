@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import chi_square_pvalue, has_cpu_kernel
+from helpers import chi_square_pvalue, has_cpu_kernel, joint_counts, two_sample_pvalue
 
 import sgkernels as sgk
 from sgkernels.integrations import llada
@@ -48,6 +48,16 @@ class TinyBidirectionalLM(torch.nn.Module):
         logits = (h + att @ v) @ self.head
         logits[..., self.mask_id] = -1e4  # like a trained LLaDA, (practically) never predicts [MASK]
         return SimpleNamespace(logits=logits)
+
+
+def _transfer_top_k(transfer, conf, j, k, threshold):
+    """Marks row j's k most confident positions; with a threshold, past the first only those reaching it."""
+    _, idx = torch.topk(conf[j], k)
+    transfer[j, idx] = True
+    if threshold is not None:
+        for r in range(1, k):
+            if conf[j, idx[r]] < threshold:
+                transfer[j, idx[r]] = False
 
 
 def reference_generate(model, prompt, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
@@ -93,12 +103,7 @@ def reference_generate(model, prompt, steps, gen_length, block_length, temperatu
             transfer = torch.zeros_like(mask_index)
             for j in range(batch):
                 k = int(mask_index[j, :end].sum()) if threshold is not None else int(counts[j, i])
-                _, idx = torch.topk(conf[j], k)
-                transfer[j, idx] = True
-                if threshold is not None:
-                    for r in range(1, k):
-                        if conf[j, idx[r]] < threshold:
-                            transfer[j, idx[r]] = False
+                _transfer_top_k(transfer, conf, j, k, threshold)
             x[transfer] = x0[transfer]
             i += 1
     return x
@@ -162,24 +167,6 @@ def test_threshold_unmasks_all_confident_positions_at_once():
     assert model.calls == 2 and (out[:, 5:] == 3).all()
 
 
-def _joint_counts(seqs: torch.Tensor) -> dict:
-    keys, counts = torch.unique(seqs, dim=0, return_counts=True)
-    return {tuple(k.tolist()): int(c) for k, c in zip(keys, counts)}
-
-
-def _two_sample_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:
-    from scipy.stats import chi2_contingency
-
-    ca, cb = _joint_counts(a), _joint_counts(b)
-    keys = sorted(set(ca) | set(cb))
-    table = torch.tensor([[ca.get(k, 0) for k in keys], [cb.get(k, 0) for k in keys]], dtype=torch.float64)
-    # pool cells with few expected counts
-    small = table.sum(0) < 20
-    table = torch.cat([table[:, ~small], table[:, small].sum(1, keepdim=True)], dim=1)
-    table = table[:, table.sum(0) > 0]
-    return float(chi2_contingency(table.numpy())[1])
-
-
 @pytest.mark.parametrize("remasking,cfg_scale,temperature", [
     ("low_confidence", 0.0, 1.0), ("low_confidence", 1.0, 0.7), ("random", 0.0, 1.0), ("random", 0.5, 1.0),
 ])
@@ -193,8 +180,8 @@ def test_sampled_generation_matches_reference_in_distribution(remasking, cfg_sca
               remasking=remasking, mask_id=4)
     ref = reference_generate(model, prompt, **kw)[:, 3:]
     ours = llada.generate(model, prompt, seed=123, **kw)[:, 3:]
-    assert len(_joint_counts(ours)) > 5  # really random
-    assert _two_sample_pvalue(ours, ref) > 1e-3
+    assert len(joint_counts(ours)) > 5  # really random
+    assert two_sample_pvalue(ours, ref) > 1e-3
 
 
 def test_random_remasking_order_is_uniform():
@@ -215,7 +202,7 @@ def test_random_remasking_order_is_uniform():
     assert counts.numel() == 24
     assert chi_square_pvalue(counts, torch.full((24,), 1 / 24)) > 1e-3
     torch.manual_seed(0)
-    assert _two_sample_pvalue(ours, reference_generate(Counter(), prompt, **kw)[:, 3:]) > 1e-3
+    assert two_sample_pvalue(ours, reference_generate(Counter(), prompt, **kw)[:, 3:]) > 1e-3
 
 
 def test_llada_temperature_is_softmax_temperature():
@@ -384,12 +371,7 @@ def reference_generate_current(model, prompt, attention_mask, steps, gen_length,
                     k = top_i
                 else:
                     k = n_cand if threshold is not None else counts[j][i]
-                _, idx = torch.topk(conf[j], k)
-                transfer[j, idx] = True
-                if threshold is not None:
-                    for r in range(1, k):
-                        if conf[j, idx[r]] < threshold:
-                            transfer[j, idx[r]] = False
+                _transfer_top_k(transfer, conf, j, k, threshold)
             x[transfer] = x0[transfer]
             i += 1
     return x

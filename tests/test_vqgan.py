@@ -13,8 +13,9 @@ pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 CONFIG_KEYS = {k: v for k, v in vqgan_config().items() if not k.startswith("_")}
 
 
-def reference_decode(sd, c, tokens):
-    """MaskGIT's VQGAN decoder on plain ops (the 1x1 shortcut is applied to the block's output)."""
+def _reference_layers(sd):
+    """conv, group norm and residual block of MaskGIT's VQGAN on plain ops, reading weights from ``sd``
+    (the 1x1 shortcut is applied to the block's output)."""
 
     def conv(name, x, bias=True):
         w = sd[name + ".weight"]
@@ -28,6 +29,12 @@ def reference_decode(sd, c, tokens):
         y = conv(p + "conv2", F.silu(gn(p + "norm2", y)), bias=False)
         return y + (conv(p + "nin_shortcut", y, bias=False) if p + "nin_shortcut.weight" in sd else x)
 
+    return conv, gn, res
+
+
+def reference_decode(sd, c, tokens):
+    """MaskGIT's VQGAN decoder on plain ops (the 1x1 shortcut is applied to the block's output)."""
+    conv, gn, res = _reference_layers(sd)
     b, n = tokens.shape
     side = int(n ** 0.5)
     z = sd["quantize.embedding.weight"][tokens].reshape(b, side, side, -1).permute(0, 3, 1, 2)
@@ -43,18 +50,7 @@ def reference_decode(sd, c, tokens):
 
 
 def reference_encode(sd, c, images):
-    def conv(name, x, bias=True):
-        w = sd[name + ".weight"]
-        return F.conv2d(x, w, sd[name + ".bias"] if bias else None, padding=w.shape[-1] // 2)
-
-    def gn(name, x):
-        return F.group_norm(x, 32, sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)
-
-    def res(p, x):
-        y = conv(p + "conv1", F.silu(gn(p + "norm1", x)), bias=False)
-        y = conv(p + "conv2", F.silu(gn(p + "norm2", y)), bias=False)
-        return y + (conv(p + "nin_shortcut", y, bias=False) if p + "nin_shortcut.weight" in sd else x)
-
+    conv, gn, res = _reference_layers(sd)
     x = conv("encoder.conv_in", images, bias=False)
     levels = len(c["channel_mult"])
     for i in range(levels):

@@ -82,6 +82,27 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _fit(opt, steps: int, base_lr: float, warmup: int, batch_loss, log: _Log, bar, clip=None) -> torch.Tensor:
+    """The plain training loop (generator, classifier): ``steps`` optimiser steps on ``batch_loss()``
+    with :func:`_lr`'s schedule, gradient-norm clipping to 1 of ``clip()``'s parameters when given,
+    the loss logged every 50 steps and at the end. Closes ``bar``; returns the last loss."""
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, base_lr, warmup)
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip(), 1.0)
+        opt.step()
+        bar.update(1)
+        if step % 50 == 49 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.write(step=step + 1, loss=loss.item())
+    bar.close()
+    return loss
+
 # ------------------------------------------------------------------------------------ tokenizer
 def train_tokenizer(out: str, steps: int | None = None, seed: int = 0, *, batch_size: int = 32,
                     progress: bool = True, config: TokenizerConfig = TokenizerConfig()) -> dict:
@@ -179,21 +200,12 @@ def train_generator(out: str, steps: int | None = None, seed: int = 0, *, batch_
     log = _Log(out, "generator")
     bar = _bar(steps, "train generator", progress)
     batches = _batches(len(tokens), batch_size, gen)
-    loss = torch.tensor(0.0)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr, 200)
+
+    def batch_loss():
         idx = next(batches)
-        loss = masked_token_loss(model, tokens[idx], labels[idx], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.update(1)
-        if step % 50 == 49 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            log.write(step=step + 1, loss=loss.item())
-    bar.close()
+        return masked_token_loss(model, tokens[idx], labels[idx], gen)
+
+    loss = _fit(opt, steps, lr, 200, batch_loss, log, bar, clip=model.parameters)
     model.eval()
     # held-out masked-token loss (fixed corruption)
     tok = load_net(os.path.join(out, "tokenizer"), "tokenizer")
@@ -244,20 +256,12 @@ def train_classifier(out: str, steps: int | None = None, seed: int = 0, *, batch
     log = _Log(out, "classifier")
     bar = _bar(steps, "train classifier", progress)
     batches = _batches(len(x), batch_size, gen)
-    loss = torch.tensor(0.0)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, 2e-3, 50)
+
+    def batch_loss():
         idx = next(batches)
-        loss = F.cross_entropy(net(random_shift(x[idx], 2, gen)), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(1)
-        if step % 50 == 49 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            log.write(step=step + 1, loss=loss.item())
-    bar.close()
+        return F.cross_entropy(net(random_shift(x[idx], 2, gen)), y[idx])
+
+    loss = _fit(opt, steps, 2e-3, 50, batch_loss, log, bar)
     net.eval()
     xh, yh = data.load_split("heldout")
     with torch.no_grad():
