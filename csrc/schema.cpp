@@ -5,21 +5,29 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(sgkernels, m) {
-  // logits, guide_logits: [..., V] float32/bfloat16/float16, any strides.
-  // -> tokens int64 [...], logp float32 [...] (untempered guided log-softmax at the token).
+  // logits, guide_logits: [..., V] float32/bfloat16/float16, any strides. top_k (0 = off), top_p
+  // (1 = off), min_p (0 = off): filters of softmax(g / temperature) (sgkernels/ops/filters.py);
+  // confidence: "logp" | "prob" | "margin" | "entropy". seed_tensor / offset_tensor: 0-dim int64
+  // tensors on the logits' device that replace the int seed / offset when given (read by the kernel).
+  // -> tokens int64 [...], logp float32 [...] (untempered, unfiltered guided log-softmax at the
+  //    token), conf float32 [...] (the confidence of each row).
   m.def(
       "guided_sample(Tensor logits, Tensor? guide_logits, float guidance_scale, float temperature, "
-      "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
+      "int top_k, float top_p, float min_p, str confidence, "
+      "int seed, int offset, Tensor? seed_tensor, Tensor? offset_tensor, Tensor(a!) status) -> (Tensor, Tensor, Tensor)");
   // logp float32 [B, N], is_masked bool [B, N], num_to_mask int64 [B] -> remask bool [B, N].
   m.def(
       "remask_lowest_confidence(Tensor logp, Tensor is_masked, Tensor num_to_mask, "
-      "float choice_temperature, int seed, int offset, Tensor(a!) status) -> Tensor");
+      "float choice_temperature, int seed, int offset, Tensor? seed_tensor, Tensor? offset_tensor, "
+      "Tensor(a!) status) -> Tensor");
   // tokens int64 [B, N], is_masked bool [B, N], logits/guide_logits [B, N, V], num_to_mask int64 [B]
+  // filters, confidence (the remask score) and seed/offset tensors as guided_sample.
   // -> (new_tokens int64 [B, N], new_is_masked bool [B, N]).
   m.def(
       "self_guided_step(Tensor tokens, Tensor is_masked, Tensor logits, Tensor? guide_logits, "
       "Tensor num_to_mask, float guidance_scale, float temperature, float choice_temperature, "
-      "int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
+      "int top_k, float top_p, float min_p, str confidence, "
+      "int seed, int offset, Tensor? seed_tensor, Tensor? offset_tensor, Tensor(a!) status) -> (Tensor, Tensor)");
 
   // logits [..., V] float32/bfloat16/float16 (any strides), target [...] integer.
   // -> (loss: [] for "mean"/"sum", [...] for "none", in logits' dtype;

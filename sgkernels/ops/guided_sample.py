@@ -9,12 +9,15 @@ words w0, w1), the running sum in float64, so the tail of the distribution is ke
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _rng
 from .._backend import triton_available
 from . import _status, _validate
 from ._dispatch import choose_impl
+from .filters import ENTROPY_EPS, filters_active, keep_mask_reference
 
 def guided_logits(logits: torch.Tensor, guide_logits: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
     """``guide + (1 + s) * (logits - guide)`` in float32 (``logits`` as float32 when no guide)."""
@@ -25,21 +28,43 @@ def guided_logits(logits: torch.Tensor, guide_logits: torch.Tensor | None, guida
     return u + (1.0 + guidance_scale) * (g - u)
 
 
-def _sample_rows_reference(g: torch.Tensor, temperature: float, u: torch.Tensor):
-    """Inverse-CDF sample of each row of float32 ``g`` [R, V] with uniforms ``u`` [R] (float64)."""
+def _sample_rows_reference(
+    g: torch.Tensor, temperature: float, u: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+    confidence: str = "logp",
+):
+    """Inverse-CDF sample of each row of float32 ``g`` [R, V] with uniforms ``u`` [R] (float64).
+
+    The filters (:mod:`.filters`) act on ``q = softmax(x)``, ``x = g / temperature`` in float64
+    (``x = g`` when ``temperature == 0``); the token is drawn from ``q`` renormalised over the kept
+    tokens (argmax of ``g`` when ``temperature == 0``, always kept). Returns ``tokens`` int64 [R],
+    ``logp`` float32 [R] (untempered, unfiltered ``log_softmax(g)[token]``) and ``conf`` float32 [R],
+    the ``confidence`` score (``logp`` itself for ``"logp"``).
+    """
     g64 = g.double()
     log_z = torch.logsumexp(g64, dim=-1)
+    x = g64 if temperature == 0.0 else g64 / temperature
+    if filters_active(top_k, top_p, min_p):
+        x = x.masked_fill(~keep_mask_reference(x, top_k, top_p, min_p), -math.inf)
+    w = torch.softmax(x, dim=-1)
     if temperature == 0.0:
         tokens = torch.argmax(g64, dim=-1)
     else:
-        w = torch.softmax(g64 / temperature, dim=-1)
         cdf = torch.cumsum(w, dim=-1)
         r = u.to(cdf.device) * cdf[:, -1]
         tokens = (cdf <= r[:, None]).sum(dim=-1)
         last_nonzero = g.shape[-1] - 1 - torch.argmax(torch.flip(w > 0, dims=[-1]).to(torch.int8), dim=-1)
         tokens = torch.minimum(tokens, last_nonzero)
     logp = (g64.gather(-1, tokens[:, None])[:, 0] - log_z).float()
-    return tokens, logp
+    if confidence == "logp":
+        conf = logp
+    elif confidence == "prob":
+        conf = w.gather(-1, tokens[:, None])[:, 0].float()
+    elif confidence == "margin":
+        top2 = torch.topk(w, min(2, w.shape[-1]), dim=-1).values
+        conf = (top2[:, 0] - (top2[:, 1] if w.shape[-1] > 1 else 0.0)).float()
+    else:
+        conf = (w * torch.log(w + ENTROPY_EPS)).sum(-1).float()
+    return tokens, logp, conf
 
 
 def bad_rows(g: torch.Tensor) -> torch.Tensor:
@@ -53,20 +78,30 @@ def guided_sample_reference(
     *,
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
-    seed: int,
-    offset: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    confidence: str | None = None,
+    seed,
+    offset=0,
 ):
-    """Plain-PyTorch spec of :func:`guided_sample` (float64 softmax and CDF, same Philox stream).
+    """Plain-PyTorch spec of :func:`guided_sample` (float64 softmax, sort-based filters, same Philox stream).
 
     Raises ValueError for a row that cannot be sampled (see :func:`bad_rows`).
     """
+    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    seed, offset = _validate.rng_ints(*_validate.check_rng(seed, offset, logits.device))
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     g = guided_logits(logits, guide_logits, guidance_scale).reshape(-1, vocab)
     if bool(bad_rows(g).any()):
         raise ValueError("logits: a sampled row had NaN or +inf guided logits (or all -inf)")
     w0, w1, _, _ = _rng.row_words(seed, offset, torch.arange(g.shape[0], device=g.device))
-    tokens, logp = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
-    return tokens.reshape(lead), logp.reshape(lead)
+    tokens, logp, conf = _sample_rows_reference(
+        g, temperature, _rng.token_uniform(w0, w1), top_k, top_p, min_p, confidence or "logp"
+    )
+    if confidence is None:
+        return tokens.reshape(lead), logp.reshape(lead)
+    return tokens.reshape(lead), logp.reshape(lead), conf.reshape(lead)
 
 
 def guided_sample(
@@ -75,13 +110,21 @@ def guided_sample(
     *,
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
-    seed: int | None = None,
-    offset: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    confidence: str | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
 ):
-    """Sample one token per row from the self-guided logits, in one pass over the logits.
+    """Sample one token per row from the self-guided, tempered, filtered distribution.
 
     ``g = guide + (1 + s) * (logits - guide)`` (``g = logits`` without a guide);
-    ``tokens ~ Categorical(softmax(g / temperature))``, argmax when ``temperature == 0``.
+    ``tokens ~ Categorical(q)``, ``q = softmax(g / temperature)`` restricted to the tokens the
+    filters keep and renormalised; argmax of ``g`` when ``temperature == 0``. The filters
+    (:mod:`sgkernels.ops.filters`: semantics and tie rules) act on ``softmax(g / temperature)``
+    (``softmax(g)`` at ``temperature == 0``). The kernels find the filter thresholds without
+    sorting the vocabulary.
 
     Args:
         logits: ``[..., V]`` float32/bfloat16/float16, any strides (a ``[..., :K]`` slice of a larger
@@ -89,11 +132,17 @@ def guided_sample(
         guide_logits: ``[..., V]``, same shape and device, or None.
         guidance_scale: s; any finite float (s = 0 gives the base logits, up to float rounding).
         temperature: >= 0 token temperature.
-        seed: int in [0, 2**63), or None to draw one from torch's default generator.
-        offset: stream offset (e.g. the step index); the same seed/offset reproduce exactly.
+        top_k: int >= 0, 0 = off. top_p: float in (0, 1], 1 = off. min_p: float in [0, 1], 0 = off.
+        confidence: None (two outputs), or ``"logp" | "prob" | "margin" | "entropy"``: also return
+            that confidence of each row (:mod:`sgkernels.ops.filters`), computed in the same kernel.
+        seed: int in [0, 2**63), a 0-dim int64 tensor on logits' device (read by the kernel: CUDA-graph
+            and ``torch.compile`` safe), or None to draw one from torch's default generator.
+        offset: stream offset (e.g. the step index), int or 0-dim int64 tensor like ``seed``; the same
+            seed/offset reproduce exactly, and tensors give the same tokens as the ints they hold.
     Returns:
-        ``tokens`` int64 ``[...]`` and ``logp`` float32 ``[...]``: ``log_softmax(g)[token]`` under the
-        untempered guided distribution.
+        ``tokens`` int64 ``[...]``, ``logp`` float32 ``[...]``: ``log_softmax(g)[token]`` under the
+        untempered, *unfiltered* guided distribution (so it does not depend on temperature or the
+        filters), and with ``confidence`` given, ``conf`` float32 ``[...]``.
     Raises:
         TypeError/ValueError on bad arguments. A row with NaN/+inf guided logits (or all -inf) raises
         ValueError at once on CPU; on CUDA it sets a device flag that
@@ -105,24 +154,35 @@ def guided_sample(
         _validate.check_same("guide_logits", guide_logits, "logits", logits)
     guidance_scale = _validate.check_guidance_scale(guidance_scale)
     temperature = _validate.check_float("temperature", temperature)
-    seed = _rng.resolve_seed(seed)
-    offset = _rng.check_offset(offset)
+    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    if confidence is not None:
+        _validate.check_confidence(confidence)
+    seed, offset, seed_t, offset_t = _validate.check_rng(seed, offset, logits.device)
     impl = choose_impl(logits.device)
     if impl == "torch":
         return guided_sample_reference(
-            logits, guide_logits, guidance_scale=guidance_scale, temperature=temperature, seed=seed, offset=offset
+            logits, guide_logits, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, confidence=confidence, seed=seed if seed_t is None else seed_t,
+            offset=offset if offset_t is None else offset_t,
         )
     status = _status.status_buffer(logits.device)
     fn = torch.ops.sgkernels.guided_sample if impl == "op" else _triton().guided_sample_triton
-    tokens, logp = fn(logits, guide_logits, guidance_scale, temperature, seed, offset, status)
+    tokens, logp, conf = fn(
+        logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence or "logp", seed, offset,
+        seed_t, offset_t, status,
+    )
     _status.check_now_if_cpu(logits.device)
-    return tokens, logp
+    if confidence is None:
+        return tokens, logp
+    return tokens, logp, conf
 
 
 @torch.library.register_fake("sgkernels::guided_sample")
-def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, seed, offset, status):
+def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence, seed,
+                        offset, seed_tensor, offset_tensor, status):
     lead = logits.shape[:-1]
-    return logits.new_empty(lead, dtype=torch.int64), logits.new_empty(lead, dtype=torch.float32)
+    return (logits.new_empty(lead, dtype=torch.int64), logits.new_empty(lead, dtype=torch.float32),
+            logits.new_empty(lead, dtype=torch.float32))
 
 
 def _triton():

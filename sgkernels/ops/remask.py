@@ -19,7 +19,7 @@ from . import _status, _validate
 from ._dispatch import choose_impl
 
 
-def confidence_reference(logp: torch.Tensor, choice_temperature: float, seed: int, offset: int) -> torch.Tensor:
+def noisy_confidence_reference(logp: torch.Tensor, choice_temperature: float, seed: int, offset: int) -> torch.Tensor:
     """``logp + choice_temperature * G`` in float32, ``G`` the Gumbel noise of each flattened position."""
     rows = torch.arange(logp.numel(), device=logp.device)
     _, _, w2, w3 = _rng.row_words(seed, offset, rows)
@@ -42,14 +42,15 @@ def remask_reference(
     num_to_mask,
     *,
     choice_temperature: float = 0.0,
-    seed: int,
-    offset: int = 0,
+    seed,
+    offset=0,
 ) -> torch.Tensor:
     """Plain-PyTorch spec of :func:`remask_lowest_confidence` (a stable sort per row)."""
+    seed, offset = _validate.rng_ints(*_validate.check_rng(seed, offset, logp.device))
     n = _validate.num_to_mask_tensor(num_to_mask, logp.shape[0], logp.device)
     if bool((n < 0).any()):
         raise ValueError("num_to_mask: expected values >= 0, got a negative entry")
-    conf = confidence_reference(logp, choice_temperature, seed, offset)
+    conf = noisy_confidence_reference(logp, choice_temperature, seed, offset)
     return select_lowest_reference(conf, is_masked, n)
 
 
@@ -59,8 +60,8 @@ def remask_lowest_confidence(
     num_to_mask,
     *,
     choice_temperature: float = 0.0,
-    seed: int | None = None,
-    offset: int = 0,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """Choose which sampled positions to mask again: the lowest-confidence candidates of each row.
 
@@ -69,7 +70,8 @@ def remask_lowest_confidence(
         is_masked: ``[B, N]`` bool, the candidates (positions sampled this step).
         num_to_mask: int, or int64 tensor ``[B]`` on logp's device (never read on the host).
         choice_temperature: tau >= 0, scale of the Gumbel noise added to ``logp``.
-        seed, offset: the RNG stream (see :mod:`sgkernels._rng`); seed None draws from torch.
+        seed, offset: the RNG stream (see :mod:`sgkernels._rng`); seed None draws from torch. Either
+            may be a 0-dim int64 tensor on logp's device, read by the kernel (as :func:`guided_sample`).
     Returns:
         bool ``[B, N]``: exactly ``min(num_to_mask[b], #candidates[b])`` True per row, only at candidates.
     Raises:
@@ -85,20 +87,20 @@ def remask_lowest_confidence(
     _validate.check_mask("is_masked", is_masked, logp.shape, logp.device)
     n = _validate.num_to_mask_tensor(num_to_mask, logp.shape[0], logp.device)
     tau = _validate.check_float("choice_temperature", choice_temperature)
-    seed = _rng.resolve_seed(seed)
-    offset = _rng.check_offset(offset)
+    seed, offset, seed_t, offset_t = _validate.check_rng(seed, offset, logp.device)
     impl = choose_impl(logp.device)
     if impl == "torch":
-        return remask_reference(logp, is_masked, n, choice_temperature=tau, seed=seed, offset=offset)
+        return remask_reference(logp, is_masked, n, choice_temperature=tau, seed=seed if seed_t is None else seed_t,
+                                offset=offset if offset_t is None else offset_t)
     status = _status.status_buffer(logp.device)
     fn = torch.ops.sgkernels.remask_lowest_confidence if impl == "op" else _triton().remask_triton
-    out = fn(logp.float(), is_masked, n, tau, seed, offset, status)
+    out = fn(logp.float(), is_masked, n, tau, seed, offset, seed_t, offset_t, status)
     _status.check_now_if_cpu(logp.device)
     return out
 
 
 @torch.library.register_fake("sgkernels::remask_lowest_confidence")
-def _remask_fake(logp, is_masked, num_to_mask, choice_temperature, seed, offset, status):
+def _remask_fake(logp, is_masked, num_to_mask, choice_temperature, seed, offset, seed_tensor, offset_tensor, status):
     return torch.empty_like(is_masked)
 
 

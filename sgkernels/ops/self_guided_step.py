@@ -17,13 +17,17 @@ from .._backend import triton_available
 from . import _status, _validate
 from ._dispatch import choose_impl
 from .guided_sample import _sample_rows_reference, bad_rows, guided_logits
-from .remask import confidence_reference, select_lowest_reference
+from .remask import noisy_confidence_reference, select_lowest_reference
 
 
 def self_guided_step_reference(
-    tokens, is_masked, logits, guide_logits, num_to_mask, *, guidance_scale, temperature, choice_temperature, seed, offset=0
+    tokens, is_masked, logits, guide_logits, num_to_mask, *, guidance_scale, temperature, choice_temperature,
+    top_k=0, top_p=1.0, min_p=0.0, confidence="logp", seed, offset=0
 ):
     """Plain-PyTorch spec of :func:`self_guided_step`."""
+    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    _validate.check_confidence(confidence)
+    seed, offset = _validate.rng_ints(*_validate.check_rng(seed, offset, logits.device))
     batch, n_tok, vocab = logits.shape
     n = _validate.num_to_mask_tensor(num_to_mask, batch, logits.device)
     if bool((n < 0).any()):
@@ -34,12 +38,14 @@ def self_guided_step_reference(
     if bool(bad_rows(g).any()):
         raise ValueError("logits: a sampled row had NaN or +inf guided logits (or all -inf)")
     w0, w1, _, _ = _rng.row_words(seed, offset, rows)
-    sampled, logp_rows = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
+    sampled, _, conf_rows = _sample_rows_reference(
+        g, temperature, _rng.token_uniform(w0, w1), top_k, top_p, min_p, confidence
+    )
     new_tokens = tokens.reshape(-1).clone()
-    logp = torch.zeros(batch * n_tok, dtype=torch.float32, device=logits.device)
+    score = torch.zeros(batch * n_tok, dtype=torch.float32, device=logits.device)
     new_tokens[rows] = sampled.to(new_tokens.dtype)
-    logp[rows] = logp_rows
-    conf = confidence_reference(logp.reshape(batch, n_tok), choice_temperature, seed, offset)
+    score[rows] = conf_rows
+    conf = noisy_confidence_reference(score.reshape(batch, n_tok), choice_temperature, seed, offset)
     remask = select_lowest_reference(conf, is_masked, n)
     new_tokens = torch.where(remask, tokens, new_tokens.reshape(batch, n_tok))
     return new_tokens, remask
@@ -55,8 +61,12 @@ def self_guided_step(
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
     choice_temperature: float = 0.0,
-    seed: int | None = None,
-    offset: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    confidence: str = "logp",
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
 ):
     """One fused MaskGIT step: sample masked positions, re-mask the least confident.
 
@@ -66,7 +76,14 @@ def self_guided_step(
         logits, guide_logits: ``[B, N, V]`` float32/bfloat16/float16 (guide may be None), any strides.
         num_to_mask: int or int64 tensor ``[B]``: how many just-sampled positions to mask again.
         guidance_scale, temperature, choice_temperature: s, t_tok >= 0, tau >= 0.
-        seed, offset: the RNG stream; use a distinct offset per step (e.g. the step index).
+        top_k, top_p, min_p: token filters on the tempered guided distribution, as :func:`guided_sample`.
+        confidence: the remask score ``c`` (ranked as ``c + tau * Gumbel``, lowest re-masked):
+            ``"logp"`` (default: the untempered, unfiltered log-probability of the sampled token,
+            MaskGIT's), or Dream's ``"prob" | "margin" | "entropy"`` of the filtered tempered
+            distribution (:mod:`sgkernels.ops.filters`); computed by the sampling pass itself.
+        seed, offset: the RNG stream; use a distinct offset per step (e.g. the step index). Either may
+            be a 0-dim int64 tensor on logits' device, read by the kernels: a CUDA graph or a compiled
+            step replays with the value it holds (update it in place between replays).
     Returns:
         ``new_tokens`` int64 ``[B, N]`` and ``new_is_masked`` bool ``[B, N]``. A known position is
         never re-masked.
@@ -94,24 +111,28 @@ def self_guided_step(
     guidance_scale = _validate.check_guidance_scale(guidance_scale)
     temperature = _validate.check_float("temperature", temperature)
     tau = _validate.check_float("choice_temperature", choice_temperature)
-    seed = _rng.resolve_seed(seed)
-    offset = _rng.check_offset(offset)
+    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    _validate.check_confidence(confidence)
+    seed, offset, seed_t, offset_t = _validate.check_rng(seed, offset, logits.device)
     tokens = tokens.to(torch.int64)
     impl = choose_impl(logits.device)
     if impl == "torch":
         return self_guided_step_reference(
             tokens, is_masked, logits, guide_logits, n, guidance_scale=guidance_scale, temperature=temperature,
-            choice_temperature=tau, seed=seed, offset=offset,
+            choice_temperature=tau, top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence,
+            seed=seed if seed_t is None else seed_t, offset=offset if offset_t is None else offset_t,
         )
     status = _status.status_buffer(logits.device)
     fn = torch.ops.sgkernels.self_guided_step if impl == "op" else _triton().self_guided_step_triton
-    out = fn(tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset, status)
+    out = fn(tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, top_k, top_p, min_p,
+             confidence, seed, offset, seed_t, offset_t, status)
     _status.check_now_if_cpu(logits.device)
     return out
 
 
 @torch.library.register_fake("sgkernels::self_guided_step")
-def _self_guided_step_fake(tokens, is_masked, logits, guide_logits, num_to_mask, s, t, tau, seed, offset, status):
+def _self_guided_step_fake(tokens, is_masked, logits, guide_logits, num_to_mask, s, t, tau, top_k, top_p, min_p,
+                           confidence, seed, offset, seed_tensor, offset_tensor, status):
     return torch.empty_like(tokens), torch.empty_like(is_masked)
 
 
