@@ -85,7 +85,9 @@ class TestContract(OpContract):
         logp, is_masked = random_case(3, 20, seed=2)
         status = torch.zeros(1, dtype=torch.int32, device=device)
         n = torch.tensor([2, 0, 30], device=device)
-        return [(OP, (logp.to(device), is_masked.to(device), n, 1.5, 4, 1, status))]
+        return [(OP, (logp.to(device), is_masked.to(device), n, 1.5, 4, 1, None, None, status)),
+                (OP, (logp.to(device), is_masked.to(device), n, 1.5, 0, 0, torch.tensor(4, device=device),
+                      torch.tensor(1, device=device), status))]
 
 
 def run(backend, logp, is_masked, n, **kw):
@@ -124,7 +126,7 @@ def test_gumbel_noise_is_rng(kernel):
     logp = torch.zeros(batch, n_pos, device=kernel.device)
     is_masked = torch.ones(batch, n_pos, dtype=torch.bool, device=kernel.device)
     nums = torch.full((batch,), 17, dtype=torch.int64, device=kernel.device)
-    out = raw_kernel(kernel, OP)(logp, is_masked, nums, 1.0, 99, 6, status_word(kernel))
+    out = raw_kernel(kernel, OP)(logp, is_masked, nums, 1.0, 99, 6, None, None, status_word(kernel))
     _, _, w2, w3 = _rng.row_words(99, 6, torch.arange(batch * n_pos))
     g = _rng.gumbel(w2, w3).reshape(batch, n_pos)
     idx = torch.argsort(g, dim=-1, stable=True)[:, :17]
@@ -167,7 +169,7 @@ def test_nan_logp_ordered_like_reference(kernel):
     d = kernel.device
     for k in range(9):
         n = torch.tensor([k])
-        out = raw_kernel(kernel, OP)(logp.to(d), is_masked.to(d), n.to(d), 0.0, 1, 0, status_word(kernel))
+        out = raw_kernel(kernel, OP)(logp.to(d), is_masked.to(d), n.to(d), 0.0, 1, 0, None, None, status_word(kernel))
         assert torch.equal(out.cpu(), sgk.remask_reference(logp, is_masked, n, choice_temperature=0.0, seed=1)), k
 
 
@@ -202,7 +204,7 @@ def test_negative_num_sets_status(kernel):
     d = kernel.device
     logp, is_masked = -torch.rand(3, 10, device=d), torch.ones(3, 10, dtype=torch.bool, device=d)
     status = status_word(kernel)
-    out = raw_kernel(kernel, OP)(logp, is_masked, torch.tensor([2, -1, 3], device=d), 1.0, 0, 0, status)
+    out = raw_kernel(kernel, OP)(logp, is_masked, torch.tensor([2, -1, 3], device=d), 1.0, 0, 0, None, None, status)
     assert int(status.item()) == 2
     assert out.sum(-1).tolist() == [2, 0, 3]
 
@@ -210,7 +212,7 @@ def test_negative_num_sets_status(kernel):
 def test_status_untouched_by_good_calls(kernel):
     status = status_word(kernel)
     x = torch.randn(8, 12, device=kernel.device)
-    raw_kernel(kernel, OP)(x, x > 0, torch.full((8,), 3, device=kernel.device), 1.0, 1, 2, status)
+    raw_kernel(kernel, OP)(x, x > 0, torch.full((8,), 3, device=kernel.device), 1.0, 1, 2, None, None, status)
     assert int(status.item()) == 0
 
 
@@ -249,7 +251,7 @@ def test_triton_rejects_long_rows():
     logp = torch.zeros(1, S.MAX_REMASK_N + 1, device=device)
     status = torch.zeros(1, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="N <= 4096"):
-        S.remask_triton(logp, logp < 0, torch.zeros(1, dtype=torch.int64, device=device), 0.0, 0, 0, status)
+        S.remask_triton(logp, logp < 0, torch.zeros(1, dtype=torch.int64, device=device), 0.0, 0, 0, None, None, status)
 
 
 @pytest.mark.slow

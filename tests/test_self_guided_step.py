@@ -90,7 +90,9 @@ class TestContract(OpContract):
         tokens, is_masked, logits, guide = (t.to(device) for t in case(2, 12, 17, seed=3))
         status = torch.zeros(1, dtype=torch.int32, device=device)
         n = torch.tensor([2, 3], device=device)
-        return [(OP, (tokens, is_masked, logits, guide, n, 1.0, 1.0, 3.0, 5, 2, status))]
+        return [(OP, (tokens, is_masked, logits, guide, n, 1.0, 1.0, 3.0, 0, 1.0, 0.0, "logp", 5, 2, None, None, status)),
+                (OP, (tokens, is_masked, logits, guide, n, 1.0, 0.8, 3.0, 4, 0.9, 0.1, "prob", 0, 0,
+                      torch.tensor(5, device=device), torch.tensor(2, device=device), status))]
 
 
 def run(backend, *args, **kw):
@@ -166,7 +168,7 @@ def test_known_rows_are_not_read(backend):
 def _status_after_step(kernel, logits, tokens, is_masked, guide, n):
     d = kernel.device
     status = status_word(kernel)
-    out = raw_kernel(kernel, OP)(tokens.to(d), is_masked.to(d), logits.to(d), guide.to(d), n.to(d), 1.0, 1.0, 2.0, 5, 0, status)
+    out = raw_kernel(kernel, OP)(tokens.to(d), is_masked.to(d), logits.to(d), guide.to(d), n.to(d), 1.0, 1.0, 2.0, 0, 1.0, 0.0, "logp", 5, 0, None, None, status)
     return int(status.item()), out
 
 
