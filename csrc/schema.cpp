@@ -1,7 +1,8 @@
 // Every op of the torch.ops.sgkernels namespace: the schemas. Kernels: CPU in csrc/cpu/, CUDA in
 // csrc/cuda/ (vq_lookup) or Triton (sgkernels/kernels/, registered from sgkernels/ops/), fake
-// kernels and references in sgkernels/ops/. `status` is the int32 status word the kernels OR
-// common/status_bits.h bits into on bad input.
+// kernels and references in sgkernels/ops/. `status` is the int32 status word the CUDA (Triton)
+// kernels OR common/status_bits.h bits into on bad input; the CPU kernels raise ValueError per
+// call instead and leave it untouched.
 #include <torch/library.h>
 
 TORCH_LIBRARY(sgkernels, m) {

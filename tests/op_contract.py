@@ -128,6 +128,30 @@ def status_word(backend: Backend) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=backend.device)
 
 
+def kernel_status(backend: Backend, op: str, *args):
+    """``(flags, out)`` of one raw kernel call (``args`` without the status word).
+
+    Triton / CUDA: the bits the kernel ORed into a fresh status word, and its outputs. The C++ CPU
+    kernels raise ``ValueError`` per call instead and never write the word: the bits their message
+    names (``_status``'s messages), and ``out`` None when it raised.
+    """
+    from sgkernels._status_bits import NEGATIVE_NUM_TO_MASK, NONFINITE_LOGITS
+
+    status = status_word(backend)
+    if backend.name != "cpp":
+        out = raw_kernel(backend, op)(*args, status)
+        return int(status.item()), out
+    try:
+        out = raw_kernel(backend, op)(*args, status)
+    except ValueError as err:
+        assert int(status.item()) == 0, "the C++ CPU kernels must not write the shared status word"
+        msg = str(err)
+        assert msg.startswith("sgkernels (cpu): "), msg
+        return (NONFINITE_LOGITS if "logits: " in msg else 0) | (NEGATIVE_NUM_TO_MASK if "num_to_mask: " in msg else 0), None
+    assert int(status.item()) == 0
+    return 0, out
+
+
 def shrink_tiles(monkeypatch, module, tile: int) -> None:
     """Force a Triton kernel module's multi-tile path on small vocabularies (tiles of ``tile``)."""
     monkeypatch.setattr(module, "_MAX_SINGLE_TILE_V", tile)

@@ -19,7 +19,7 @@ from op_contract import (
     run_on,
     run_under_isa,
     shrink_tiles,
-    status_word,
+    kernel_status,
 )
 
 import sgkernels as sgk
@@ -165,11 +165,32 @@ def test_known_rows_are_not_read(backend):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("s", [0.0, -1.0, 1.5])
+def test_blend_minus_inf(backend, s):
+    """guided_sample's blend rule in the step: s = 0 (s = -1) is the logits (guide) alone, NaN in the
+    dropped term included; -inf in either term of nonzero coefficient is never sampled."""
+    tokens, is_masked, logits, guide = case(2, 16, 30, seed=12)
+    logits[..., 20:] = float("-inf")
+    guide[..., 15:25] = float("-inf")
+    if s == 0.0:
+        guide[..., 2] = float("nan")
+    if s == -1.0:
+        logits[..., 2] = float("nan")
+    kw = dict(KW, guidance_scale=s)
+    new_tokens, new_mask = run(backend, tokens, is_masked, logits, guide, 3, **kw)
+    ref = sgk.self_guided_step_reference(tokens, is_masked, logits, guide, 3, **kw)
+    assert torch.equal(new_tokens, ref[0]) and torch.equal(new_mask, ref[1])
+    if s in (0.0, -1.0):
+        alone = run(backend, tokens, is_masked, logits if s == 0.0 else guide, None, 3, **kw)
+        assert torch.equal(new_tokens, alone[0]) and torch.equal(new_mask, alone[1])
+    else:
+        sampled = new_tokens[is_masked & ~new_mask]
+        assert bool((sampled < 15).all())
+
+
 def _status_after_step(kernel, logits, tokens, is_masked, guide, n):
     d = kernel.device
-    status = status_word(kernel)
-    out = raw_kernel(kernel, OP)(tokens.to(d), is_masked.to(d), logits.to(d), guide.to(d), n.to(d), 1.0, 1.0, 2.0, 0, 1.0, 0.0, "logp", 5, 0, None, None, status)
-    return int(status.item()), out
+    return kernel_status(kernel, OP, tokens.to(d), is_masked.to(d), logits.to(d), guide.to(d), n.to(d), 1.0, 1.0, 2.0, 0, 1.0, 0.0, "logp", 5, 0, None, None)
 
 
 @pytest.mark.parametrize("tiles", ["1tile", "tiles"])

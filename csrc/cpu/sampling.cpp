@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -79,7 +80,7 @@ const void* contiguous_row(const char* p, int64_t stride, int64_t v, int64_t es,
 struct SampleParams {
   int64_t vocab;
   float one_plus_s;       // 1 + guidance_scale
-  float inv_temperature;  // 1 / temperature (clamped to FLT_MAX)
+  float inv_temperature;  // 1 / temperature (clamped to [FLT_MIN, FLT_MAX])
   bool argmax;            // temperature == 0
   LoadFn load;            // for the logits' and the guide's dtypes
   int64_t logits_itemsize, guide_itemsize;
@@ -128,8 +129,10 @@ SampleParams make_params(const at::Tensor& logits, const std::optional<at::Tenso
   p.one_plus_s = static_cast<float>(1.0 + s);
   p.argmax = t == 0.0;
   const double inv = p.argmax ? 1.0 : 1.0 / t;
-  p.inv_temperature =
-      inv > std::numeric_limits<float>::max() ? std::numeric_limits<float>::max() : static_cast<float>(inv);
+  // clamped to [FLT_MIN, FLT_MAX]: a tiny T acts as argmax over the maxima, a huge T as uniform
+  // over the finite entries (never 0 * -inf)
+  p.inv_temperature = static_cast<float>(std::min<double>(
+      std::max<double>(inv, std::numeric_limits<float>::min()), std::numeric_limits<float>::max()));
   p.kernels = &SGK_PER_ISA(kSampleKernels);
   const int logits_dtype = dtype_index(logits.scalar_type());
   p.logits_itemsize = logits.element_size();
@@ -293,8 +296,32 @@ int num_threads_for(int64_t work) {
   return work < 32768 ? 1 : std::max(nt, 1);
 }
 
-void or_status(const at::Tensor& status, int flags) {
-  if (flags != 0) status.mutable_data_ptr<int32_t>()[0] |= flags;
+// Bad input found by this call's kernel: a ValueError, per call (never a shared flag, so threads
+// calling at once get their own errors only). The messages are sgkernels/ops/_status.py's.
+void raise_flags(int flags) {
+  if (flags == 0) return;
+  std::string msg = "sgkernels (cpu): ";
+  if (flags & status::NONFINITE_LOGITS) {
+    msg += "logits: a sampled row had NaN or +inf guided logits (or all -inf); its token is meaningless";
+  }
+  if (flags & status::NEGATIVE_NUM_TO_MASK) {
+    if (flags & status::NONFINITE_LOGITS) msg += "; ";
+    msg += "num_to_mask: expected values >= 0, got a negative entry";
+  }
+  TORCH_CHECK_VALUE(false, msg);
+}
+
+// The blend's terms whose coefficient is 0 are dropped: s == 0 reads the logits alone, s == -1
+// (1 + s == 0) the guide alone, so a NaN/inf in a dropped term has no effect.
+struct Terms {
+  at::Tensor base;
+  std::optional<at::Tensor> guide;
+};
+
+Terms blend_terms(const at::Tensor& logits, const std::optional<at::Tensor>& guide, double s) {
+  if (!guide.has_value() || s == 0.0) return {logits, std::nullopt};
+  if (1.0 + s == 0.0) return {*guide, std::nullopt};
+  return {logits, guide};
 }
 
 void check_status(const at::Tensor& status) {
@@ -323,15 +350,18 @@ void check_common(const at::Tensor& logits, const std::optional<at::Tensor>& gui
 
 // ------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
-    const at::Tensor& logits, const std::optional<at::Tensor>& guide, double guidance_scale, double temperature,
+    const at::Tensor& logits_in, const std::optional<at::Tensor>& guide_in, double guidance_scale, double temperature,
     int64_t top_k, double top_p, double min_p, c10::string_view confidence, int64_t seed, int64_t offset,
     const std::optional<at::Tensor>& seed_tensor, const std::optional<at::Tensor>& offset_tensor,
     const at::Tensor& status) {
   seed = rng_value("seed", seed, seed_tensor);
   offset = rng_value("offset", offset, offset_tensor);
-  check_common(logits, guide, temperature, seed, offset);
+  check_common(logits_in, guide_in, temperature, seed, offset);
   TORCH_CHECK(std::isfinite(guidance_scale), "guidance_scale: expected a finite float");
   check_status(status);
+  const Terms terms = blend_terms(logits_in, guide_in, guidance_scale);
+  const at::Tensor& logits = terms.base;
+  const std::optional<at::Tensor>& guide = terms.guide;
   const auto lead = logits.sizes().slice(0, logits.dim() - 1);
   at::Tensor tokens = at::empty(lead, logits.options().dtype(at::kLong));
   at::Tensor logp = at::empty(lead, logits.options().dtype(at::kFloat));
@@ -376,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
       if (o.bad) flags |= status::NONFINITE_LOGITS;
     }
   }
-  or_status(status, flags);
+  raise_flags(flags);
   return {tokens, logp, conf};
 }
 
@@ -431,14 +461,14 @@ at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const
     }
     mark_smallest(keys, nb, outp + b * n_tok);
   }
-  or_status(status, flags);
+  raise_flags(flags);
   return out;
 }
 
 // ------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens, const at::Tensor& is_masked,
-                                                        const at::Tensor& logits,
-                                                        const std::optional<at::Tensor>& guide,
+                                                        const at::Tensor& logits_in,
+                                                        const std::optional<at::Tensor>& guide_in,
                                                         const at::Tensor& num_to_mask, double guidance_scale,
                                                         double temperature, double choice_temperature, int64_t top_k,
                                                         double top_p, double min_p, c10::string_view confidence,
@@ -448,7 +478,10 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
                                                         const at::Tensor& status) {
   seed = rng_value("seed", seed, seed_tensor);
   offset = rng_value("offset", offset, offset_tensor);
-  check_common(logits, guide, temperature, seed, offset);
+  check_common(logits_in, guide_in, temperature, seed, offset);
+  const Terms terms = blend_terms(logits_in, guide_in, guidance_scale);
+  const at::Tensor& logits = terms.base;
+  const std::optional<at::Tensor>& guide = terms.guide;
   TORCH_CHECK(logits.dim() == 3, "logits: expected shape [B, N, V], got ", logits.sizes());
   TORCH_CHECK(std::isfinite(guidance_scale), "guidance_scale: expected a finite float");
   TORCH_CHECK(std::isfinite(choice_temperature) && choice_temperature >= 0.0,
@@ -534,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
       }
     }
   }
-  or_status(status, flags);
+  raise_flags(flags);
   return {new_tokens, new_mask};
 }
 

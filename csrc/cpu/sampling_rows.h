@@ -2,7 +2,9 @@
 // float32 row buffer g. Every row is processed as:
 //   load:       g[i] = guide[i] + (1 + s) * (logits[i] - guide[i]) (or logits[i]) in float32 for
 //               i < V, g[i] = -inf for V <= i < Vp (Vp = V rounded up to kBlock), returning max(g)
-//               and whether any g[i] is NaN or +inf;
+//               and whether any g[i] is NaN or +inf. With a guide (the caller drops the term whose
+//               coefficient, 1 + s or -s, is 0): g[i] = NaN if either term is NaN or +inf, else
+//               -inf if either term is -inf (the token is excluded), else the formula;
 //   exp_blocks: e[i] = exp((g[i] - M) * inv_temperature), the float64 sum of each kBlock block and of all;
 //   sum_exp:    sum_i exp(g[i] - M) (float32 inside a block, float64 across blocks).
 // One implementation per ISA (common/isa.h): portable scalar code (vectorised by the compiler),
@@ -68,11 +70,15 @@ LoadResult load(const void* logits, const void* guide_v, int64_t v, int64_t vp, 
       g[i] = x;
     }
   } else {
+    constexpr float nan = std::numeric_limits<float>::quiet_NaN();
     for (int64_t i = 0; i < v; ++i) {
-      const float gi = static_cast<float>(guide[i]);
-      float p = one_plus_s * (static_cast<float>(l[i]) - gi);
+      const float li = static_cast<float>(l[i]), gi = static_cast<float>(guide[i]);
+      float p = one_plus_s * (li - gi);
       SGK_NO_CONTRACT(p);
-      const float x = gi + p;
+      float x = gi + p;
+      // the blend rule of non-finite terms (see the header comment)
+      x = (li == -inf || gi == -inf) ? -inf : x;
+      x = (!(li < inf) || !(gi < inf)) ? nan : x;
       bad |= !(x < inf);
       m = x > m ? x : m;
       g[i] = x;
@@ -149,7 +155,12 @@ SGK_INLINE __m256 guided8(const TLogit* l, const TGuide* guide, __m256 one_plus_
     const __m256 gu = Load8<TGuide>::run(guide);
     __m256 p = _mm256_mul_ps(one_plus_s, _mm256_sub_ps(x, gu));
     SGK_NO_CONTRACT(p);
-    return _mm256_add_ps(gu, p);
+    const __m256 pinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m256 neg = _mm256_or_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), _mm256_cmp_ps(gu, ninf, _CMP_EQ_OQ));
+    const __m256 bad = _mm256_or_ps(_mm256_cmp_ps(x, pinf, _CMP_NLT_UQ), _mm256_cmp_ps(gu, pinf, _CMP_NLT_UQ));
+    const __m256 y = _mm256_blendv_ps(_mm256_add_ps(gu, p), ninf, neg);
+    return _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), bad);
   }
 }
 
@@ -297,7 +308,12 @@ SGK_INLINE __m512 guided16(__m512 x, const TGuide* guide, __m512 one_plus_s, __m
     const __m512 gu = masked ? Load16<TGuide>::run_masked(guide, k) : Load16<TGuide>::run(guide);
     __m512 p = _mm512_mul_ps(one_plus_s, _mm512_sub_ps(x, gu));
     SGK_NO_CONTRACT(p);
-    return _mm512_add_ps(gu, p);
+    const __m512 pinf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ) | _mm512_cmp_ps_mask(gu, ninf, _CMP_EQ_OQ);
+    const __mmask16 bad = _mm512_cmp_ps_mask(x, pinf, _CMP_NLT_UQ) | _mm512_cmp_ps_mask(gu, pinf, _CMP_NLT_UQ);
+    const __m512 y = _mm512_mask_blend_ps(neg, _mm512_add_ps(gu, p), ninf);
+    return _mm512_mask_blend_ps(bad, y, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
   }
 }
 

@@ -91,11 +91,18 @@ def _gumbel(w2, w3):
 
 @triton.jit
 def _load_guided(l_ptrs, guide_ptrs, m, one_plus_s, HAS_GUIDE: tl.constexpr):
-    """``guide + one_plus_s * (l - guide)`` in float32 (``l`` without guide); -inf where ``m`` is False."""
+    """``guide + one_plus_s * (l - guide)`` in float32 (``l`` without guide); -inf where ``m`` is False.
+
+    The blend rule of ``guided_sample`` (the launcher drops a term whose coefficient is 0): -inf in
+    either term gives -inf, NaN or +inf in either gives NaN.
+    """
     x = tl.load(l_ptrs, mask=m, other=0.0).to(tl.float32)
     if HAS_GUIDE:
         y = tl.load(guide_ptrs, mask=m, other=0.0).to(tl.float32)
-        x = y + one_plus_s * (x - y)
+        b = y + one_plus_s * (x - y)
+        b = tl.where((x == float("-inf")) | (y == float("-inf")), float("-inf"), b)
+        bad_term = (x != x) | (x == float("inf")) | (y != y) | (y == float("inf"))
+        x = tl.where(bad_term, float("nan"), b)
     return tl.where(m, x, float("-inf"))
 
 
@@ -642,6 +649,8 @@ def _sampler_config(n_rows: int, vocab: int):
     return block_r, block_v, num_tiles, num_warps
 
 
+_FLT_MIN = 1.1754943508222875e-38
+_FLT_MAX = 3.4028234663852886e38
 _CONF_CODES = {"logp": 0, "prob": 1, "margin": 2, "entropy": 3}
 
 
@@ -651,7 +660,14 @@ def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, tem
     block_r, block_v, num_tiles, num_warps = _sampler_config(n_rows, vocab)
     greedy = temperature == 0.0
     temp_one = temperature == 1.0
-    inv_temperature = 1.0 if (greedy or temp_one) else 1.0 / temperature
+    # clamped to [FLT_MIN, FLT_MAX] as the C++ kernels: a tiny T is argmax over the maxima, a huge
+    # one uniform over the finite entries (never inf * 0 or -inf * 0)
+    inv_temperature = 1.0 if (greedy or temp_one) else min(max(1.0 / temperature, _FLT_MIN), _FLT_MAX)
+    # the blend's terms of coefficient 0 are dropped: s == 0 reads the logits, 1 + s == 0 the guide
+    if guide is not None and guidance_scale == 0.0:
+        guide = None
+    elif guide is not None and 1.0 + guidance_scale == 0.0:
+        x, guide = guide, None
     filtered = (0 < top_k < vocab) or top_p < 1.0 or min_p > 0.0
     has_guide = guide is not None
     if guide is None:

@@ -31,3 +31,27 @@ def choose_impl(device: torch.device, *, has_cpp_cuda: bool = False) -> str:
     if device.type == "cpu" or (device.type == "cuda" and (has_cpp_cuda or triton_available())):
         return "op"
     return "torch"
+
+
+def call_sampling_kernel(op: str, triton_fn, impl: str, device: torch.device, *args):
+    """Run a sampling op's kernel (``impl`` "op" or "triton") with its bad-input report.
+
+    * C++ CPU kernels (``impl == "op"`` on CPU) raise ``ValueError`` themselves, per call: the status
+      word they are handed is never written, and nothing is read on the host;
+    * Triton in the interpreter (CPU tensors): a fresh status word for this call, read right after;
+    * CUDA: the device's status word, raised later by :func:`sgkernels.check_errors` (no sync per step).
+
+    Per call on CPU, so threads calling at once get their own errors only.
+    """
+    from . import _status
+
+    if device.type == "cpu" and impl != "op":
+        status = torch.zeros(1, dtype=torch.int32)
+        out = triton_fn(*args, status)
+        flags = int(status.item())
+        if flags:
+            msgs = [m for bit, m in _status._MESSAGES.items() if flags & bit]
+            raise ValueError(f"sgkernels ({device}): " + "; ".join(msgs))
+        return out
+    fn = getattr(torch.ops.sgkernels, op) if impl == "op" else triton_fn
+    return fn(*args, _status.status_buffer(device))

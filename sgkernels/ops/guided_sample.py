@@ -15,17 +15,33 @@ import torch
 
 from .. import _rng
 from .._backend import triton_available
-from . import _status, _validate
-from ._dispatch import choose_impl
+from . import _validate
+from ._dispatch import call_sampling_kernel, choose_impl
 from .filters import ENTROPY_EPS, filters_active, keep_mask_reference
 
+BLEND_RULE = """The blend ``g = guide + (1 + s) * (logits - guide)``, i.e. ``(1 + s) * logits + (-s) * guide``,
+    in float32, with non-finite terms defined exactly:
+
+    * a term whose coefficient is 0 does not contribute at all: ``s = 0`` gives exactly the logits,
+      ``s = -1`` exactly the guide (a NaN or inf in the dropped term has no effect);
+    * otherwise a token that is -inf in either term is excluded (g = -inf), whatever the signs of
+      the coefficients (banned tokens, top-k/top-p filters applied upstream);
+    * NaN or +inf in either term makes g NaN: the row cannot be sampled (an error).
+    """
+
+
 def guided_logits(logits: torch.Tensor, guide_logits: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-    """``guide + (1 + s) * (logits - guide)`` in float32 (``logits`` as float32 when no guide)."""
-    g = logits.float()
-    if guide_logits is None:
-        return g
+    """The guided logits ``g`` [..., V] float32 (``logits`` as float32 when no guide): see :data:`BLEND_RULE`."""
+    if guide_logits is None or guidance_scale == 0.0:
+        return logits.float()
     u = guide_logits.float()
-    return u + (1.0 + guidance_scale) * (g - u)
+    if 1.0 + guidance_scale == 0.0:
+        return u
+    g = logits.float()
+    x = u + (1.0 + guidance_scale) * (g - u)
+    x = torch.where(torch.isneginf(g) | torch.isneginf(u), float("-inf"), x)
+    bad_term = torch.isnan(g) | torch.isposinf(g) | torch.isnan(u) | torch.isposinf(u)
+    return torch.where(bad_term, float("nan"), x)
 
 
 def _sample_rows_reference(
@@ -41,8 +57,11 @@ def _sample_rows_reference(
     the ``confidence`` score (``logp`` itself for ``"logp"``).
     """
     g64 = g.double()
-    log_z = torch.logsumexp(g64, dim=-1)
-    x = g64 if temperature == 0.0 else g64 / temperature
+    # log-probabilities relative to the row max (g - M): exact at any scale (two maxima at 1e30
+    # give log(1/2), where logsumexp(g) - g would round to 0)
+    d = g64 - g64.max(dim=-1, keepdim=True).values
+    log_z = torch.log(torch.exp(d).sum(dim=-1))
+    x = d if temperature == 0.0 else d / temperature
     if filters_active(top_k, top_p, min_p):
         x = x.masked_fill(~keep_mask_reference(x, top_k, top_p, min_p), -math.inf)
     w = torch.softmax(x, dim=-1)
@@ -54,7 +73,7 @@ def _sample_rows_reference(
         tokens = (cdf <= r[:, None]).sum(dim=-1)
         last_nonzero = g.shape[-1] - 1 - torch.argmax(torch.flip(w > 0, dims=[-1]).to(torch.int8), dim=-1)
         tokens = torch.minimum(tokens, last_nonzero)
-    logp = (g64.gather(-1, tokens[:, None])[:, 0] - log_z).float()
+    logp = (d.gather(-1, tokens[:, None])[:, 0] - log_z).float()
     if confidence == "logp":
         conf = logp
     elif confidence == "prob":
@@ -126,11 +145,18 @@ def guided_sample(
     (``softmax(g)`` at ``temperature == 0``). The kernels find the filter thresholds without
     sorting the vocabulary.
 
+    A temperature below ``1 / FLT_MAX`` acts as argmax over the row's maxima (ties drawn uniformly),
+    one above ``1 / FLT_MIN`` as uniform over the finite entries.
+
+    Non-finite logits, the same rule on every backend (:data:`BLEND_RULE`): a term whose coefficient
+    is 0 is dropped (``s = 0``: exactly the logits; ``s = -1``: exactly the guide); a token that is
+    -inf in either remaining term is excluded; NaN or +inf in either makes the row bad.
+
     Args:
         logits: ``[..., V]`` float32/bfloat16/float16, any strides (a ``[..., :K]`` slice of a larger
             head output is read in place).
         guide_logits: ``[..., V]``, same shape and device, or None.
-        guidance_scale: s; any finite float (s = 0 gives the base logits, up to float rounding).
+        guidance_scale: s; any finite float (s = 0 gives exactly the base logits, s = -1 the guide).
         temperature: >= 0 token temperature.
         top_k: int >= 0, 0 = off. top_p: float in (0, 1], 1 = off. min_p: float in [0, 1], 0 = off.
         confidence: None (two outputs), or ``"logp" | "prob" | "margin" | "entropy"``: also return
@@ -165,13 +191,10 @@ def guided_sample(
             min_p=min_p, confidence=confidence, seed=seed if seed_t is None else seed_t,
             offset=offset if offset_t is None else offset_t,
         )
-    status = _status.status_buffer(logits.device)
-    fn = torch.ops.sgkernels.guided_sample if impl == "op" else _triton().guided_sample_triton
-    tokens, logp, conf = fn(
-        logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence or "logp", seed, offset,
-        seed_t, offset_t, status,
+    tokens, logp, conf = call_sampling_kernel(
+        "guided_sample", _triton().guided_sample_triton, impl, logits.device, logits, guide_logits, guidance_scale,
+        temperature, top_k, top_p, min_p, confidence or "logp", seed, offset, seed_t, offset_t,
     )
-    _status.check_now_if_cpu(logits.device)
     if confidence is None:
         return tokens, logp
     return tokens, logp, conf

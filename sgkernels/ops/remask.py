@@ -15,8 +15,8 @@ import torch
 
 from .. import _rng
 from .._backend import triton_available
-from . import _status, _validate
-from ._dispatch import choose_impl
+from . import _validate
+from ._dispatch import call_sampling_kernel, choose_impl
 
 
 def noisy_confidence_reference(logp: torch.Tensor, choice_temperature: float, seed: int, offset: int) -> torch.Tensor:
@@ -92,11 +92,8 @@ def remask_lowest_confidence(
     if impl == "torch":
         return remask_reference(logp, is_masked, n, choice_temperature=tau, seed=seed if seed_t is None else seed_t,
                                 offset=offset if offset_t is None else offset_t)
-    status = _status.status_buffer(logp.device)
-    fn = torch.ops.sgkernels.remask_lowest_confidence if impl == "op" else _triton().remask_triton
-    out = fn(logp.float(), is_masked, n, tau, seed, offset, seed_t, offset_t, status)
-    _status.check_now_if_cpu(logp.device)
-    return out
+    return call_sampling_kernel("remask_lowest_confidence", _triton().remask_triton, impl, logp.device, logp.float(),
+                                is_masked, n, tau, seed, offset, seed_t, offset_t)
 
 
 @torch.library.register_fake("sgkernels::remask_lowest_confidence")

@@ -14,8 +14,8 @@ import torch
 
 from .. import _rng
 from .._backend import triton_available
-from . import _status, _validate
-from ._dispatch import choose_impl
+from . import _validate
+from ._dispatch import call_sampling_kernel, choose_impl
 from .guided_sample import _sample_rows_reference, bad_rows, guided_logits
 from .remask import noisy_confidence_reference, select_lowest_reference
 
@@ -122,12 +122,11 @@ def self_guided_step(
             choice_temperature=tau, top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence,
             seed=seed if seed_t is None else seed_t, offset=offset if offset_t is None else offset_t,
         )
-    status = _status.status_buffer(logits.device)
-    fn = torch.ops.sgkernels.self_guided_step if impl == "op" else _triton().self_guided_step_triton
-    out = fn(tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, top_k, top_p, min_p,
-             confidence, seed, offset, seed_t, offset_t, status)
-    _status.check_now_if_cpu(logits.device)
-    return out
+    return call_sampling_kernel(
+        "self_guided_step", _triton().self_guided_step_triton, impl, logits.device, tokens, is_masked, logits,
+        guide_logits, n, guidance_scale, temperature, tau, top_k, top_p, min_p, confidence, seed, offset, seed_t,
+        offset_t,
+    )
 
 
 @torch.library.register_fake("sgkernels::self_guided_step")
