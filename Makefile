@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-.PHONY: all install test demo bench bench-pytest cmake-check info clean
+.PHONY: all install test demo bench bench-pytest cmake-check info clean gpu-artifact test-device-versions
 
 all: install
 
@@ -49,5 +49,48 @@ cmake-check: $(VENV)/.deps
 	  s = importlib.util.spec_from_file_location('sgkernels._C', p); m = importlib.util.module_from_spec(s); \
 	  s.loader.exec_module(m); assert hasattr(torch.ops.sgkernels, 'guided_sample'); print('cmake build OK:', p)"
 
+# ------------------------------------------------------------------------------------------------
+# The GPU machine's versions: Python 3.12, torch 2.11.0+cu130, triton 3.6 (requirements-device.txt),
+# in a second venv. PYTHON312: pyenv's 3.12, else a python3.12 on PATH that runs.
+PYTHON312 ?= $(shell for p in $(HOME)/.pyenv/versions/3.12*/bin/python $$(command -v python3.12); do \
+  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
+DVENV := .venv-device
+DPY   := $(DVENV)/bin/python
+GPU_DIST  ?= dist/gpu
+GPU_ARCHS ?= 9.0+PTX
+
+$(DVENV)/.deps: requirements-device.txt
+	@test -n "$(PYTHON312)" || { echo "no Python 3.12 found: set PYTHON312=/path/to/python3.12"; exit 1; }
+	$(PYTHON312) -m venv $(DVENV)
+	$(DPY) -m pip install -q --upgrade pip
+	$(DPY) -m pip install -q -r requirements-device.txt
+	touch $@
+
+# The wheel benchmarks/gpu_suite.sh installs on the GPU machine with no compilation: sm_90 SASS plus
+# compute_90 PTX, built here with nvcc (no GPU needed), checked (size < 64 MiB, archs, import), with
+# dist/gpu/BUILD_INFO.json. Its own build folder, so the CPU-only builds of the other venvs stay.
+# (DIST_EXTRA_CONFIG: setuptools' build folder for this build only; a single pip-driven bdist_wheel
+# compiles once, `setup.py build bdist_wheel` would compile twice.)
+gpu-artifact: $(DVENV)/.deps
+	rm -rf $(GPU_DIST) && mkdir -p build/gpu
+	printf '[build]\nbuild_base = build/gpu\n[bdist_wheel]\nbdist_dir = build/gpu/bdist\n' > build/gpu/setup.cfg
+	DIST_EXTRA_CONFIG=build/gpu/setup.cfg SGKERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="$(GPU_ARCHS)" \
+	  $(DPY) -m pip wheel -q --no-build-isolation --no-deps --no-index -w $(GPU_DIST) .
+	TORCH_CUDA_ARCH_LIST="$(GPU_ARCHS)" $(DPY) tools/gpu_artifact.py check $(GPU_DIST)
+
+# CI with the GPU machine's torch and triton (CPU only here): the extension built CPU-only against
+# torch 2.11 in place (build/device), then the Triton AOT compile tests, the op tests with the Triton
+# interpreter, and the rest of the op tests. DEVICE_TESTS_M / DEVICE_TESTS_K (pytest -m / -k) trim them.
+DEVICE_TESTS := tests/test_triton_aot.py tests/test_guided_sample.py tests/test_remask.py \
+                tests/test_self_guided_step.py tests/test_vq_lookup.py tests/test_cross_entropy.py \
+                tests/test_backend.py tests/test_rng.py
+DEVICE_TESTS_M ?= not slow
+DEVICE_TESTS_K ?=
+test-device-versions: $(DVENV)/.deps
+	mkdir -p build/device && printf '[build]\nbuild_base = build/device\n' > build/device/setup.cfg
+	DIST_EXTRA_CONFIG=build/device/setup.cfg SGKERNELS_CUDA=0 $(DPY) setup.py -q build_ext --inplace
+	$(DPY) -m sgkernels.info
+	$(DPY) -m pytest -q -p no:cacheprovider $(DEVICE_TESTS) -m "$(DEVICE_TESTS_M)" $(if $(DEVICE_TESTS_K),-k "$(DEVICE_TESTS_K)")
+
 clean:
-	rm -rf build build-cmake *.egg-info sgkernels/_C*.so $(VENV)
+	rm -rf build build-cmake dist *.egg-info sgkernels/_C*.so $(VENV) $(DVENV)

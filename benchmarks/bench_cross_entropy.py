@@ -1,7 +1,9 @@
 """fused_cross_entropy forward + backward against F.cross_entropy (and Liger-Kernel when importable).
 
 Each timed call is one training step of the loss: forward from the logits (a leaf requiring grad)
-and ``backward()``; peak memory is what that step allocates on top of the logits.
+and ``backward()``; peak memory is what that step allocates on top of the logits, the gradient
+it leaves in ``logits.grad`` included (sgkernels: the one gradient buffer of the forward, scaled in
+place by the backward; F.cross_entropy: its log-softmax, the gradient, and its scaled copy).
 """
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ def _step(loss_fn, logits, target, *, copy=False):
     a model head's output), for the kernels that overwrite their input; the copy is timed too."""
 
     def fn():
-        logits.grad = None
         x = logits * 1 if copy else logits
         loss_fn(x, target).backward()
+        logits.grad = None  # after, not before: the peak then counts this step's gradient buffer
 
     return fn
 

@@ -2,7 +2,10 @@
 // csrc/cuda/ (vq_lookup) or Triton (sgkernels/kernels/, registered from sgkernels/ops/), fake
 // kernels and references in sgkernels/ops/. `status` is the int32 status word the CUDA (Triton)
 // kernels OR common/status_bits.h bits into on bad input; the CPU kernels raise ValueError per
-// call instead and leave it untouched.
+// call instead and leave it untouched. `seed` is a SymInt so that a seed drawn inside
+// torch.compile (seed=None: torch.randint(...).item(), an unbacked SymInt) can reach the op, and
+// `offset` so that a step index that dynamo made dynamic does too; the kernels take an int64_t
+// (the dispatcher converts the concrete value at run time).
 #include <torch/library.h>
 
 TORCH_LIBRARY(sgkernels, m) {
@@ -14,21 +17,34 @@ TORCH_LIBRARY(sgkernels, m) {
   //    token), conf float32 [...] (the confidence of each row).
   m.def(
       "guided_sample(Tensor logits, Tensor? guide_logits, float guidance_scale, float temperature, "
-      "int top_k, float top_p, float min_p, str confidence, "
-      "int seed, int offset, Tensor? seed_tensor, Tensor? offset_tensor, Tensor(a!) status) -> (Tensor, Tensor, Tensor)");
+      "SymInt seed, SymInt offset, Tensor(a!) status, int top_k=0, float top_p=1.0, float min_p=0.0, "
+      "str confidence=\"logp\", Tensor? seed_tensor=None, Tensor? offset_tensor=None) -> (Tensor, Tensor, Tensor)");
+  // head_sample: the LM head fused with guided_sample. hidden, guide_hidden [R, d], weight [V, d],
+  // bias [V] (float32/bfloat16/float16), row_ids int64 [R] (each row's Philox row index; None = 0..R-1).
+  // -> tokens int64 [R], logp float32 [R] of guided_sample(blend(hidden) @ weight^T + bias).
+  m.def(
+      "head_sample(Tensor hidden, Tensor weight, Tensor? bias, Tensor? guide_hidden, Tensor? row_ids, "
+      "float guidance_scale, float temperature, int seed, int offset, Tensor(a!) status) -> (Tensor, Tensor)");
   // logp float32 [B, N], is_masked bool [B, N], num_to_mask int64 [B] -> remask bool [B, N].
+  // decoded_confidence: None (decoded positions are never chosen) or the confidence with which
+  // they compete; strict_below: the tie rule (choose the confidences strictly below the one of
+  // rank num_to_mask) instead of exactly num_to_mask.
   m.def(
       "remask_lowest_confidence(Tensor logp, Tensor is_masked, Tensor num_to_mask, "
-      "float choice_temperature, int seed, int offset, Tensor? seed_tensor, Tensor? offset_tensor, "
-      "Tensor(a!) status) -> Tensor");
+      "float choice_temperature, SymInt seed, SymInt offset, Tensor(a!) status, "
+      "float? decoded_confidence=None, bool strict_below=False, Tensor? seed_tensor=None, "
+      "Tensor? offset_tensor=None) -> Tensor");
   // tokens int64 [B, N], is_masked bool [B, N], logits/guide_logits [B, N, V], num_to_mask int64 [B]
-  // filters, confidence (the remask score) and seed/offset tensors as guided_sample.
-  // -> (new_tokens int64 [B, N], new_is_masked bool [B, N]).
+  // -> (new_tokens int64 [B, N], new_is_masked bool [B, N]). decoded_confidence and strict_below
+  // as remask_lowest_confidence; mask_token_id: the token of re-masked positions (None: tokens'
+  // own, the mask id; required with decoded_confidence). Filters, confidence (the remask score)
+  // and seed/offset tensors as guided_sample.
   m.def(
       "self_guided_step(Tensor tokens, Tensor is_masked, Tensor logits, Tensor? guide_logits, "
       "Tensor num_to_mask, float guidance_scale, float temperature, float choice_temperature, "
-      "int top_k, float top_p, float min_p, str confidence, "
-      "int seed, int offset, Tensor? seed_tensor, Tensor? offset_tensor, Tensor(a!) status) -> (Tensor, Tensor)");
+      "SymInt seed, SymInt offset, Tensor(a!) status, float? decoded_confidence=None, bool strict_below=False, "
+      "int? mask_token_id=None, int top_k=0, float top_p=1.0, float min_p=0.0, str confidence=\"logp\", "
+      "Tensor? seed_tensor=None, Tensor? offset_tensor=None) -> (Tensor, Tensor)");
 
   // logits [..., V] float32/bfloat16/float16 (any strides), target [...] integer.
   // -> (loss: [] for "mean"/"sum", [...] for "none", in logits' dtype;

@@ -29,6 +29,7 @@ from .ops import (
     vq_lookup,
     vq_lookup_reference,
 )
+from .ops import head_sample, head_sample_reference
 from .schedule import choice_temperature, mask_len, mask_ratio
 
 from . import integrations, models, nn  # noqa: E402  (models -> nn -> ops: imported after the ops)
@@ -73,6 +74,8 @@ __all__ = [
     "get_backend",
     "guided_sample",
     "guided_sample_reference",
+    "head_sample",
+    "head_sample_reference",
     "mask_len",
     "mask_ratio",
     "remask_lowest_confidence",

@@ -111,14 +111,39 @@ def read_weights(path: str, fmt: str, map_location) -> dict[str, torch.Tensor]:
     return state
 
 
+def listed(items, limit: int = 3, sep: str = "; ") -> str:
+    """The first ``limit`` of ``items`` joined by ``sep``, plus ``" (+n more)"``: one short line however many."""
+    items = list(items)
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return sep.join(str(i) for i in items[:limit]) + more
+
+
+def listed_keys(keys, limit: int = 3) -> str:
+    """``['a', 'b', 'c'] (+n more)``: the first ``limit`` keys as a list, and how many were left out."""
+    keys = list(keys)
+    return f"{keys[:limit]}" + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str, error=ValueError) -> None:
+    """Raise ``error`` naming the floating-point tensors of ``state`` that hold NaN or +-inf (corrupt weights)."""
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) and v.numel()
+           and v.device.type != "meta" and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise error(f"{what}: corrupt weights: non-finite values (NaN or inf) in {listed(bad, sep=', ')}")
+
+
 def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise naming the missing / unexpected keys and the shape mismatches of ``state`` for ``module``."""
+    """Raise naming the missing / unexpected keys, the shape mismatches and the non-finite tensors of ``state``
+    for ``module`` (at most 3 of each, then "(+n more)": the message stays one short line)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {unexpected}"] if unexpected else [])
+        parts = ([f"missing keys {listed_keys(missing)}"] if missing else []) + (
+            [f"unexpected keys {listed_keys(unexpected)}"] if unexpected else [])
         raise KeyError(f"{what}: " + "; ".join(parts))
     bad = [f"{k}: expected {expected[k]}, got {tuple(state[k].shape)}" for k in expected if tuple(state[k].shape) != expected[k]]
     if bad:
-        raise ValueError(f"{what}: shape mismatch: " + "; ".join(bad))
+        raise ValueError(f"{what}: shape mismatch: " + listed(bad))
+    check_finite(state, what)

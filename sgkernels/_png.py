@@ -1,14 +1,21 @@
-"""Minimal PNG writer (8-bit RGB) and image tiling, so pictures need no imaging dependency."""
+"""Image files (8-bit RGB PNG with no imaging dependency; JPEG through Pillow) and image tiling."""
 from __future__ import annotations
 
+import io
+import os
 import struct
 import zlib
 
 import numpy as np
 
+from ._io import atomic_write
 
-def write_png(path: str, rgb: np.ndarray) -> None:
-    """Write ``rgb`` (uint8 [H, W, 3]) to ``path`` as a PNG."""
+# extension -> format; PNG needs nothing, JPEG needs Pillow.
+IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """The bytes of a PNG file holding ``rgb`` (uint8 [H, W, 3])."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"rgb: expected uint8 [H, W, 3], got shape {rgb.shape}")
@@ -19,8 +26,39 @@ def write_png(path: str, rgb: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def write_png(path: str, rgb: np.ndarray) -> None:
+    """Write ``rgb`` (uint8 [H, W, 3]) to ``path`` as a PNG, atomically (:func:`sgkernels._io.atomic_write`)."""
+    atomic_write(path, png_bytes(rgb))
+
+
+def image_format(path: str) -> str:
+    """``"png"`` or ``"jpeg"`` from ``path``'s extension; ValueError listing the supported ones otherwise."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise ValueError(f"{path}: unsupported image extension {ext or '(none)'!r}; "
+                         f"supported: {', '.join(IMAGE_FORMATS)}")
+    if IMAGE_FORMATS[ext] == "jpeg":
+        try:
+            import PIL.Image  # noqa: F401
+        except ImportError:
+            raise ValueError(f"{path}: writing JPEG needs Pillow (pip install pillow); or write a .png") from None
+    return IMAGE_FORMATS[ext]
+
+
+def write_image(path: str, rgb: np.ndarray, quality: int = 95) -> None:
+    """Write ``rgb`` (uint8 [H, W, 3]) to ``path`` as PNG or JPEG by its extension (:func:`image_format`),
+    atomically: a killed or failed write leaves any existing ``path`` as it was."""
+    if image_format(path) == "png":
+        write_png(path, rgb)
+        return
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
+    atomic_write(path, buf.getvalue())
 
 
 def tile(images: np.ndarray, pad: int = 2, scale: int = 1, background: int = 255) -> np.ndarray:

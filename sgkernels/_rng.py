@@ -25,6 +25,8 @@ the same words; this module is the plain-PyTorch version the tests compare them 
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -40,6 +42,16 @@ MAX_SEED = 2**63
 SEED_STRIDE = 1_000_003
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """``(seed * SEED_STRIDE + index) mod 2**63``: the seed of batch / step ``index`` of a run seeded ``seed``.
+
+    Always a valid seed for every ``seed`` in [0, 2**63). SEED_STRIDE is odd, so ``seed -> seed * SEED_STRIDE``
+    is a bijection mod 2**63: different seeds give different derived seeds at the same ``index``, and
+    ``(seed, index)`` pairs are all distinct while ``seed < 2**63 / SEED_STRIDE`` and ``index < SEED_STRIDE``.
+    """
+    return (resolve_seed(seed) * SEED_STRIDE + index) % MAX_SEED
+
+
 def resolve_seed(seed: int | None) -> int:
     """Return ``seed`` checked to lie in [0, 2**63), or draw one from torch's default CPU generator.
 
@@ -48,8 +60,9 @@ def resolve_seed(seed: int | None) -> int:
     """
     if seed is None:
         return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # Integral: numpy integers too
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    seed = int(seed)
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return seed
@@ -57,6 +70,8 @@ def resolve_seed(seed: int | None) -> int:
 
 def check_offset(offset: int) -> int:
     """Validate a stream offset: an int in [0, 2**63)."""
+    if isinstance(offset, torch.SymInt):  # a step index that torch.compile made dynamic
+        return offset
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
     if not 0 <= offset < MAX_SEED:
@@ -95,9 +110,32 @@ def philox4x32(seed: int, c0: torch.Tensor, c1, c2, c3, n_rounds: int = N_ROUNDS
 
 
 def row_words(seed: int, offset: int, rows: torch.Tensor):
-    """The four Philox words of each row index in ``rows`` (int64 tensor), for ``seed``/``offset``."""
+    """The four Philox words of each row index in ``rows`` (int64 tensor), for ``seed``/``offset``.
+
+    Under ``torch.compile`` they come from :func:`_philox_rows_op`, the same code behind an opaque
+    op: inductor would otherwise inline the ten rounds' integer arithmetic into one expression
+    whose size grows exponentially with the rounds (each word is read several times per round),
+    and the compile would not finish.
+    """
+    if torch.compiler.is_compiling():
+        return tuple(_philox_rows_op(rows, seed, offset).unbind(0))
+    return _row_words(seed, offset, rows)
+
+
+def _row_words(seed: int, offset: int, rows: torch.Tensor):
     rows = rows.to(torch.int64)
     return philox4x32(seed, rows & _MASK32, rows >> 32, offset & _MASK32, (offset >> 32) & _MASK32)
+
+
+@torch.library.custom_op("sgkernels::philox_rows", mutates_args=())
+def _philox_rows_op(rows: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """int64 ``[4, *rows.shape]``: :func:`row_words` stacked (``seed``/``offset`` may be SymInts)."""
+    return torch.stack(_row_words(int(seed), int(offset), rows))
+
+
+@_philox_rows_op.register_fake
+def _philox_rows_fake(rows, seed, offset):
+    return rows.new_empty((4, *rows.shape), dtype=torch.int64)
 
 
 def token_uniform(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,32 @@
-"""``sgkernels`` command line: the embedded digits model (commands in :mod:`sgkernels.digits.cli`).
+"""``sgkernels`` command line: the embedded digits model (:mod:`sgkernels.digits.cli`) and official
+open-muse / UnlockMGM checkpoint folders (``generate --vae``, :mod:`sgkernels.pipeline_cli`).
 
     sgkernels generate --out grid.png [--num 16] [--classes 0,1,..] [--seed 0] [--steps N]
-                       [--guidance-scale S] [--choice-temperature T] [--model DIR]
+                       [--guidance-scale S] [--choice-temperature T] [--temperature T] [--model DIR]
+                       [--no-progress]
+    sgkernels generate --model DIR --vae DIR (--out grid.png | --out-npz samples.npz | --out-dir DIR)
+                       [--count N] [--classes ..] [--batch-size 64] [--seed 0] [--steps 18]
+                       [--guidance-scale 1.0] [--choice-temperature 25.0] [--temperature 1.0]
+                       [--model-subfolder S] [--vae-subfolder S] [--device D] [--no-progress]
+    torchrun --standalone --nproc_per_node=N -m sgkernels generate --model DIR --vae DIR --count 50000 --out-npz s.npz
     sgkernels evaluate [--num 1000] [--seed 0] [--guidance-scale S] [--choice-temperature T] [--steps N]
-                       [--json] [--sweep [--plot PATH]] [--model DIR]
+                       [--json] [--sweep [--plot PATH]] [--model DIR] [--no-progress]
     sgkernels demo [--out digits_demo.png] [--num-eval 500]
     sgkernels train tokenizer|generator|guide|classifier --out DIR [--steps N] [--seed S]
 
-Without ``--model`` the shipped weights (``sgkernels/assets/digits``) are used. Bad input prints one
-``sgkernels: error: ...`` line on stderr and exits with status 2.
+Without ``--vae``, ``--model`` is a digits model directory (default: the shipped
+``sgkernels/assets/digits``) and the sampling options default to its tuned settings; with ``--vae``
+they default to the paper's (T = 18, s = 1, tau_0 = 25). ``--count`` is another name of ``--num``.
+Bad input prints one ``sgkernels: error: ...`` line on stderr and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from . import pipeline_cli
+from ._cli import CLIError
 from .digits import cli as commands
-from .digits.cli import CLIError
 from .digits.evaluate import SWEEP_TEMPERATURES
 from .digits.pipeline import DEFAULTS
 from .digits.stages import DEFAULT_STEPS, STAGES
@@ -45,31 +55,52 @@ def _checked(parse, check, expected: str):
 
 _positive_int = _checked(int, lambda v: _validate.check_positive_int(None, v), "an integer")
 _guidance_scale = _checked(float, lambda v: _validate.check_guidance_scale(v, name=None), "a number")
+_seed = _checked(int, lambda v: _validate.check_seed(None, v), "an integer")
 _nonneg_float = _checked(float, lambda v: _validate.check_float(None, v), "a number")
 
 
 def _sampling_args(p) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the shipped sgkernels/assets/digits)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=_positive_int, default=DEFAULTS.steps,
-                   help=f"sampling steps T (default {DEFAULTS.steps})")
-    p.add_argument("--guidance-scale", type=_guidance_scale, default=DEFAULTS.guidance_scale,
-                   help=f"self-guidance scale s (default {DEFAULTS.guidance_scale}; 0 = plain MaskGIT)")
+    p.add_argument("--seed", type=_seed, default=0, help="an int in [0, 2**63) (default 0)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"sampling steps T (default {DEFAULTS.steps}; {pipeline_cli.STEPS} with --vae)")
+    p.add_argument("--guidance-scale", type=_guidance_scale, default=None,
+                   help=f"self-guidance scale s (default {DEFAULTS.guidance_scale}; {pipeline_cli.GUIDANCE_SCALE} "
+                        "with --vae; 0 = plain MaskGIT)")
     p.add_argument("--choice-temperature", type=_nonneg_float, default=None,
                    help=f"tau_0 (default {DEFAULTS.choice_temperature} with guidance, "
-                        f"{DEFAULTS.plain_choice_temperature} without: MaskGIT's)")
+                        f"{DEFAULTS.plain_choice_temperature} without: MaskGIT's; "
+                        f"{pipeline_cli.CHOICE_TEMPERATURE} with --vae)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar on stderr when it is a terminal, or for long runs)")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sgkernels", description="Self-guided sampling of the embedded digits MaskGIT model.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    g = sub.add_parser("generate", help="write a PNG grid of generated digits")
-    g.add_argument("--out", required=True, help="output PNG")
-    g.add_argument("--num", type=_positive_int, default=16)
-    g.add_argument("--classes", default=None, help="comma-separated class ids, cycled (default: 0..9)")
+    g = sub.add_parser("generate", help="write generated images: a grid (digits, or official folders with --vae), "
+                                         "or a sample set (.npz / one PNG per image) for FID")
+    out = g.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="an image grid: .png, or .jpg / .jpeg (needs Pillow)")
+    out.add_argument("--out-npz", default=None, help="with --vae: ADM-style .npz (arr_0 uint8 [N, H, W, 3], "
+                                                     "arr_1 labels); resumable, shardable with torchrun")
+    out.add_argument("--out-dir", default=None, help="with --vae: one PNG per image (000000.png ..) + labels.txt; "
+                                                     "resumable, shardable with torchrun")
+    g.add_argument("--num", "--count", dest="num", type=_positive_int, default=16, help="number of images (default 16)")
+    g.add_argument("--classes", default=None,
+                   help="comma-separated class ids, cycled (default: 0..9 for digits, i %% num_classes with --vae)")
     _sampling_args(g)
-    g.set_defaults(func=commands.generate)
+    g.add_argument("--temperature", type=_nonneg_float, default=1.0, help="token temperature (default 1.0)")
+    g.add_argument("--vae", default=None, help="VQGAN folder (open-muse MaskGitVQGAN): --model is then an official "
+                                               "open-muse / UnlockMGM (or sgkernels) transformer folder")
+    g.add_argument("--model-subfolder", default=None, help="with --vae: the transformer's subfolder of --model")
+    g.add_argument("--vae-subfolder", default=None, help="with --vae: the VQGAN's subfolder of --vae")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"images per batch (default 250 for digits, {pipeline_cli.BATCH_SIZE} with --vae; "
+                        "the images depend on it)")
+    g.add_argument("--device", default=None, help="with --vae: torch device (default: cuda[:LOCAL_RANK] if available)")
+    g.set_defaults(func=_generate)
 
     e = sub.add_parser("evaluate", help="FID / IS / precision / recall of class-balanced samples")
     e.add_argument("--num", type=_positive_int, default=1000)
@@ -83,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="guided vs unguided grids side by side, and both metric lines")
     d.add_argument("--out", default="digits_demo.png")
     d.add_argument("--num-eval", type=_positive_int, default=500)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--model", default=None)
     d.set_defaults(func=commands.demo)
 
@@ -92,11 +123,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="model directory (stages read and write their subfolders)")
     t.add_argument("--steps", type=_positive_int, default=None,
                    help="optimiser steps (default " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--threads", type=_positive_int, default=1)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=commands.train)
     return p
+
+
+def _generate(args) -> int:
+    return (pipeline_cli.generate if args.vae is not None else commands.generate)(args)
 
 
 def main(argv: list[str] | None = None) -> int:

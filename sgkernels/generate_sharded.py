@@ -12,6 +12,10 @@ number of processes. When every batch is there, rank 0 streams them into ``<out>
 temporary file and moved into place) and removes the parts folder. ``<out>`` is an ADM-evaluator
 ``.npz``: ``arr_0`` uint8 ``[N, H, W, 3]`` and ``arr_1`` int64 class ids ``[N]``.
 
+:func:`generate_to_dir` writes the same images as one PNG per image (``<dir>/000000.png``, ..,
+``labels.txt``), resumable the same way (``<dir>/run.json``). The command line runs both:
+``sgkernels generate --model M --vae V --count N (--out-npz F | --out-dir D)`` (:mod:`sgkernels.pipeline_cli`).
+
 Under ``torchrun`` call :func:`init_distributed` first (it joins the process group the launcher
 describes and picks this rank's GPU), then build the pipeline on the device it returns.
 """
@@ -61,7 +65,7 @@ def batch_seed(seed: int, index: int) -> int:
     return ((int(w0) << 32) | int(w1)) & (_rng.MAX_SEED - 1)
 
 
-def _labels(class_ids, num_images: int, num_classes: int) -> torch.Tensor:
+def image_labels(class_ids, num_images: int, num_classes: int) -> torch.Tensor:
     """Class id of every image: ``i % num_classes`` (balanced) for None, else ``class_ids`` repeated."""
     if class_ids is None:
         return torch.arange(num_images, dtype=torch.int64) % num_classes
@@ -112,6 +116,71 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
+def _check_counts(num_images, batch_size) -> None:
+    for name, value in (("num_images", num_images), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+def _rank_world(rank, world_size) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return rank, world_size
+
+
+def _settings(pipe, num_images, batch_size, seed, class_ids, sampling: dict, sampler_options: dict):
+    labels = image_labels(class_ids, num_images, pipe.num_classes)
+    settings = dict(num_images=num_images, batch_size=batch_size, seed=seed, **sampling,
+                    sampler_options=sampler_options,
+                    labels_sha256=hashlib.sha256(labels.numpy().tobytes()).hexdigest())
+    return labels, settings
+
+
+def _check_manifest(directory: str, settings: dict, rank: int, world_size: int) -> None:
+    """Rank 0 records ``settings`` in ``<directory>/run.json`` (first run); every rank checks them against it."""
+    manifest = os.path.join(directory, MANIFEST)
+    if rank == 0:
+        os.makedirs(directory, exist_ok=True)
+        if not os.path.exists(manifest):
+            atomic_write(manifest, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
+    _barrier(world_size)
+    with open(manifest) as f:
+        recorded = json.load(f)
+    if recorded != json.loads(json.dumps(settings, sort_keys=True)):
+        diff = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        raise ValueError(f"{manifest}: an interrupted run with other settings ({', '.join(diff)}); "
+                         "rerun with its settings or remove the folder")
+
+
+def _sample_batches(pipe, labels, batch_size: int, seed: int, sampling: dict, sampler_options: dict, done, write,
+                    progress: bool, rank: int, world_size: int) -> None:
+    """Sample this rank's global batches ``j = rank, rank + W, ..`` that are not ``done(j)`` and ``write(j, images,
+    labels)`` each (uint8 ``[b, H, W, 3]``, int64 ``[b]``); a tqdm bar on rank 0."""
+    num_images = len(labels)
+    num_batches = (num_images + batch_size - 1) // batch_size
+    mine = list(range(rank, num_batches, world_size))
+    todo = [j for j in mine if not done(j)]
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        size = lambda js: sum(min(batch_size, num_images - j * batch_size) for j in js)  # noqa: E731
+        bar = tqdm(total=size(mine), initial=size(mine) - size(todo), unit="img", dynamic_ncols=True,
+                   desc=f"sampling (rank 0 of {world_size})" if world_size > 1 else "sampling")
+    try:
+        for j in todo:
+            batch = labels[j * batch_size:(j + 1) * batch_size]
+            images = pipe(batch, seed=batch_seed(seed, j), output="uint8", **sampling, **sampler_options)
+            write(j, images, batch)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def generate_to_npz(pipe: SelfGuidedPipeline, out_npz: str | os.PathLike, *, num_images: int, batch_size: int = 64,
                     seed: int = 0, class_ids=None, steps: int = 18, guidance_scale: float = 1.0,
                     choice_temperature: float = 25.0, temperature: float = 1.0, progress: bool = True,
@@ -131,55 +200,25 @@ def generate_to_npz(pipe: SelfGuidedPipeline, out_npz: str | os.PathLike, *, num
     Returns:
         ``out_npz`` on rank 0, None on the other ranks.
     """
-    for name, value in (("num_images", num_images), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    if rank is None or world_size is None:
-        import torch.distributed as dist
-
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    _check_counts(num_images, batch_size)
+    rank, world_size = _rank_world(rank, world_size)
     out_npz = os.fspath(out_npz)
     if os.path.exists(out_npz):
         raise FileExistsError(f"{out_npz}: exists; remove it or choose another path")
     parts_dir = out_npz + ".parts"
-    labels = _labels(class_ids, num_images, pipe.num_classes)
-    settings = dict(num_images=num_images, batch_size=batch_size, seed=seed, steps=steps,
-                    guidance_scale=guidance_scale, choice_temperature=choice_temperature, temperature=temperature,
-                    sampler_options=sampler_options,
-                    labels_sha256=hashlib.sha256(labels.numpy().tobytes()).hexdigest())
-    manifest = os.path.join(parts_dir, MANIFEST)
-    if rank == 0:
-        os.makedirs(parts_dir, exist_ok=True)
-        if not os.path.exists(manifest):
-            atomic_write(manifest, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
-    _barrier(world_size)
-    with open(manifest) as f:
-        recorded = json.load(f)
-    if recorded != json.loads(json.dumps(settings, sort_keys=True)):
-        diff = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-        raise ValueError(f"{manifest}: an interrupted run with other settings ({', '.join(diff)}); "
-                         "rerun with its settings or remove the folder")
+    sampling = dict(steps=steps, guidance_scale=guidance_scale, choice_temperature=choice_temperature,
+                    temperature=temperature)
+    labels, settings = _settings(pipe, num_images, batch_size, seed, class_ids, sampling, sampler_options)
+    _check_manifest(parts_dir, settings, rank, world_size)
 
     num_batches = (num_images + batch_size - 1) // batch_size
     part = [os.path.join(parts_dir, f"batch_{j:06d}.npz") for j in range(num_batches)]
-    mine = [j for j in range(rank, num_batches, world_size)]
-    todo = [j for j in mine if not os.path.exists(part[j])]
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
 
-        size = lambda js: sum(min(batch_size, num_images - j * batch_size) for j in js)  # noqa: E731
-        bar = tqdm(total=size(mine), initial=size(mine) - size(todo), unit="img",
-                   desc=f"sampling (rank 0 of {world_size})" if world_size > 1 else "sampling")
-    for j in todo:
-        batch = labels[j * batch_size:(j + 1) * batch_size]
-        images = pipe(batch, steps=steps, guidance_scale=guidance_scale, choice_temperature=choice_temperature,
-                      temperature=temperature, seed=batch_seed(seed, j), output="uint8", **sampler_options)
+    def write(j, images, batch):
         atomic_write(part[j], _npz_bytes(images=images.numpy(), labels=batch.numpy()))
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
+
+    _sample_batches(pipe, labels, batch_size, seed, sampling, sampler_options, lambda j: os.path.exists(part[j]),
+                    write, progress, rank, world_size)
     _barrier(world_size)
     if rank != 0:
         return None
@@ -189,3 +228,50 @@ def generate_to_npz(pipe: SelfGuidedPipeline, out_npz: str | os.PathLike, *, num
     _write_npz_streamed(out_npz, part, num_images, labels.numpy())
     shutil.rmtree(parts_dir)
     return out_npz
+
+
+def image_name(index: int) -> str:
+    """File name of image ``index`` in a :func:`generate_to_dir` folder: ``000123.png``."""
+    return f"{index:06d}.png"
+
+
+def generate_to_dir(pipe: SelfGuidedPipeline, out_dir: str | os.PathLike, *, num_images: int, batch_size: int = 64,
+                    seed: int = 0, class_ids=None, steps: int = 18, guidance_scale: float = 1.0,
+                    choice_temperature: float = 25.0, temperature: float = 1.0, progress: bool = True,
+                    rank: int | None = None, world_size: int | None = None, **sampler_options) -> str | None:
+    """As :func:`generate_to_npz`, but one PNG per image: ``<out_dir>/000000.png ..`` (:func:`image_name`).
+
+    The images are those of :func:`generate_to_npz` with the same arguments. Each PNG is written
+    atomically; a rerun with the same settings (``<out_dir>/run.json``) skips the batches whose
+    files all exist. When every image is there, rank 0 writes ``<out_dir>/labels.txt`` (line ``i``:
+    the class id of image ``i``). Returns ``out_dir`` on rank 0, None on the other ranks.
+    """
+    from ._png import write_png
+
+    _check_counts(num_images, batch_size)
+    rank, world_size = _rank_world(rank, world_size)
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir}: exists and is not a folder")
+    sampling = dict(steps=steps, guidance_scale=guidance_scale, choice_temperature=choice_temperature,
+                    temperature=temperature)
+    labels, settings = _settings(pipe, num_images, batch_size, seed, class_ids, sampling, sampler_options)
+    _check_manifest(out_dir, settings, rank, world_size)
+
+    def paths(j):
+        return [os.path.join(out_dir, image_name(i)) for i in range(j * batch_size, min(num_images, (j + 1) * batch_size))]
+
+    def write(j, images, batch):
+        for path, image in zip(paths(j), images.numpy()):
+            write_png(path, image)
+
+    _sample_batches(pipe, labels, batch_size, seed, sampling, sampler_options,
+                    lambda j: all(os.path.exists(p) for p in paths(j)), write, progress, rank, world_size)
+    _barrier(world_size)
+    if rank != 0:
+        return None
+    missing = [i for i in range(num_images) if not os.path.exists(os.path.join(out_dir, image_name(i)))]
+    if missing:
+        raise RuntimeError(f"{out_dir}: images {missing[:8]} are missing (a rank failed?); rerun to finish them")
+    atomic_write(os.path.join(out_dir, "labels.txt"), "".join(f"{c}\n" for c in labels.tolist()).encode())
+    return out_dir

@@ -6,9 +6,25 @@ Per step ``k = 0 .. T-1``:
 2. with a guide and ``guidance_scale != 0``: the guide's pass 2 from pass 1's hidden states ->
    ``l_smooth`` (so a step costs 2 backbone passes; 1 without guidance: plain MaskGIT);
 3. ONE fused :func:`sgkernels.self_guided_step` call (``offset=k``): sample every masked position
-   from ``l_smooth + (1+s)(l_base - l_smooth)`` and re-mask the ``mask_len(k)`` least confident of
-   them (cosine schedule :func:`sgkernels.mask_len`, choice temperature
+   from ``l_smooth + (1+s)(l_base - l_smooth)`` and re-mask the ``mask_len(k)`` least confident
+   (cosine schedule :func:`sgkernels.mask_len`, choice temperature
    :func:`sgkernels.choice_temperature`).
+
+Presets (:data:`PRESETS`), the rules in which the official UnlockMGM code and MaskGIT JAX differ:
+
+=====================  ==============================  ==================================
+rule                   ``"unlockmgm"`` (default)        ``"maskgit"``
+=====================  ==============================  ==================================
+schedule rounding      float32 (``mask_rounding``)      float64
+re-masks per step      at least 1 (``at_least_one``)    0 once one position is left
+decoded positions      compete, conf. log(FLT_MAX)      never re-masked
+                       + tau G (``decoded_confidence``)
+ties at the cut        strictly below (``tie_rule``)    exactly k, lower index first
+choice temperature     compounded (``temperature_decay``) tau0 (1 - (k+1)/T)
+=====================  ==============================  ==================================
+
+(The official code's sixth difference, the auxiliary loss's vocabulary, is training's:
+:func:`sgkernels.training.aux_loss`.)
 
 Classifier-free guidance (``cfg_scale = w > 0``) replaces ``l_base`` with
 ``l_u + (1 + w)(l_c - l_u)``; the unconditional pass puts the **[MASK] id** in the class slot
@@ -28,8 +44,26 @@ import torch
 from . import _rng
 from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
-from .ops import _validate, check_errors, self_guided_step
-from .schedule import TEMPERATURE_DECAYS, choice_temperature, mask_len
+from .ops import _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
+from .ops.remask import TIE_RULES
+from .schedule import ROUNDINGS, TEMPERATURE_DECAYS, choice_temperature, mask_len
+
+# log(float32 max) as the official code computes it (float32): decoded positions' confidence.
+LOG_FLOAT32_MAX = float(torch.log(torch.tensor(torch.finfo(torch.float32).max)))
+PRESETS = {
+    "unlockmgm": dict(temperature_decay="compound", mask_rounding="float32", at_least_one=True,
+                      decoded_confidence=LOG_FLOAT32_MAX, tie_rule="strict_below"),
+    "maskgit": dict(temperature_decay="maskgit", mask_rounding="float64", at_least_one=False,
+                    decoded_confidence=None, tie_rule="exact_k"),
+}
+
+
+class _FromPreset:
+    def __repr__(self) -> str:
+        return "FROM_PRESET"
+
+
+FROM_PRESET = _FromPreset()  # an argument's default: its preset's value
 
 
 def guidance_requested(guidance_scale: float) -> bool:
@@ -55,7 +89,15 @@ class SelfGuidedSampler:
         steps: T >= 1.
         guidance_scale: s (paper default 1.0); 0 = plain MaskGIT (one pass per step).
         choice_temperature: tau_0 (25 for T = 18 at 256px with guidance; MaskGIT alone: 4.5).
+        preset: ``"unlockmgm"`` (default: the official UnlockMGM code's rules) or ``"maskgit"``
+            (MaskGIT JAX's); the table in the module docstring. The five arguments below default to
+            their preset's value; an explicit value overrides it.
         temperature_decay: ``"maskgit"`` (tau_0 (1 - (k+1)/T)) or ``"compound"`` (the official code).
+        mask_rounding: ``"float32"`` or ``"float64"``: :func:`sgkernels.schedule.schedule_count`.
+        at_least_one: re-mask at least one position every step but the last (:func:`sgkernels.mask_len`).
+        decoded_confidence: None (decoded positions are never re-masked) or the confidence with
+            which they compete (:func:`sgkernels.self_guided_step`).
+        tie_rule: ``"strict_below"`` or ``"exact_k"`` (:func:`sgkernels.remask_lowest_confidence`).
         temperature: token temperature t_tok (1 in the paper).
         cfg_scale: classifier-free guidance weight w (0 = off); see the module docstring.
         cuda_graph: capture the model passes of a step in a CUDA graph and replay it each step
@@ -63,6 +105,12 @@ class SelfGuidedSampler:
             A graph is captured once per batch size and reads the parameters' memory: call
             :meth:`reset_graphs` after moving the model or replacing (not updating in place) its
             parameters.
+        fused_head: project only the masked positions, once, with :func:`sgkernels.head_sample`:
+            the passes stop before the head's last linear, CFG and the guide are blended on its input
+            features (the blend commutes with a linear map: one GEMM for guide + base), and the
+            ``[B, N, K]`` logits never exist. Same tokens as the logits path up to float rounding.
+            On CUDA it costs one host sync per step (the masked rows' count). Off with
+            ``cuda_graph=True`` (the graphed passes return logits).
 
     ``sampler(class_labels, *, seed=None, progress=False, callback=None)`` returns int64 tokens
     ``[B, N]`` (codebook ids). ``seed`` fixes every random number (``None``: drawn from torch's
@@ -78,15 +126,42 @@ class SelfGuidedSampler:
         steps: int = 18,
         guidance_scale: float = 1.0,
         choice_temperature: float = 25.0,
-        temperature_decay: str = "maskgit",
+        preset: str = "unlockmgm",
+        temperature_decay=FROM_PRESET,
+        mask_rounding=FROM_PRESET,
+        at_least_one=FROM_PRESET,
+        decoded_confidence=FROM_PRESET,
+        tie_rule=FROM_PRESET,
         temperature: float = 1.0,
         cfg_scale: float = 0.0,
         cuda_graph: bool = False,
+        fused_head: bool = True,
     ):
         check_model_and_guide(model, guide)
         steps = _validate.check_positive_int("steps", steps)
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
+        rules = dict(PRESETS[preset])
+        given = dict(temperature_decay=temperature_decay, mask_rounding=mask_rounding, at_least_one=at_least_one,
+                     decoded_confidence=decoded_confidence, tie_rule=tie_rule)
+        rules.update({k: v for k, v in given.items() if v is not FROM_PRESET})
+        temperature_decay = rules["temperature_decay"]
         if temperature_decay not in TEMPERATURE_DECAYS:
             raise ValueError(f"temperature_decay: expected one of {TEMPERATURE_DECAYS}, got {temperature_decay!r}")
+        if rules["mask_rounding"] not in ROUNDINGS:
+            raise ValueError(f"mask_rounding: expected one of {ROUNDINGS}, got {rules['mask_rounding']!r}")
+        if not isinstance(rules["at_least_one"], bool):
+            raise TypeError(f"at_least_one: expected a bool, got {type(rules['at_least_one']).__name__}")
+        if rules["tie_rule"] not in TIE_RULES:
+            raise ValueError(f"tie_rule: expected one of {TIE_RULES}, got {rules['tie_rule']!r}")
+        if rules["decoded_confidence"] is not None:
+            rules["decoded_confidence"] = _validate.check_float("decoded_confidence", rules["decoded_confidence"],
+                                                                nonneg=False)
+        self.preset = preset
+        self.mask_rounding = rules["mask_rounding"]
+        self.at_least_one = rules["at_least_one"]
+        self.decoded_confidence = rules["decoded_confidence"]
+        self.tie_rule = rules["tie_rule"]
         self.model = model
         self.guide = guide
         self.steps = steps
@@ -96,7 +171,17 @@ class SelfGuidedSampler:
         self.temperature = _validate.check_float("temperature", temperature)
         self.cfg_scale = _validate.check_float("cfg_scale", cfg_scale)
         self.cuda_graph = bool(cuda_graph)
+        self.fused_head = bool(fused_head)
         self._graphs: dict = {}
+
+    def _step_rules(self, mask_token_id: int) -> dict:
+        """The preset's options of :func:`self_guided_step` (only the non-default ones are passed)."""
+        rules = {}
+        if self.decoded_confidence is not None:
+            rules.update(decoded_confidence=self.decoded_confidence, mask_token_id=mask_token_id)
+        if self.tie_rule != "exact_k":
+            rules["tie_rule"] = self.tie_rule
+        return rules
 
     def reset_graphs(self) -> None:
         """Drop the captured CUDA graphs (they are captured again on the next call)."""
@@ -131,6 +216,38 @@ class SelfGuidedSampler:
         guide_logits = self.guide(model, hidden, labels) if self.guided else None
         return logits, guide_logits
 
+    def _features(self, tokens: torch.Tensor, labels: torch.Tensor):
+        """The step's passes stopped before the head's last linear: blended base features ``[B, N, d]``
+        (CFG applied) and the guide's features (or None)."""
+        model = self.model
+        if self.cfg_scale > 0:
+            b = tokens.shape[0]
+            hidden_all = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, -1)]),
+                               with_head=False).hidden_states
+            feats = model.head_features(hidden_all)
+            cond, uncond = feats[:b], feats[b:]
+            base, hidden = uncond + (1.0 + self.cfg_scale) * (cond - uncond), hidden_all[:b]
+        else:
+            hidden = model(tokens, labels, with_head=False).hidden_states
+            base = model.head_features(hidden)
+        guide = model.head_features(self.guide(model, hidden, labels, with_head=False)) if self.guided else None
+        return base, guide
+
+    def _fused_step(self, tokens, is_masked, labels, num_to_mask, tau: float, seed: int, step: int):
+        """One step through :func:`sgkernels.head_sample` (masked rows only) + remask: the same
+        streams as :func:`sgkernels.self_guided_step` (row ``b * N + n``, ``offset = step``)."""
+        base, guide = self._features(tokens, labels)
+        weight, bias = self.model.head_projection()
+        sampled, logp = head_sample(base, weight, bias, guide, guidance_scale=self.guidance_scale,
+                                    temperature=self.temperature, seed=seed, offset=step, rows=is_masked)
+        rules = self._step_rules(self.model.config.mask_token_id)
+        mask_token_id = rules.pop("mask_token_id", None)
+        remask = remask_lowest_confidence(logp, is_masked, num_to_mask, choice_temperature=tau, seed=seed,
+                                          offset=step, **rules)
+        new_tokens = torch.where(is_masked, sampled, tokens)
+        reset = tokens if mask_token_id is None else torch.full_like(tokens, mask_token_id)
+        return torch.where(remask, reset, new_tokens), remask
+
     def _graphed(self, tokens: torch.Tensor, labels: torch.Tensor):
         """The step's passes as a CUDA graph over static ``tokens``/``labels`` buffers (captured once per batch size)."""
         key = (tokens.shape[0], tokens.device, self.guided, self.cfg_scale > 0)
@@ -154,6 +271,30 @@ class SelfGuidedSampler:
         return static_out
 
     # -- sampling -----------------------------------------------------------------------------
+    def step(self, tokens: torch.Tensor, is_masked: torch.Tensor, labels: torch.Tensor, step: int, seed: int):
+        """Step ``step`` of the loop: the network passes and one fused :func:`self_guided_step`
+        (or, with ``fused_head``, :func:`head_sample` on the masked rows + the remask).
+
+        ``tokens`` int64 ``[B, N]``, ``is_masked`` bool ``[B, N]``, ``labels`` int64 ``[B]`` (checked),
+        ``seed`` an int. Returns the new ``(tokens, is_masked)``. Traceable by
+        ``torch.compile(fullgraph=True)`` (without ``cuda_graph``).
+        """
+        num_to_mask = mask_len(step, self.steps, tokens.shape[1], is_masked.sum(dim=1), rounding=self.mask_rounding,
+                               at_least_one=self.at_least_one)
+        tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
+        if self.fused_head and not self.cuda_graph:
+            return self._fused_step(tokens, is_masked, labels, num_to_mask, tau, seed, step)
+        if self.cuda_graph:
+            logits, guide_logits = self._graphed(tokens, labels)
+        else:
+            logits, guide_logits = self._logits(tokens, labels)
+        return self_guided_step(
+            tokens, is_masked, logits, guide_logits, num_to_mask,
+            guidance_scale=self.guidance_scale,
+            temperature=self.temperature, choice_temperature=tau, seed=seed, offset=step,
+            **self._step_rules(self.model.config.mask_token_id),
+        )
+
     def _check_labels(self, class_labels, device: torch.device) -> torch.Tensor:
         if not isinstance(class_labels, torch.Tensor) or class_labels.dtype not in (
                 torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -196,17 +337,7 @@ class SelfGuidedSampler:
                 steps = tqdm(steps, desc="self-guided sampling" if self.guided else "MaskGIT sampling", unit="step")
             with torch.no_grad():
                 for step in steps:
-                    if self.cuda_graph:
-                        logits, guide_logits = self._graphed(tokens, labels)
-                    else:
-                        logits, guide_logits = self._logits(tokens, labels)
-                    num_to_mask = mask_len(step, self.steps, n, is_masked.sum(dim=1))
-                    tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
-                    tokens, is_masked = self_guided_step(
-                        tokens, is_masked, logits, guide_logits, num_to_mask,
-                        guidance_scale=self.guidance_scale,
-                        temperature=self.temperature, choice_temperature=tau, seed=seed, offset=step,
-                    )
+                    tokens, is_masked = self.step(tokens, is_masked, labels, step, seed)
                     if callback is not None:
                         callback(step, tokens, is_masked)
         finally:

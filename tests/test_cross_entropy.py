@@ -13,6 +13,7 @@ from op_contract import (
     Case,
     OpContract,
     assert_close,
+    backend_params,
     bad_list,
     run_under_isa,
     shrink_tiles,
@@ -341,3 +342,71 @@ def test_retain_graph_second_backward(backend):
 def test_cpp_under_isa(isa):
     """Every cpp test of this file again, on the generic and AVX2 builds of the C++ kernel."""
     run_under_isa(__file__, isa)
+
+
+# ------------------------------------------------------------------------------------------------
+# Threads: every call gets its own error, never another thread's
+
+
+@pytest.mark.parametrize("compiled_kernel", backend_params(OP, ("cpp", "cuda")))
+def test_threads_mixing_bad_and_good_targets(compiled_kernel):
+    """4 threads x 1000 calls, a third of them with a bad target: each bad call raises, each good
+    call returns the reference loss (zero errors lost, zero misattributed)."""
+    import threading
+
+    name, device = compiled_kernel
+    logits, target = case(4, 11, seed=3)
+    logits, target = logits.to(device), target.to(device)
+    expected = cross_entropy_reference(logits, target).cpu()
+    bad_target = target.clone()
+    bad_target[1] = 11
+    n_threads, n_calls = 4, 1000
+    barrier = threading.Barrier(n_threads)
+    results = [None] * n_threads
+
+    def worker(k):
+        gen = torch.Generator().manual_seed(k)
+        bad = (torch.rand(n_calls, generator=gen) < 1 / 3).tolist()
+        lost = wrong = misattributed = 0
+        barrier.wait()
+        with use_backend(name):
+            for is_bad in bad:
+                try:
+                    loss = fused_cross_entropy(logits, bad_target if is_bad else target)
+                    if device == "cuda":
+                        sgk.check_errors(device)
+                except ValueError:
+                    misattributed += not is_bad
+                    continue
+                lost += is_bad
+                wrong += not torch.equal(loss.cpu(), expected)
+        results[k] = (sum(bad), lost, misattributed, wrong)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is not None for r in results), results
+    assert sum(r[0] for r in results) > 1000  # thousands of calls, over a thousand bad ones
+    assert [r[1:] for r in results] == [(0, 0, 0)] * n_threads, results
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice_with_retained_graph(backend, reduction):
+    """The backward scales the stored gradient in place only when the graph is not retained: a
+    retained graph gives the same gradient on every backward, and create_graph a double backward."""
+    name, device = backend
+    logits, target = case(5, 13, seed=4)
+    x = logits.to(device).requires_grad_()
+    with use_backend(name):
+        loss = fused_cross_entropy(x, target.to(device), reduction=reduction)
+    g_out = torch.full_like(loss, 3.0)
+    first = torch.autograd.grad(loss, x, g_out, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, x, g_out, retain_graph=True)[0]
+    third = torch.autograd.grad(loss, x, g_out)[0]
+    want = ref(logits, target, g_out.cpu(), reduction=reduction)[1]
+    for g in (first, second, third):
+        assert_close(g.cpu(), want, tolerance(OP, torch.float32))
+    if device == "cuda":
+        sgk.check_errors()

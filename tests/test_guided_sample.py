@@ -93,13 +93,13 @@ class TestContract(OpContract):
             logits = torch.randn(3, 4, 33, device=device, dtype=torch.bfloat16)
             st = torch.zeros(1, dtype=torch.int32, device=device)
             seed_t = torch.tensor(3, device=device)
-            return [(OP, (logits, logits.flip(-1), 1.0, 1.0, 0, 1.0, 0.0, "logp", 3, 0, None, None, st)),
-                    (OP, (logits, None, 0.0, 0.7, 5, 0.9, 0.05, "entropy", 0, 0, seed_t, seed_t, st))]
+            return [(OP, (logits, logits.flip(-1), 1.0, 1.0, 3, 0, st)),
+                    (OP, (logits, None, 0.0, 0.7, 0, 0, st, 5, 0.9, 0.05, "entropy", seed_t, seed_t))]
         logits, guide = torch.randn(3, 4, 33), torch.randn(3, 4, 33)
         status = torch.zeros(1, dtype=torch.int32)
-        return [(OP, (logits, guide, 1.0, 1.0, 0, 1.0, 0.0, "logp", 3, 0, None, None, status)),
-                (OP, (logits, None, 0.0, 0.0, 0, 1.0, 0.0, "logp", 3, 0, None, None, status)),
-                (OP, (logits, guide, 1.0, 0.7, 5, 0.9, 0.05, "margin", 0, 0, torch.tensor(3), torch.tensor(4), status))]
+        return [(OP, (logits, guide, 1.0, 1.0, 3, 0, status)),
+                (OP, (logits, None, 0.0, 0.0, 3, 0, status)),
+                (OP, (logits, guide, 1.0, 0.7, 0, 0, status, 5, 0.9, 0.05, "margin", torch.tensor(3), torch.tensor(4)))]
 
 
 def run(backend, *args, **kwargs):
@@ -144,7 +144,7 @@ def test_token_uniform(kernel):
     """V = 2, equal logits: token = (u >= 0.5) with u the row's uniform from _rng words w0, w1."""
     rows = 512
     status = status_word(kernel)
-    tokens, logp = raw_kernel(kernel, OP)(torch.zeros(rows, 2, device=kernel.device), None, 0.0, 1.0, 0, 1.0, 0.0, "logp", 1234, 5, None, None, status)[:2]
+    tokens, logp = raw_kernel(kernel, OP)(torch.zeros(rows, 2, device=kernel.device), None, 0.0, 1.0, 1234, 5, status)[:2]
     w0, w1, _, _ = _rng.row_words(1234, 5, torch.arange(rows))
     assert torch.equal(tokens.cpu(), (_rng.token_uniform(w0, w1) >= 0.5).to(torch.int64))
     torch.testing.assert_close(logp.cpu(), torch.full((rows,), -0.6931472))
@@ -367,7 +367,7 @@ def test_bad_row_sets_status(kernel, bad):
         guide = x.clone()
         x[2, 1] = guide[2, 1] = float("inf")
     to = kernel.device
-    flags, out = kernel_status(kernel, OP, x.to(to), None if guide is None else guide.to(to), 1.0, 0.8, 0, 1.0, 0.0, "logp", 3, 0, None, None)
+    flags, out = kernel_status(kernel, OP, x.to(to), None if guide is None else guide.to(to), 1.0, 0.8, 3, 0)
     assert flags == 1
     if kernel.name == "cpp":
         return  # raised, per call
@@ -380,7 +380,7 @@ def test_status_untouched_by_good_calls(kernel):
     assert _status.NONFINITE_LOGITS == 1 and _status.NEGATIVE_NUM_TO_MASK == 2
     status = status_word(kernel)
     x = torch.randn(8, 12, device=kernel.device)
-    raw_kernel(kernel, OP)(x, x.flip(-1), 1.0, 0.5, 0, 1.0, 0.0, "logp", 1, 2, None, None, status)
+    raw_kernel(kernel, OP)(x, x.flip(-1), 1.0, 0.5, 1, 2, status)
     assert int(status.item()) == 0
 
 
@@ -463,7 +463,7 @@ def test_triton_bad_row_multi_tile(monkeypatch):
     x = torch.randn(3, 40, device=TRITON_DEVICE)
     x[1, 35] = float("nan")
     status = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
-    tokens, logp, _ = S.guided_sample_triton(x, None, 0.0, 1.0, 0, 1.0, 0.0, "logp", 3, 0, None, None, status)
+    tokens, logp, _ = S.guided_sample_triton(x, None, 0.0, 1.0, 3, 0, status)
     assert int(status.item()) == 1 and int(tokens[1]) == 0 and bool(torch.isnan(logp[1]))
     assert bool(torch.isfinite(logp[[0, 2]]).all())
 
@@ -475,7 +475,7 @@ def test_triton_bad_row_multi_tile(monkeypatch):
 @pytest.mark.skipif(not has_cpu_kernel(OP), reason="no C++ kernel")
 def test_cpp_torch_compile_sees_one_op():
     def step(logits, guide, status):
-        return torch.ops.sgkernels.guided_sample(logits * 1.0, guide, 1.0, 1.0, 0, 1.0, 0.0, "logp", 5, 0, None, None, status)
+        return torch.ops.sgkernels.guided_sample(logits * 1.0, guide, 1.0, 1.0, 5, 0, status)
 
     logits, guide = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
     status = torch.zeros(1, dtype=torch.int32)

@@ -233,3 +233,25 @@ def test_step_bad_arguments():
         sched.step(logits, 17, torch.full((1, 4), MASK))
     with pytest.raises(ValueError, match="both"):
         sched.step(logits, 0, torch.full((1, 4), MASK), uncond_logits=logits)
+
+
+def test_step_accepts_float64_model_output():
+    """diffusers' AmusedScheduler takes float64 logits; so does the fused step (sampled in float32)."""
+    from diffusers import AmusedScheduler
+
+    ref = AmusedScheduler(mask_token_id=MASK)
+    ours = FusedAmusedScheduler.from_config(ref.config)
+    for s in (ref, ours):
+        s.set_timesteps(4, temperature=(0, 0))
+    logits, top = _near_greedy_logits(2, 16, seed=3, layout="seq")
+    sample = torch.full((2, 16), MASK)
+    t = ref.timesteps[0]
+    a = ref.step(logits.double(), t, sample, generator=_gen(0))
+    b = ours.step(logits.double(), t, sample, generator=_gen(0))
+    f = ours.step(logits, t, sample, generator=_gen(0))
+    torch.testing.assert_close(b.pred_original_sample, a.pred_original_sample, rtol=0, atol=0)
+    torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=0, atol=0)
+    assert torch.equal(b.prev_sample, f.prev_sample)
+    finite = logits.clamp_min(-30.0).double()
+    guided = ours.step(finite, t, sample, generator=_gen(0), uncond_logits=finite, guidance_scale=2.0)
+    assert torch.equal(guided.pred_original_sample, b.pred_original_sample)  # uncond == cond: the blend is cond

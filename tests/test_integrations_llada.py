@@ -451,3 +451,89 @@ def test_bad_input_current(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         llada.generate(TinyLLaDA(), _prompt(1), **args)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused-head path (sgkernels.head_sample on the candidate rows; no [B, L, V] logits)
+
+
+class _TinyBase(torch.nn.Module):
+    def __init__(self, vocab=V, dim=32, max_len=64, seed=0, head_inside=False):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Parameter(torch.randn(vocab, dim, generator=gen))
+        self.pos = torch.nn.Parameter(torch.randn(max_len, dim, generator=gen) * 0.5)
+        self.qkv = torch.nn.Parameter(torch.randn(dim, 3 * dim, generator=gen) / dim**0.5)
+        self.ff_out = torch.nn.Linear(dim, vocab) if head_inside else None
+
+    def forward(self, x, attention_mask=None):
+        h = self.emb[x] + self.pos[: x.shape[1]]
+        q, k, v = (h @ self.qkv).chunk(3, dim=-1)
+        h = h + torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1) @ v
+        if self.ff_out is not None:  # LLaDA's remote code: the base model computes the logits
+            return SimpleNamespace(logits=self.ff_out(h))
+        return SimpleNamespace(last_hidden_state=h)
+
+
+class TinyHFLM(torch.nn.Module):
+    """HF-shaped: ``.model`` base + ``lm_head`` beside it (Llama/Qwen/Dream), or the head inside the
+    base model with get/set_output_embeddings (LLaDA's remote code)."""
+
+    def __init__(self, head_inside=False, seed=0):
+        super().__init__()
+        self.model = _TinyBase(seed=seed, head_inside=head_inside)
+        self.lm_head = None if head_inside else torch.nn.Linear(32, V)
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            self.get_output_embeddings().weight.copy_(torch.randn(V, 32, generator=gen) * 3.0 / 32**0.5)
+            self.get_output_embeddings().bias.copy_(torch.randn(V, generator=gen))
+            self.get_output_embeddings().bias[MASK] = -1e4  # (practically) never predicts [MASK]
+        self.head_calls = 0
+        self.get_output_embeddings().register_forward_hook(lambda *a: setattr(self, "head_calls", self.head_calls + 1))
+
+    def get_output_embeddings(self):
+        return self.model.ff_out if self.lm_head is None else self.lm_head
+
+    def set_output_embeddings(self, m):
+        self.model.ff_out = m
+
+    def forward(self, x, attention_mask=None):
+        out = self.model(x, attention_mask)
+        return out if self.lm_head is None else SimpleNamespace(logits=self.lm_head(out.last_hidden_state))
+
+
+@pytest.mark.parametrize("head_inside", [False, True], ids=["lm_head_beside", "llada_head_inside"])
+@pytest.mark.parametrize("cfg_scale,temperature,remasking", [(0.0, 0.0, "low_confidence"), (1.0, 0.0, "low_confidence"),
+                                                             (0.5, 0.8, "low_confidence"), (0.0, 1.0, "random")])
+def test_fused_head_matches_logits_path(head_inside, cfg_scale, temperature, remasking):
+    """fused_head: the backbone runs without its head (the head is never called), head_sample projects the
+    candidate rows; greedy gives the logits path's tokens, sampling the same tokens with the same seed
+    (the two differ only by the GEMM's rounding)."""
+    model = TinyHFLM(head_inside=head_inside)
+    prompt = torch.randint(0, MASK, (3, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(steps=8, gen_length=16, block_length=8, temperature=temperature, cfg_scale=cfg_scale,
+              remasking=remasking, mask_id=MASK, seed=3)
+    fused = llada.generate(model, prompt, **kw)
+    assert model.head_calls == 0
+    plain = llada.generate(model, prompt, fused_head=False, **kw)
+    assert model.head_calls > 0
+    assert torch.equal(fused, plain)
+    assert not bool((fused == MASK).any())
+
+
+def test_fused_head_explicit_head_and_eos():
+    """head= with a backbone returning hidden states; logits_eos_inf via a -inf bias entry."""
+    model = TinyHFLM()
+    prompt = torch.randint(0, MASK, (2, 4), generator=torch.Generator().manual_seed(2))
+    vocab = llada.EOS_ID + 1
+    head = torch.nn.Linear(32, vocab)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[llada.EOS_ID] = 50.0  # EOS would always win
+        head.bias[MASK] = -1e4
+    backbone = lambda x, **kw: model.model(x % V, **kw)  # noqa: E731  (ids past the tiny embedding wrap)
+    kw = dict(steps=4, gen_length=8, block_length=8, temperature=0.0, mask_id=MASK, logits_eos_inf=True, seed=0)
+    fused = llada.generate(backbone, prompt, head=head, **kw)
+    plain = llada.generate(lambda x, **k: SimpleNamespace(logits=head(backbone(x, **k).last_hidden_state)), prompt,
+                           **kw)
+    assert torch.equal(fused, plain) and not bool((fused == llada.EOS_ID).any())

@@ -20,7 +20,7 @@ from op_contract import (
 )
 
 import sgkernels as sgk
-from sgkernels import _backend, _rng
+from sgkernels import _rng
 from sgkernels.ops.remask import noisy_confidence_reference
 
 OP = "remask_lowest_confidence"
@@ -34,18 +34,35 @@ def random_case(batch, n_tok, seed, dtype=torch.float32):
     return logp, is_masked
 
 
-def _case(tau, n_tok, dtype=torch.float32, num="tensor"):
+def _case(tau, n_tok, dtype=torch.float32, num="tensor", tie_rule=None, decoded=None, tiles=None, ties=False):
+    """``tie_rule`` / ``decoded`` (decoded_confidence) set the options; ``tiles`` forces the Triton
+    kernel's multi-tile path with tiles of that many positions; ``ties`` quantises logp (tau 0: ties)."""
+
     def make(backend, monkeypatch):
+        if tiles is not None:
+            from sgkernels.kernels import sampling as S
+
+            monkeypatch.setattr(S, "_MAX_SINGLE_TILE_N", tiles)
+            monkeypatch.setattr(S, "_REMASK_TILE", tiles)
         logp, is_masked = random_case(6, n_tok, seed=n_tok, dtype=dtype)
+        if ties:
+            logp = (logp * 2).round() / 2
         n = {
             "tensor": torch.tensor([0, 1, 3, 5, 1000, n_tok // 2]),  # none, some, more than the candidates
             "int": 6,
             "zero": 0,
             "huge": 10**6,
         }[num]
-        return (logp, is_masked, n), dict(choice_temperature=tau, seed=3, offset=2)
+        kw = dict(choice_temperature=tau, seed=3, offset=2)
+        if tie_rule is not None:
+            kw["tie_rule"] = tie_rule
+        if decoded is not None:
+            kw["decoded_confidence"] = decoded
+        return (logp, is_masked, n), kw
 
-    return Case(f"{DTYPE_IDS[dtype]}-N{n_tok}-tau{tau}-{num}", dtype, make)
+    opts = "".join(f"-{o}" for o in (tie_rule, None if decoded is None else f"dec{decoded}",
+                                     None if tiles is None else f"tiles{tiles}", "ties" if ties else None) if o)
+    return Case(f"{DTYPE_IDS[dtype]}-N{n_tok}-tau{tau}-{num}{opts}", dtype, make)
 
 
 class TestContract(OpContract):
@@ -59,6 +76,15 @@ class TestContract(OpContract):
         cases = [_case(tau, n) for tau in (0.0, 1.0, 25.0) for n in (1, 17, 256)]
         cases += [_case(tau, 37, num=num) for tau in (0.0, 2.5) for num in ("int", "zero", "huge")]
         cases += [_case(1.0, 37, dtype=dt) for dt in (torch.bfloat16, torch.float16)]  # logp upcast
+        # the unlockmgm options: strict-below ties, decoded positions competing (log(float32 max)
+        # and a value inside the logp range), each on the single-tile and the multi-tile paths
+        for tiles in (None, 16):
+            cases += [_case(0.0, 45, tie_rule="strict_below", ties=True, tiles=tiles)]
+            cases += [_case(0.0, 45, ties=True, tiles=tiles)]
+            cases += [_case(3.0, 45, tie_rule="strict_below", decoded=-2.0, tiles=tiles)]
+            cases += [_case(25.0, 45, decoded=88.72283935546875, tiles=tiles)]
+            cases += [_case(1.0, 45, num=num, tie_rule="strict_below", decoded=-1.0, tiles=tiles)
+                      for num in ("int", "zero", "huge")]
         return cases
 
     def check(self, out, ref, tol, args, kwargs):
@@ -66,8 +92,12 @@ class TestContract(OpContract):
         assert out.dtype == torch.bool and out.shape == is_masked.shape
         assert torch.equal(out, ref)  # a selection: exact on every backend (tol is exact)
         n = torch.as_tensor(n).expand(is_masked.shape[0])
-        assert torch.equal(out.sum(-1), torch.minimum(n, is_masked.sum(-1)))
-        assert not (out & ~is_masked).any()
+        cand = is_masked if kwargs.get("decoded_confidence") is None else torch.ones_like(is_masked)
+        if kwargs.get("tie_rule") == "strict_below":
+            assert bool((out.sum(-1) <= torch.minimum(n, cand.sum(-1))).all())
+        else:
+            assert torch.equal(out.sum(-1), torch.minimum(n, cand.sum(-1)))
+        assert not (out & ~cand).any()
 
     def bad_inputs(self):
         logp, is_masked = random_case(2, 8, seed=0)
@@ -80,15 +110,20 @@ class TestContract(OpContract):
             Bad("choice_temperature", ValueError, (logp, is_masked, 1), dict(choice_temperature=-1.0)),
             Bad("logp", TypeError, (logp.long(), is_masked, 1)),
             Bad("logp", ValueError, (logp[0], is_masked[0], 1)),
+            Bad("tie_rule", ValueError, (logp, is_masked, 1), dict(tie_rule="strict")),
+            Bad("decoded_confidence", ValueError, (logp, is_masked, 1), dict(decoded_confidence=float("inf"))),
+            Bad("decoded_confidence", ValueError, (logp, is_masked, 1), dict(decoded_confidence=1e39)),
+            Bad("decoded_confidence", TypeError, (logp, is_masked, 1), dict(decoded_confidence="max")),
         )
 
     def opcheck_samples(self, device):
         logp, is_masked = random_case(3, 20, seed=2)
         status = torch.zeros(1, dtype=torch.int32, device=device)
         n = torch.tensor([2, 0, 30], device=device)
-        return [(OP, (logp.to(device), is_masked.to(device), n, 1.5, 4, 1, None, None, status)),
-                (OP, (logp.to(device), is_masked.to(device), n, 1.5, 0, 0, torch.tensor(4, device=device),
-                      torch.tensor(1, device=device), status))]
+        args = (logp.to(device), is_masked.to(device), n, 1.5, 4, 1, status)
+        return [(OP, args), (OP, args + (88.7, True)),
+                (OP, (logp.to(device), is_masked.to(device), n, 1.5, 0, 0, status, None, False,
+                      torch.tensor(4, device=device), torch.tensor(1, device=device)))]
 
 
 def run(backend, logp, is_masked, n, **kw):
@@ -105,6 +140,64 @@ def test_reference_selects_lowest_confidence():
         k = min(int(n[b]), cand.numel())
         if k:
             assert conf[b][out[b]].max() <= cand.sort().values[k - 1]
+
+
+def test_reference_strict_below_is_the_official_rule():
+    """strict_below: ``conf < sort(conf)[k]`` over the candidates (the official mask_by_random_topk),
+    all candidates when k >= #candidates; with ties at the cut, fewer than k."""
+    gen = torch.Generator().manual_seed(3)
+    logp = (torch.randint(-6, 0, (5, 40), generator=gen) / 2.0).float()  # many ties
+    is_masked = torch.rand(5, 40, generator=gen) < 0.7
+    n = torch.tensor([0, 3, 7, 28, 40])
+    for dec in (None, -1.5):
+        out = sgk.remask_reference(logp, is_masked, n, choice_temperature=0.0, seed=1, tie_rule="strict_below",
+                                   decoded_confidence=dec)
+        conf = logp if dec is None else torch.where(is_masked, logp, torch.tensor(dec))
+        cand = is_masked if dec is None else torch.ones_like(is_masked)
+        for b in range(5):
+            c = conf[b][cand[b]]
+            k = int(n[b])
+            want = torch.zeros(40, dtype=torch.bool)
+            if k >= c.numel():
+                want[cand[b]] = True
+            else:
+                want[cand[b]] = c < torch.sort(c).values[k]
+            assert torch.equal(out[b], want), (dec, b)
+    assert (out.sum(-1) < n).any(), "the case has ties at the cut"
+
+
+def test_decoded_positions_compete(backend):
+    """decoded_confidence c0: decoded positions are candidates with confidence c0 + tau * G; c0 far
+    above every logp keeps them out (None's result), c0 far below picks them first."""
+    logp, is_masked = random_case(4, 30, seed=5)
+    n = torch.tensor([3, 5, 0, 29])
+    kw = dict(choice_temperature=0.5, seed=2, offset=1)
+    within = torch.minimum(n, is_masked.sum(-1))  # no more than the masked positions
+    none = run(backend, logp, is_masked, within, **kw)
+    high = run(backend, logp, is_masked, within, decoded_confidence=88.72283935546875, **kw)
+    assert torch.equal(none, high)
+    # more than the masked positions: the rest are decoded ones
+    high = run(backend, logp, is_masked, n, decoded_confidence=88.72283935546875, **kw)
+    assert torch.equal(high & is_masked, is_masked & (n > is_masked.sum(-1))[:, None] | none)
+    assert torch.equal(high.sum(-1), n)
+    low = run(backend, logp, is_masked, n, decoded_confidence=-1e4, **kw)
+    decoded = (~is_masked).sum(-1)
+    assert torch.equal(low.sum(-1), n.clamp(max=30))
+    assert torch.equal((low & ~is_masked).sum(-1), torch.minimum(n, decoded))
+    assert torch.equal(low, sgk.remask_reference(logp, is_masked, n, decoded_confidence=-1e4, **kw))
+
+
+@pytest.mark.parametrize("n_pos", [5000, 32768])
+def test_long_rows(backend, n_pos):
+    """Rows longer than the Triton kernel's register tile (4096): the multi-tile path, against the
+    reference, both tie rules (tau 0 and quantised logp: ties across tile boundaries)."""
+    gen = torch.Generator().manual_seed(n_pos)
+    logp = (torch.randint(-40, 0, (1, n_pos), generator=gen) / 4.0).float()
+    is_masked = torch.rand(1, n_pos, generator=gen) < 0.8
+    for tau, rule, n in ((0.0, "exact_k", n_pos // 3), (0.0, "strict_below", n_pos // 3), (2.0, "exact_k", 777)):
+        kw = dict(choice_temperature=tau, seed=4, offset=3, tie_rule=rule)
+        out = run(backend, logp, is_masked, n, **kw)
+        assert torch.equal(out, sgk.remask_reference(logp, is_masked, n, **kw)), (tau, rule)
 
 
 def test_gumbel_top1_law(backend):
@@ -127,7 +220,7 @@ def test_gumbel_noise_is_rng(kernel):
     logp = torch.zeros(batch, n_pos, device=kernel.device)
     is_masked = torch.ones(batch, n_pos, dtype=torch.bool, device=kernel.device)
     nums = torch.full((batch,), 17, dtype=torch.int64, device=kernel.device)
-    out = raw_kernel(kernel, OP)(logp, is_masked, nums, 1.0, 99, 6, None, None, status_word(kernel))
+    out = raw_kernel(kernel, OP)(logp, is_masked, nums, 1.0, 99, 6, status_word(kernel))
     _, _, w2, w3 = _rng.row_words(99, 6, torch.arange(batch * n_pos))
     g = _rng.gumbel(w2, w3).reshape(batch, n_pos)
     idx = torch.argsort(g, dim=-1, stable=True)[:, :17]
@@ -170,7 +263,7 @@ def test_nan_logp_ordered_like_reference(kernel):
     d = kernel.device
     for k in range(9):
         n = torch.tensor([k])
-        out = raw_kernel(kernel, OP)(logp.to(d), is_masked.to(d), n.to(d), 0.0, 1, 0, None, None, status_word(kernel))
+        out = raw_kernel(kernel, OP)(logp.to(d), is_masked.to(d), n.to(d), 0.0, 1, 0, status_word(kernel))
         assert torch.equal(out.cpu(), sgk.remask_reference(logp, is_masked, n, choice_temperature=0.0, seed=1)), k
 
 
@@ -205,7 +298,7 @@ def test_negative_num_sets_status(kernel):
     row masks nothing, the others are unaffected."""
     d = kernel.device
     logp, is_masked = -torch.rand(3, 10, device=d), torch.ones(3, 10, dtype=torch.bool, device=d)
-    flags, out = kernel_status(kernel, OP, logp, is_masked, torch.tensor([2, -1, 3], device=d), 1.0, 0, 0, None, None)
+    flags, out = kernel_status(kernel, OP, logp, is_masked, torch.tensor([2, -1, 3], device=d), 1.0, 0, 0)
     assert flags == 2
     if kernel.name != "cpp":  # the C++ kernel raised
         assert out.sum(-1).tolist() == [2, 0, 3]
@@ -214,7 +307,7 @@ def test_negative_num_sets_status(kernel):
 def test_status_untouched_by_good_calls(kernel):
     status = status_word(kernel)
     x = torch.randn(8, 12, device=kernel.device)
-    raw_kernel(kernel, OP)(x, x > 0, torch.full((8,), 3, device=kernel.device), 1.0, 1, 2, None, None, status)
+    raw_kernel(kernel, OP)(x, x > 0, torch.full((8,), 3, device=kernel.device), 1.0, 1, 2, status)
     assert int(status.item()) == 0
 
 
@@ -239,21 +332,7 @@ def test_negative_deferred_on_cuda():
 
 
 # ------------------------------------------------------------------------------------------------
-# The Triton kernel's row limit, and the C++ kernel's other ISAs
-
-
-@pytest.mark.skipif(
-    not _backend.triton_available() or (not torch.cuda.is_available() and not _backend.triton_interpret()),
-    reason="needs triton, and TRITON_INTERPRET=1 without a GPU",
-)
-def test_triton_rejects_long_rows():
-    from sgkernels.kernels import sampling as S
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    logp = torch.zeros(1, S.MAX_REMASK_N + 1, device=device)
-    status = torch.zeros(1, dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="N <= 4096"):
-        S.remask_triton(logp, logp < 0, torch.zeros(1, dtype=torch.int64, device=device), 0.0, 0, 0, None, None, status)
+# The C++ kernel's other ISAs
 
 
 @pytest.mark.slow

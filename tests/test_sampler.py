@@ -63,16 +63,18 @@ def test_guidance_zero_is_plain_maskgit(tiny):
     assert not torch.equal(plain(LABELS, seed=3), guided(LABELS, seed=3))
 
 
+@pytest.mark.parametrize("preset", ["maskgit", "unlockmgm"])
 @pytest.mark.parametrize("steps", [1, 4, 9])
-def test_masked_count_follows_schedule(tiny, steps):
+def test_masked_count_follows_schedule(tiny, steps, preset):
     model, guide = tiny
     seen = []
-    s = SelfGuidedSampler(model, guide, steps=steps)
+    s = SelfGuidedSampler(model, guide, steps=steps, preset=preset)
     out = s(LABELS, seed=0, callback=lambda k, tok, m: seen.append((k, tok.clone(), m.clone())))
     n, masked = 16, torch.full((3,), 16)
+    rules = dict(rounding="float32", at_least_one=True) if preset == "unlockmgm" else {}
     assert [k for k, _, _ in seen] == list(range(steps))
     for k, tok, m in seen:
-        masked = sgk.mask_len(k, steps, n, masked)
+        masked = sgk.mask_len(k, steps, n, masked, **rules)
         assert torch.equal(m.sum(1), masked)
         assert torch.equal(tok == model.config.mask_token_id, m)
     assert int(masked.sum()) == 0
@@ -90,7 +92,7 @@ def test_one_fused_step_per_iteration(tiny, monkeypatch):
 
     monkeypatch.setattr(sampler_module, "self_guided_step", spy)
     s = SelfGuidedSampler(model, guide, steps=4, choice_temperature=10.0, temperature_decay="compound",
-                          guidance_scale=1.5, temperature=0.7)
+                          guidance_scale=1.5, temperature=0.7, fused_head=False)
     s(LABELS, seed=11)
     assert len(calls) == 4
     for k, (shape, has_guide, kw) in enumerate(calls):
@@ -98,6 +100,98 @@ def test_one_fused_step_per_iteration(tiny, monkeypatch):
         assert kw["offset"] == k and kw["seed"] == 11
         assert kw["guidance_scale"] == 1.5 and kw["temperature"] == 0.7
         assert kw["choice_temperature"] == pytest.approx(sgk.choice_temperature(k, 4, 10.0, "compound"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets: "unlockmgm" against an independent reimplementation of the official generate_sg rules
+
+
+def official_rules_generate(model, guide, labels, *, steps, guidance_scale, tau0, seed):
+    """The official UnlockMGM ``generate_sg`` loop (muse/modeling_transformer_toast.py), written out
+    here independently: argmax tokens (the official draws them with torch.multinomial), and the
+    confidence noise taken from sgkernels' stream (position b * N + n, offset = step) in place of
+    torch's uniform. Float32 schedule, at least one re-mask, decoded positions at log(float32 max),
+    ``conf < sort(conf)[mask_len]``, compounded tau; returns the last step's sampled ids."""
+    from sgkernels import _rng
+
+    cfg = model.config
+    b, n = labels.shape[0], cfg.num_tokens
+    ids = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64)
+    tau = tau0
+    for step in range(steps):
+        out = model(ids, labels, return_hidden=True)
+        logits = out.logits
+        if guidance_scale != 0:
+            smooth = guide(model, out.hidden_states, labels)
+            logits = smooth + (1 + guidance_scale) * (logits - smooth)
+        unknown = ids == cfg.mask_token_id
+        sampled = torch.where(unknown, logits.argmax(-1), ids)
+        ratio = 1.0 * (step + 1) / steps
+        mask_ratio = torch.cos(torch.tensor(ratio) * torch.pi * 0.5)
+        probs = logits.softmax(dim=-1).gather(-1, sampled[..., None]).squeeze(-1)
+        probs = torch.where(unknown, probs, torch.finfo(probs.dtype).max)
+        mask_len = (n * mask_ratio).floor().unsqueeze(0)
+        mask_len = torch.max(torch.tensor([1]), torch.min(unknown.sum(dim=-1, keepdim=True) - 1, mask_len))
+        tau = tau * (1.0 - ratio)
+        _, _, w2, w3 = _rng.row_words(seed, step, torch.arange(b * n))
+        conf = torch.log(probs.clamp(min=1e-20)) + tau * _rng.gumbel(w2, w3).reshape(b, n)
+        cut = torch.gather(torch.sort(conf, dim=-1).values, 1, mask_len.long())
+        ids = torch.where(conf < cut, cfg.mask_token_id, sampled)
+    return sampled
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 1.0])
+def test_unlockmgm_preset_matches_official_rules(tiny, guidance_scale):
+    """Argmax tokens: the default preset gives the official loop's tokens, decoded positions come
+    back along the way (a large tau0 so that they do on 16 positions), and "maskgit" differs."""
+    TAU0 = 100.0
+    model, guide = tiny
+    model.eval()
+    guide.eval()
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    remasked_decoded = 0
+    for seed in range(4):
+        prev = []
+
+        def count(k, tok, m):
+            nonlocal remasked_decoded
+            if prev:
+                remasked_decoded += int((m & ~prev[-1]).sum())
+            prev.append(m.clone())
+
+        s = SelfGuidedSampler(model, guide, steps=8, guidance_scale=guidance_scale, choice_temperature=TAU0,
+                              temperature=0.0)
+        with torch.no_grad():
+            want = official_rules_generate(model, guide, labels, steps=8, guidance_scale=guidance_scale, tau0=TAU0,
+                                           seed=seed)
+        got = s(labels, seed=seed, callback=count)
+        assert torch.equal(got, want), (seed, (got != want).sum())
+    assert remasked_decoded > 0, "no decoded position was re-masked: rule 3 untested"
+    maskgit = SelfGuidedSampler(model, guide, steps=8, guidance_scale=guidance_scale, choice_temperature=TAU0,
+                                temperature=0.0, preset="maskgit")
+    assert not torch.equal(maskgit(labels, seed=0), official_rules_generate(
+        model, guide, labels, steps=8, guidance_scale=guidance_scale, tau0=TAU0, seed=0))
+
+
+def test_preset_fields_and_overrides(tiny):
+    model, guide = tiny
+    s = SelfGuidedSampler(model, guide)
+    assert (s.preset, s.temperature_decay, s.mask_rounding, s.at_least_one, s.tie_rule) == (
+        "unlockmgm", "compound", "float32", True, "strict_below")
+    assert s.decoded_confidence == pytest.approx(88.72283935546875, abs=0)
+    m = SelfGuidedSampler(model, guide, preset="maskgit")
+    assert (m.temperature_decay, m.mask_rounding, m.at_least_one, m.decoded_confidence, m.tie_rule) == (
+        "maskgit", "float64", False, None, "exact_k")
+    o = SelfGuidedSampler(model, guide, temperature_decay="maskgit", decoded_confidence=None)
+    assert (o.temperature_decay, o.decoded_confidence, o.tie_rule) == ("maskgit", None, "strict_below")
+    with pytest.raises(ValueError, match="preset"):
+        SelfGuidedSampler(model, guide, preset="muse")
+    with pytest.raises(ValueError, match="tie_rule"):
+        SelfGuidedSampler(model, guide, tie_rule="lowest")
+    with pytest.raises(ValueError, match="mask_rounding"):
+        SelfGuidedSampler(model, guide, mask_rounding="bf16")
+    with pytest.raises(TypeError, match="at_least_one"):
+        SelfGuidedSampler(model, guide, at_least_one=1)
 
 
 def test_step_logits(tiny):
@@ -194,5 +288,28 @@ def test_maskgit_256_two_steps_cpu():
     counts = []
     out = s(torch.tensor([207]), seed=0, callback=lambda k, t, m: counts.append(int(m.sum())))
     assert out.shape == (1, 256) and ((out >= 0) & (out < 1024)).all()
-    assert counts == [sgk.mask_len(0, 2, 256, 256), 0]
+    assert counts == [sgk.mask_len(0, 2, 256, 256, rounding="float32", at_least_one=True), 0]
     print(f"MaskGIT-256, 2 guided steps, B=1, CPU: {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.parametrize("cfg_scale,guidance_scale,temperature", [(0.0, 1.5, 1.0), (2.0, 1.0, 0.7), (0.0, 0.0, 1.0),
+                                                                   (1.0, 2.0, 0.0)])
+def test_fused_head_equals_logits_path(tiny, monkeypatch, cfg_scale, guidance_scale, temperature):
+    """fused_head (head_sample on the masked rows, guide and CFG blended on the head's input features)
+    gives the logits path's tokens: the same streams, logits equal up to float rounding."""
+    model, guide = tiny
+    calls = []
+    real = sampler_module.head_sample
+
+    def spy(base, weight, bias, g, **kw):
+        calls.append((base.shape, g is not None, int(kw["rows"].sum())))
+        return real(base, weight, bias, g, **kw)
+
+    monkeypatch.setattr(sampler_module, "head_sample", spy)
+    kw = dict(steps=5, guidance_scale=guidance_scale, cfg_scale=cfg_scale, temperature=temperature,
+              choice_temperature=4.0)
+    fused = SelfGuidedSampler(model, guide, **kw)(LABELS, seed=21)
+    plain = SelfGuidedSampler(model, guide, fused_head=False, **kw)(LABELS, seed=21)
+    assert torch.equal(fused, plain)
+    assert len(calls) == 5 and calls[0] == ((3, 16, 32), guidance_scale != 0, 48)
+    assert [c[2] for c in calls] == sorted((c[2] for c in calls), reverse=True)  # only masked rows

@@ -84,15 +84,19 @@ class TestContract(OpContract):
             Bad("num_to_mask", ValueError, (tokens, is_masked, logits, None, -1)),
             Bad("guide_logits", ValueError, (tokens, is_masked, logits, guide[:, :, :5], 1)),
             Bad("temperature", ValueError, (tokens, is_masked, logits, None, 1), dict(temperature=-0.1)),
+            Bad("tie_rule", ValueError, (tokens, is_masked, logits, None, 1), dict(tie_rule="lowest")),
+            Bad("mask_token_id", ValueError, (tokens, is_masked, logits, None, 1), dict(decoded_confidence=88.7)),
+            Bad("mask_token_id", TypeError, (tokens, is_masked, logits, None, 1), dict(mask_token_id=1.5)),
         )
 
     def opcheck_samples(self, device):
         tokens, is_masked, logits, guide = (t.to(device) for t in case(2, 12, 17, seed=3))
         status = torch.zeros(1, dtype=torch.int32, device=device)
         n = torch.tensor([2, 3], device=device)
-        return [(OP, (tokens, is_masked, logits, guide, n, 1.0, 1.0, 3.0, 0, 1.0, 0.0, "logp", 5, 2, None, None, status)),
-                (OP, (tokens, is_masked, logits, guide, n, 1.0, 0.8, 3.0, 4, 0.9, 0.1, "prob", 0, 0,
-                      torch.tensor(5, device=device), torch.tensor(2, device=device), status))]
+        args = (tokens, is_masked, logits, guide, n, 1.0, 1.0, 3.0, 5, 2, status)
+        return [(OP, args), (OP, args + (88.7, True, MASK_ID)),
+                (OP, (tokens, is_masked, logits, guide, n, 1.0, 0.8, 3.0, 0, 0, status, None, False, None, 4, 0.9,
+                      0.1, "prob", torch.tensor(5, device=device), torch.tensor(2, device=device)))]
 
 
 def run(backend, *args, **kw):
@@ -165,6 +169,30 @@ def test_known_rows_are_not_read(backend):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("tie_rule", ["exact_k", "strict_below"])
+def test_unlockmgm_options(backend, tie_rule):
+    """decoded_confidence + mask_token_id (+ either tie rule): decoded positions compete, re-masked
+    ones get the mask id, on every backend against the reference; ties at tau 0 come from
+    repeated rows."""
+    tokens, is_masked, logits, guide = case(3, 24, 16, seed=13)
+    logits[:, 12:] = logits[:, :12]  # equal rows: equal logp, ties in confidence at tau 0
+    guide[:, 12:] = guide[:, :12]
+    is_masked[:, 12:] = is_masked[:, :12]
+    tokens[:, 12:] = tokens[:, :12]
+    n = torch.tensor([2, 9, 23])
+    for tau, dec in ((0.0, -1.0), (30.0, 88.72283935546875), (2.0, -2.5)):
+        kw = dict(KW, choice_temperature=tau, decoded_confidence=dec, tie_rule=tie_rule, mask_token_id=MASK_ID)
+        new_tokens, new_mask = run(backend, tokens, is_masked, logits, guide, n, **kw)
+        ref_tokens, ref_mask = sgk.self_guided_step_reference(tokens, is_masked, logits, guide, n, **kw)
+        assert torch.equal(new_tokens, ref_tokens) and torch.equal(new_mask, ref_mask), (tau, dec)
+        assert bool((new_tokens[new_mask] == MASK_ID).all())
+        assert bool((new_tokens[~new_mask] != MASK_ID).all())
+        if tau == 0.0:
+            assert bool((new_mask & ~is_masked).any()), "decoded positions were re-masked"
+    with pytest.raises(ValueError, match="mask_token_id"):
+        run(backend, tokens, is_masked, logits, guide, n, **dict(KW, decoded_confidence=1.0))
+
+
 @pytest.mark.parametrize("s", [0.0, -1.0, 1.5])
 def test_blend_minus_inf(backend, s):
     """guided_sample's blend rule in the step: s = 0 (s = -1) is the logits (guide) alone, NaN in the
@@ -190,7 +218,7 @@ def test_blend_minus_inf(backend, s):
 
 def _status_after_step(kernel, logits, tokens, is_masked, guide, n):
     d = kernel.device
-    return kernel_status(kernel, OP, tokens.to(d), is_masked.to(d), logits.to(d), guide.to(d), n.to(d), 1.0, 1.0, 2.0, 0, 1.0, 0.0, "logp", 5, 0, None, None)
+    return kernel_status(kernel, OP, tokens.to(d), is_masked.to(d), logits.to(d), guide.to(d), n.to(d), 1.0, 1.0, 2.0, 5, 0)
 
 
 @pytest.mark.parametrize("tiles", ["1tile", "tiles"])

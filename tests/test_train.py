@@ -172,7 +172,7 @@ def test_aux_loss_is_ce_at_error_positions_plus_recon():
     cfg = backbone.config
     tokens, labels = random_data(cfg, 4)
     c = corrupt(backbone, tokens.reshape(4, -1), labels, generator=torch.Generator().manual_seed(0), sample_seed=0)
-    loss, ce, recon = aux_loss(backbone, guide, c.inputs, labels, c.targets)
+    loss, ce, recon = aux_loss(backbone, guide, c.inputs, labels, c.targets, ce_vocab="codebook")
     hidden = backbone(c.inputs, labels, return_hidden=True).hidden_states
     out = guide(backbone, hidden, labels, return_layers=True)
     ref_ce = F.cross_entropy(out.logits.reshape(-1, cfg.codebook_size), c.targets.reshape(-1), label_smoothing=0.1)
@@ -182,6 +182,38 @@ def test_aux_loss_is_ce_at_error_positions_plus_recon():
     # no labelled position: the CE term is 0, not NaN
     loss0, ce0, _ = aux_loss(backbone, guide, c.inputs, labels, torch.full_like(c.targets, -100))
     assert float(ce0.detach()) == 0.0 and math.isfinite(float(loss0.detach()))
+
+
+def test_aux_loss_full_vocab_is_the_official_normalisation():
+    """ce_vocab="full" (the default): the softmax and label smoothing over every id of the head
+    (codebook, [MASK], classes), as the official code; the backbone still gets no gradient."""
+    backbone, guide = build()
+    cfg = backbone.config
+    tokens, labels = random_data(cfg, 4)
+    c = corrupt(backbone, tokens.reshape(4, -1), labels, generator=torch.Generator().manual_seed(1), sample_seed=1)
+    loss, ce, recon = aux_loss(backbone, guide, c.inputs, labels, c.targets)
+    hidden = backbone(c.inputs, labels, return_hidden=True).hidden_states
+    out = guide(backbone, hidden, labels, return_layers=True)
+    # an independent full-vocabulary head: the backbone's head over the last block's output
+    h = out.layer_outputs[-1][:, 1:]
+    if backbone.final_norm is not None:
+        h = backbone.final_norm(h)
+    h = backbone.head_norm(F.gelu(backbone.head_dense(h), approximate="none" if cfg.gelu == "exact" else "tanh"))
+    full = h @ backbone.head.weight.t() + backbone.head.bias
+    assert full.shape[-1] == cfg.vocab_size > cfg.codebook_size
+    torch.testing.assert_close(full[..., :cfg.codebook_size], out.logits, rtol=1e-5, atol=1e-5)
+    ref_ce = F.cross_entropy(full.reshape(-1, cfg.vocab_size), c.targets.reshape(-1), label_smoothing=0.1)
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-6)
+    codebook_ce = aux_loss(backbone, guide, c.inputs, labels, c.targets, ce_vocab="codebook")[1]
+    assert abs(float(ce.detach()) - float(codebook_ce.detach())) > 1e-4
+    backbone.zero_grad(set_to_none=True)
+    loss.backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert any(p.grad is not None for p in guide.parameters())
+    with pytest.raises(ValueError, match="ce_vocab"):
+        aux_loss(backbone, guide, c.inputs, labels, c.targets, ce_vocab="all")
+    with pytest.raises(ValueError, match="ce_vocab"):
+        TrainConfig(ce_vocab="all")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -382,6 +414,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".")]
     steps_logged = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps_logged[-1] == RESUME_STEPS and max(steps_logged) == RESUME_STEPS
+    assert steps_logged == list(range(1, RESUME_STEPS + 1))  # no step logged twice across the kill
 
     # the resumed run continues exactly where the uninterrupted run would be
     backbone, guide, data, config = resume_setup(delay=0.0)

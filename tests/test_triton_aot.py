@@ -4,7 +4,8 @@
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas bundled in the triton wheel) for
 representative constexpr configs: fp32/bf16/fp16 logits, guide or not, greedy / T == 1 / T != 1,
 row mask or not, packed small rows, the register-heaviest single tile, the multi-tile loop; the
-remask kernel (plain and fused, small and largest N); the Philox test helper; the cross-entropy
+remask kernel (plain and fused, small and largest single-tile N, the multi-tile loop, the
+decoded-confidence / strict-below / mask-id options); the Philox test helper; the cross-entropy
 kernel (fp32/bf16/fp16, int32/int64 targets, mean or not, smoothing or not, packed rows, the largest
 single tile, the two-pass multi-tile loop).
 
@@ -24,8 +25,12 @@ ARCHS = (80, 90)
 KERNELS = {  # every kernel of each module of sgkernels/kernels
     "sampling": ("_sample_rows_kernel", "_remask_kernel", "_philox_words_kernel"),
     "cross_entropy": ("_xent_rows_kernel",),
+    "head_sample": ("_head_stats_kernel", "_head_pick_kernel"),
 }
 N_XENT_CONFIGS = 6
+N_HEAD_CONFIGS = 6
+N_REMASK_CONFIGS = 7
+N_SAMPLER_CONFIGS = 15
 
 
 def _load():
@@ -103,22 +108,38 @@ def _sampler_configs(S):
         name = (f"sample_rows[{dt},guide={guide},{mode},rowmask={rowmask},R={block_r},V={block_v},tiles={tiles},"
                 f"filter={filt},conf={conf},rng_ptr={rng_ptr}]")
         out.append((name, S._sample_rows_kernel, types, const, max(1, min(16, block_r * block_v // 256))))
+    assert len(out) == N_SAMPLER_CONFIGS
     return out
 
 
 def _remask_configs(S):
     types = {
         "logp_ptr": "*fp32", "mask_ptr": "*i1", "num_ptr": "*i64", "out_mask_ptr": "*i1", "tokens_ptr": "*i64",
-        "sampled_ptr": "*i64", "out_tokens_ptr": "*i64", "status_ptr": "*i32", "N": "i32", "tau": "fp32",
-        "seed": "i64", "offset": "i64", "seed_ptr": "*i64", "offset_ptr": "*i64",
+        "sampled_ptr": "*i64", "out_tokens_ptr": "*i64", "keys_ptr": "*i64", "status_ptr": "*i32", "N": "i32",
+        "tau": "fp32", "dec_conf": "fp32", "mask_id": "i64", "seed": "i64", "offset": "i64",
+        "seed_ptr": "*i64", "offset_ptr": "*i64",
     }
-    return [
-        (f"remask[fused={f},N={n},rng_ptr={p}]", S._remask_kernel, types,
-         dict(FUSED=f, BLOCK_N=n, SEED_PTR=p, OFFSET_PTR=p), max(1, min(8, n // 256)))
-        for f in (False, True)
-        for n in (256, 4096)
-        for p in ((False, True) if n == 4096 else (False,))
+    # (FUSED, HAS_DECODED, STRICT, HAS_MASK_ID, MULTI_TILE, BLOCK_N, SEED_PTR/OFFSET_PTR): plain and fused,
+    # small and the largest register tile, the multi-tile loop (tiles of _REMASK_TILE), every option at
+    # least once (seed / offset from memory on a single tile and on the multi-tile loop).
+    picks = [
+        (False, False, False, False, False, 256, False),
+        (True, False, False, False, False, 4096, True),
+        (False, True, True, False, False, 4096, False),
+        (True, True, True, True, False, 256, False),
+        (False, False, False, False, True, S._REMASK_TILE, False),
+        (True, True, True, True, True, S._REMASK_TILE, True),
+        (True, False, False, False, True, S._REMASK_TILE, False),
     ]
+    out = []
+    for fused, dec, strict, mask_id, multi, n, rng_ptr in picks:
+        const = dict(FUSED=fused, HAS_DECODED=dec, STRICT=strict, HAS_MASK_ID=mask_id, MULTI_TILE=multi, BLOCK_N=n,
+                     SEED_PTR=rng_ptr, OFFSET_PTR=rng_ptr)
+        name = (f"remask[fused={fused},decoded={dec},strict={strict},mask_id={mask_id},multi={multi},N={n},"
+                f"rng_ptr={rng_ptr}]")
+        out.append((name, S._remask_kernel, types, const, max(1, min(8, n // 256))))
+    assert len(out) == N_REMASK_CONFIGS
+    return out
 
 
 def _philox_configs(S):
@@ -152,10 +173,38 @@ def _xent_configs(C):
     return out
 
 
+def _head_configs(H):
+    """head_sample: the tl.dot stats kernel (bf16/fp16 tensor cores, fp32 IEEE dot; every BLOCK_R) and
+    the per-row pick kernel (LLaDA's V = 126464 -> 988 tiles of 128 -> NUM_TILES 1024)."""
+    stats_types = {
+        "b_ptr": "*fp32", "tmax_ptr": "*fp32", "usum_ptr": "*fp64", "tsum_ptr": "*fp64", "targ_ptr": "*i32",
+        "tbad_ptr": "*i32", "R": "i32", "V": "i32", "D": "i32", "stride_hr": "i64", "stride_wv": "i64",
+        "n_tiles": "i32", "inv_temperature": "fp32",
+    }
+    pick_types = dict(stats_types, ids_ptr="*i64", tokens_ptr="*i64", logp_ptr="*fp32", status_ptr="*i32",
+                      seed="i64", offset="i64")
+    del pick_types["R"]
+    out = []
+    for dt, bias, mode, block_r in (("bf16", True, "temp", 64), ("fp16", False, "greedy", 16), ("fp32", True, "t1", 32)):
+        f32 = dt == "fp32"
+        const = dict(HAS_BIAS=bias, GREEDY=mode == "greedy", TEMP_ONE=mode == "t1", F32_DOT=f32, BLOCK_R=block_r,
+                     BLOCK_V=H._TILE_V, BLOCK_K=32 if f32 else 64)
+        types = dict(stats_types, h_ptr=f"*{dt}", w_ptr=f"*{dt}")
+        out.append((f"head_stats[{dt},bias={bias},{mode},R={block_r}]", H._head_stats_kernel, types, const, 4))
+    for dt, ids, mode, tiles in (("bf16", True, "temp", 1024), ("fp32", False, "greedy", 256), ("fp16", True, "t1", 1024)):
+        const = dict(HAS_BIAS=True, HAS_IDS=ids, GREEDY=mode == "greedy", TEMP_ONE=mode == "t1", NUM_TILES=tiles,
+                     BLOCK_V=H._TILE_V, BLOCK_K=32 if dt == "fp32" else 64)
+        types = dict(pick_types, h_ptr=f"*{dt}", w_ptr=f"*{dt}")
+        out.append((f"head_pick[{dt},ids={ids},{mode},tiles={tiles}]", H._head_pick_kernel, types, const, 4))
+    assert len(out) == N_HEAD_CONFIGS
+    return out
+
+
 def main(only=()) -> int:
     triton, ASTSource, GPUTarget, S = _load()
     C = _load_module("cross_entropy")
     configs = _sampler_configs(S) + _remask_configs(S) + _philox_configs(S) + _xent_configs(C)
+    configs += _head_configs(_load_module("head_sample"))
     assert {fn.__name__ for _, fn, _, _, _ in configs} == {k for ks in KERNELS.values() for k in ks}
     failed = 0
     for name, fn, types, const, num_warps in configs:
@@ -187,10 +236,10 @@ def trace() -> int:
     C = _load_module("cross_entropy")
 
     def step(tokens, is_masked, logits, guide, n, status):
-        t, lp = S.guided_sample_triton(logits, guide, 1.0, 0.7, 0, 1.0, 0.0, "logp", 3, 1, None, None, status)[:2]
-        m = S.remask_triton(lp, is_masked, n, 1.0, 3, 1, None, None, status)
+        t, lp = S.guided_sample_triton(logits, guide, 1.0, 0.7, 3, 1, status, 0, 1.0, 0.0, "logp", None, None)[:2]
+        m = S.remask_triton(lp, is_masked, n, 1.0, 3, 1, status)
         xent = C.cross_entropy_fwd_triton(logits, tokens, -100, 0.1, "mean")
-        return t, m, S.self_guided_step_triton(tokens, is_masked, logits, guide, n, 1.0, 0.0, 2.0, 0, 1.0, 0.0, "logp", 3, 1, None, None, status), xent
+        return t, m, S.self_guided_step_triton(tokens, is_masked, logits, guide, n, 1.0, 0.0, 2.0, 3, 1, status), xent
 
     with FakeTensorMode():
         dev = "cuda"
@@ -228,12 +277,13 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     ok = [line for line in out.splitlines() if line.startswith("OK ")]
-    assert len(ok) == len(ARCHS) * (8 + 4 + 1 + N_XENT_CONFIGS), out[-6000:]
+    assert len(ok) == len(ARCHS) * (N_SAMPLER_CONFIGS + N_REMASK_CONFIGS + 1 + N_XENT_CONFIGS + N_HEAD_CONFIGS), out[-6000:]
     for cc in ARCHS:
         assert any(f"sm_{cc} sample_rows" in line for line in ok)
         assert any(f"sm_{cc} remask" in line for line in ok)
         assert any(f"sm_{cc} philox_words" in line for line in ok)
         assert any(f"sm_{cc} xent_rows" in line for line in ok)
+        assert any(f"sm_{cc} head_stats" in line for line in ok) and any(f"sm_{cc} head_pick" in line for line in ok)
 
 
 def test_every_kernel_is_covered():

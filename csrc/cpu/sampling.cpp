@@ -268,10 +268,21 @@ RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, 
   return {tok, static_cast<float>(lp), false, conf};
 }
 
-// The n smallest keys (n <= keys.size()) of a row: their low 32 bits (positions) set in `out`.
-void mark_smallest(std::vector<uint64_t>& keys, int64_t n, bool* out) {
+// The positions (low 32 bits) of a row's chosen keys set in `out`, from the composite keys
+// (order_key(conf) << 32 | n) of its candidates:
+//   exact k:      the min(n, #keys) smallest keys (ties in conf go to the lower position);
+//   strict below: the keys whose conf is strictly below the conf of rank n (0-based), all of them
+//                 when n >= #keys (so ties at the cut can leave fewer than n chosen).
+void mark_smallest(std::vector<uint64_t>& keys, int64_t n, bool strict_below, bool* out) {
   const int64_t cnt = static_cast<int64_t>(keys.size());
   if (n <= 0) return;
+  if (strict_below && n < cnt) {
+    std::nth_element(keys.begin(), keys.begin() + n, keys.end());
+    const uint64_t cut = keys[n] >> 32;
+    for (int64_t i = 0; i < n; ++i)
+      if ((keys[i] >> 32) < cut) out[keys[i] & 0xFFFFFFFFu] = true;
+    return;
+  }
   if (n < cnt) std::nth_element(keys.begin(), keys.begin() + n, keys.end());
   for (int64_t i = 0; i < std::min(n, cnt); ++i) out[keys[i] & 0xFFFFFFFFu] = true;
 }
@@ -324,6 +335,11 @@ Terms blend_terms(const at::Tensor& logits, const std::optional<at::Tensor>& gui
   return {logits, guide};
 }
 
+void check_decoded_confidence(const std::optional<double>& c) {
+  TORCH_CHECK_VALUE(!c.has_value() || std::isfinite(*c), "decoded_confidence: expected a finite float or None, got ",
+                    c.has_value() ? *c : 0.0);
+}
+
 void check_status(const at::Tensor& status) {
   TORCH_CHECK(status.device().is_cpu() && status.scalar_type() == at::kInt && status.numel() >= 1,
               "status: expected an int32 CPU tensor with at least one element");
@@ -351,9 +367,9 @@ void check_common(const at::Tensor& logits, const std::optional<at::Tensor>& gui
 // ------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& guide_in, double guidance_scale, double temperature,
-    int64_t top_k, double top_p, double min_p, c10::string_view confidence, int64_t seed, int64_t offset,
-    const std::optional<at::Tensor>& seed_tensor, const std::optional<at::Tensor>& offset_tensor,
-    const at::Tensor& status) {
+    int64_t seed, int64_t offset, const at::Tensor& status, int64_t top_k, double top_p, double min_p,
+    c10::string_view confidence, const std::optional<at::Tensor>& seed_tensor,
+    const std::optional<at::Tensor>& offset_tensor) {
   seed = rng_value("seed", seed, seed_tensor);
   offset = rng_value("offset", offset, offset_tensor);
   check_common(logits_in, guide_in, temperature, seed, offset);
@@ -412,9 +428,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
 
 // ------------------------------------------------------------------------------------------------
 at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const at::Tensor& num_to_mask,
-                      double choice_temperature, int64_t seed, int64_t offset,
-                      const std::optional<at::Tensor>& seed_tensor, const std::optional<at::Tensor>& offset_tensor,
-                      const at::Tensor& status) {
+                      double choice_temperature, int64_t seed, int64_t offset, const at::Tensor& status,
+                      std::optional<double> decoded_confidence, bool strict_below,
+                      const std::optional<at::Tensor>& seed_tensor, const std::optional<at::Tensor>& offset_tensor) {
   seed = rng_value("seed", seed, seed_tensor);
   offset = rng_value("offset", offset, offset_tensor);
   TORCH_CHECK(logp.device().is_cpu() && logp.scalar_type() == at::kFloat && logp.dim() == 2,
@@ -429,6 +445,7 @@ at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const
               "choice_temperature: expected a finite float >= 0");
   TORCH_CHECK(seed >= 0 && offset >= 0, "seed and offset: expected values >= 0");
   TORCH_CHECK(n_tok < (int64_t(1) << 32), "N must be < 2**32");
+  check_decoded_confidence(decoded_confidence);
   check_status(status);
   at::Tensor out = at::zeros({batch, n_tok}, is_masked.options());
   if (out.numel() == 0) {
@@ -440,6 +457,8 @@ at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const
   const int64_t* nmp = nm.const_data_ptr<int64_t>();
   bool* outp = out.mutable_data_ptr<bool>();
   const float tau = static_cast<float>(choice_temperature);
+  const bool has_dec = decoded_confidence.has_value();
+  const float dec = has_dec ? static_cast<float>(*decoded_confidence) : 0.0f;
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
   const int nt = std::min<int64_t>(num_threads_for(batch * n_tok * 16), batch);
   int flags = 0;
@@ -449,9 +468,9 @@ at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const
     keys.clear();
     for (int64_t n = 0; n < n_tok; ++n) {
       const int64_t r = b * n_tok + n;
-      if (!mkp[r]) continue;
+      if (!mkp[r] && !has_dec) continue;
       const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
-      const float conf = noisy_confidence(lpp[r], tau, w.w2, w.w3);
+      const float conf = noisy_confidence(mkp[r] ? lpp[r] : dec, tau, w.w2, w.w3);
       keys.push_back(static_cast<uint64_t>(order_key(conf)) << 32 | static_cast<uint64_t>(n));
     }
     int64_t nb = nmp[b];
@@ -459,7 +478,7 @@ at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const
       flags |= status::NEGATIVE_NUM_TO_MASK;
       nb = 0;
     }
-    mark_smallest(keys, nb, outp + b * n_tok);
+    mark_smallest(keys, nb, strict_below, outp + b * n_tok);
   }
   raise_flags(flags);
   return out;
@@ -470,12 +489,13 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
                                                         const at::Tensor& logits_in,
                                                         const std::optional<at::Tensor>& guide_in,
                                                         const at::Tensor& num_to_mask, double guidance_scale,
-                                                        double temperature, double choice_temperature, int64_t top_k,
+                                                        double temperature, double choice_temperature, int64_t seed,
+                                                        int64_t offset, const at::Tensor& status,
+                                                        std::optional<double> decoded_confidence, bool strict_below,
+                                                        std::optional<int64_t> mask_token_id, int64_t top_k,
                                                         double top_p, double min_p, c10::string_view confidence,
-                                                        int64_t seed, int64_t offset,
                                                         const std::optional<at::Tensor>& seed_tensor,
-                                                        const std::optional<at::Tensor>& offset_tensor,
-                                                        const at::Tensor& status) {
+                                                        const std::optional<at::Tensor>& offset_tensor) {
   seed = rng_value("seed", seed, seed_tensor);
   offset = rng_value("offset", offset, offset_tensor);
   check_common(logits_in, guide_in, temperature, seed, offset);
@@ -496,6 +516,10 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
                   num_to_mask.size(0) == batch,
               "num_to_mask: expected an int64 CPU tensor of shape [", batch, "]");
   TORCH_CHECK(n_tok < (int64_t(1) << 32), "N must be < 2**32");
+  check_decoded_confidence(decoded_confidence);
+  TORCH_CHECK_VALUE(!decoded_confidence.has_value() || mask_token_id.has_value(),
+                    "mask_token_id: expected an int when decoded_confidence is set (re-masked decoded positions "
+                    "get it), got None");
   check_status(status);
 
   at::Tensor new_tokens = at::empty({batch, n_tok}, tokens.options());
@@ -524,6 +548,10 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
   const char* logits_base = static_cast<const char*>(logits.const_data_ptr());
   const char* guide_base = guide.has_value() ? static_cast<const char*>(guide->const_data_ptr()) : nullptr;
   const float tau = static_cast<float>(choice_temperature);
+  const bool has_dec = decoded_confidence.has_value();
+  const float dec = has_dec ? static_cast<float>(*decoded_confidence) : 0.0f;
+  const bool has_mask_id = mask_token_id.has_value();
+  const int64_t mask_id = has_mask_id ? *mask_token_id : 0;
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
   const int nt = num_threads_for(std::max(n_rows * p.vocab, batch * n_tok * 16));
   const int64_t chunk = std::max<int64_t>(1, n_rows / (static_cast<int64_t>(nt) * 16));
@@ -553,6 +581,10 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
         out_mask[base + n] = false;
         if (mkp[base + n]) {
           keys.push_back(static_cast<uint64_t>(order_key(conf[base + n])) << 32 | static_cast<uint64_t>(n));
+        } else if (has_dec) {  // a decoded position competes with confidence dec + tau * G
+          const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(base + n));
+          const float c = noisy_confidence(dec, tau, w.w2, w.w3);
+          keys.push_back(static_cast<uint64_t>(order_key(c)) << 32 | static_cast<uint64_t>(n));
         }
       }
       int64_t nb = nmp[b];
@@ -560,10 +592,14 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
         flags |= status::NEGATIVE_NUM_TO_MASK;
         nb = 0;
       }
-      mark_smallest(keys, nb, out_mask + base);
+      mark_smallest(keys, nb, strict_below, out_mask + base);
       for (int64_t n = 0; n < n_tok; ++n) {
         const int64_t r = base + n;
-        out_tok[r] = (mkp[r] && !out_mask[r]) ? sampled[r] : tkp[r];
+        if (out_mask[r]) {
+          out_tok[r] = has_mask_id ? mask_id : tkp[r];
+        } else {
+          out_tok[r] = mkp[r] ? sampled[r] : tkp[r];
+        }
       }
     }
   }

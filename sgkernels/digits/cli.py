@@ -12,45 +12,32 @@ import time
 
 import numpy as np
 
-from .._png import grid, write_png
+from .._cli import CLIError, check_writable, parse_classes, save_image, show_progress
+from .._png import grid
 from ..sampler import guidance_active
 from . import data
 from .evaluate import evaluate_samples, metric_line, mode_label, sweep
+from .metrics import PR_NEIGHBOURS
 from .plot import plot_sweep
 from .pipeline import DEFAULTS, DigitsModel, class_balanced_labels
 from .stages import run_stage
 
 
-class CLIError(Exception):
-    """A user error: reported as one line, exit status 2."""
-
-
 def _parse_classes(text: str | None, num_classes: int) -> list[int]:
-    if text is None:
-        return list(range(num_classes))
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            c = int(part)
-        except ValueError:
-            raise CLIError(f"--classes: expected comma-separated class ids, got {part!r}") from None
-        if not 0 <= c < num_classes:
-            raise CLIError(f"--classes: unknown class {c} (this model has classes 0..{num_classes - 1})")
-        out.append(c)
-    if not out:
-        raise CLIError("--classes: expected at least one class")
-    return out
+    classes = parse_classes(text, num_classes)
+    return list(range(num_classes)) if classes is None else classes
 
 
-def _check_writable(path: str) -> None:
-    if os.path.isdir(path):
-        raise CLIError(f"cannot write {path}: it is a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise CLIError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise CLIError(f"cannot write {path}: permission denied")
+def _defaults(args) -> None:
+    """Fill the sampling options left unset with the digits model's tuned settings (:data:`DEFAULTS`)."""
+    if args.steps is None:
+        args.steps = DEFAULTS.steps
+    if args.guidance_scale is None:
+        args.guidance_scale = DEFAULTS.guidance_scale
+
+
+def _batch(args) -> dict:
+    return {} if getattr(args, "batch_size", None) is None else {"batch_size": args.batch_size}
 
 
 def _tau(args, dm: DigitsModel) -> float:
@@ -76,13 +63,6 @@ def _grid(images, cols: int):
     return grid(data.to_uint8(images), cols, pad=2, scale=2, background=128)
 
 
-def _write_png(path: str, rgb) -> None:
-    try:
-        write_png(path, rgb)
-    except OSError as e:
-        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def _real_images():
     try:
         x, _ = data.load_split("heldout")
@@ -92,16 +72,22 @@ def _real_images():
 
 
 def generate(args) -> int:
-    _check_writable(args.out)
+    for option in ("out_npz", "out_dir", "device", "model_subfolder", "vae_subfolder"):
+        if getattr(args, option, None) is not None:
+            raise CLIError(f"--{option.replace('_', '-')}: needs --vae (official checkpoint folders); "
+                           "the digits model writes --out only")
+    _defaults(args)
+    check_writable(args.out, image=True)
     dm = _load(args.model)
     classes = _parse_classes(args.classes, dm.num_classes)
     labels = class_balanced_labels(args.num, classes=classes)
     tau = _tau(args, dm)
     t0 = time.perf_counter()
     images = dm.generate(labels, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
-                         choice_temperature=tau)
+                         choice_temperature=tau, temperature=args.temperature,
+                         progress=show_progress(args, args.num), **_batch(args))
     dt = time.perf_counter() - t0
-    _write_png(args.out, _grid(images, min(args.num, len(classes))))
+    save_image(args.out, _grid(images, min(args.num, len(classes))))
     mode = mode_label(args.guidance_scale, "self-guided (s={:g})")
     print(f"wrote {args.out}: {args.num} digits, {mode}, T={args.steps}, tau0={tau:g}, seed={args.seed} "
           f"({args.num / dt:.1f} images/s)")
@@ -109,8 +95,12 @@ def generate(args) -> int:
 
 
 def evaluate(args) -> int:
+    _defaults(args)
+    if args.num <= PR_NEIGHBOURS:
+        raise CLIError(f"--num: evaluate needs at least {PR_NEIGHBOURS + 1} images (precision / recall use the "
+                       f"{PR_NEIGHBOURS} nearest neighbours), got {args.num}")
     if args.sweep:
-        _check_writable(args.plot)
+        check_writable(args.plot)
     dm = _load(args.model, need_classifier=True)
     real = _real_images()
     if not args.sweep:
@@ -139,7 +129,10 @@ def evaluate(args) -> int:
 
 
 def demo(args) -> int:
-    _check_writable(args.out)
+    if args.num_eval <= PR_NEIGHBOURS:
+        raise CLIError(f"--num-eval: needs at least {PR_NEIGHBOURS + 1} images (precision / recall use the "
+                       f"{PR_NEIGHBOURS} nearest neighbours), got {args.num_eval}")
+    check_writable(args.out, image=True)
     dm = _load(args.model, need_classifier=True)
     modes = ((DEFAULTS.guidance_scale, DEFAULTS.choice_temperature), (0.0, DEFAULTS.plain_choice_temperature))
     labels = class_balanced_labels(20, dm.num_classes)
@@ -148,7 +141,7 @@ def demo(args) -> int:
         images = dm.generate(labels, seed=args.seed, steps=DEFAULTS.steps, guidance_scale=s, choice_temperature=tau)
         grids.append(_grid(images, 10))
     gap = np.full((grids[0].shape[0], 16, 3), 255, dtype=np.uint8)
-    _write_png(args.out, np.concatenate([grids[0], gap, grids[1]], axis=1))
+    save_image(args.out, np.concatenate([grids[0], gap, grids[1]], axis=1))
     print(f"wrote {args.out}: left self-guided (s={DEFAULTS.guidance_scale:g}, tau0={DEFAULTS.choice_temperature:g}), "
           f"right plain MaskGIT (tau0={DEFAULTS.plain_choice_temperature:g}), T={DEFAULTS.steps}, seed {args.seed}")
     real = _real_images()

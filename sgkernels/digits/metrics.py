@@ -63,7 +63,10 @@ def _coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray) -> f
     return float((d <= radii[None, :] * (1 + 1e-9) + 1e-12).any(axis=1).mean())
 
 
-def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+PR_NEIGHBOURS = 3  # k of precision / recall: a sample set needs more than k images
+
+
+def precision_recall(real, fake, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
     """Improved precision and recall (k-NN manifolds, ``k`` = 3) of ``fake`` features against ``real``."""
     r, f = _as64(real), _as64(fake)
     if len(r) <= k or len(f) <= k:
@@ -88,5 +91,5 @@ def evaluate_images(classifier, fake: torch.Tensor, real: torch.Tensor) -> dict:
     """FID, IS, precision and recall of generated ``fake`` images against ``real`` ones."""
     ff, pf = classifier_outputs(classifier, fake)
     fr, _ = classifier_outputs(classifier, real)
-    p, r = precision_recall(fr, ff, k=3)
+    p, r = precision_recall(fr, ff, k=PR_NEIGHBOURS)
     return {"fid": fid(fr, ff), "inception_score": inception_score(pf), "precision": p, "recall": r}

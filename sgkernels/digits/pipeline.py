@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .._rng import SEED_STRIDE
+from .._rng import derived_seed
 from ..sampler import SelfGuidedSampler, guidance_requested
 from . import data
 from .nets import load_generator_float, load_net
@@ -64,21 +64,38 @@ class DigitsModel:
         return self.model.config.num_classes
 
     def sampler(self, *, steps: int = DEFAULTS.steps, guidance_scale: float = DEFAULTS.guidance_scale,
-                choice_temperature: float = DEFAULTS.choice_temperature) -> SelfGuidedSampler:
+                choice_temperature: float = DEFAULTS.choice_temperature, temperature: float = 1.0) -> SelfGuidedSampler:
         if guidance_requested(guidance_scale) and self.guide is None:
             raise ValueError("this model has no guide: use guidance scale 0 (or train the 'guide' stage)")
+        # preset "maskgit": the rules the digits models' sampling settings were tuned with
         return SelfGuidedSampler(self.model, self.guide, steps=steps, guidance_scale=guidance_scale,
-                                 choice_temperature=choice_temperature)
+                                 choice_temperature=choice_temperature, temperature=temperature,
+                                 preset="maskgit")
 
     @torch.no_grad()
     def generate(self, labels, *, seed: int = 0, batch_size: int = 250, progress: bool = False, **sampling):
-        """Images ``[B, 1, 32, 32]`` in [0, 1] for class ``labels`` (int list / tensor); ``sampling``: see :meth:`sampler`."""
+        """Images ``[B, 1, 32, 32]`` in [0, 1] for class ``labels`` (int list / tensor); ``sampling``: see :meth:`sampler`.
+
+        Batch ``i`` is sampled with seed :func:`sgkernels._rng.derived_seed` ``(seed, i)``; ``progress``
+        shows a tqdm bar over the images (on stderr).
+        """
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         sampler = self.sampler(**sampling)
         out = []
-        for i, start in enumerate(range(0, len(labels), batch_size)):
-            tokens = sampler(labels[start:start + batch_size], seed=seed * SEED_STRIDE + i, progress=progress)
-            out.append(self.tokenizer.decode(tokens))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(labels), unit="img", desc="sampling", dynamic_ncols=True)
+        try:
+            for i, start in enumerate(range(0, len(labels), batch_size)):
+                tokens = sampler(labels[start:start + batch_size], seed=derived_seed(seed, i))
+                out.append(self.tokenizer.decode(tokens))
+                if bar is not None:
+                    bar.update(len(tokens))
+        finally:
+            if bar is not None:
+                bar.close()
         return torch.cat(out)
 
 

@@ -220,7 +220,8 @@ def train_guide_stage(out: str, steps: int | None = None, seed: int = 0, *, batc
     guide = TOAST(TOASTConfig.for_backbone(backbone.config, 16))
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps),
                          ema_decay=0.995, mixed_precision="no", save_every=steps, keep_last=1,
-                         log_every=min(50, steps), seed=seed, progress=progress)
+                         log_every=min(50, steps), seed=seed, progress=progress,
+                         ce_vocab="codebook")  # the shipped digits guide was trained this way
     with tempfile.TemporaryDirectory(prefix="sgk-guide-") as tmp:
         result = train_guide(backbone, guide, TokenDataset(tokens, labels), config, tmp, device="cpu",
                              save_final=False)

@@ -195,6 +195,11 @@ class FusedAmusedScheduler(AmusedScheduler):
             logits = model_output.reshape(batch, codebook, height * width).permute(0, 2, 1)
             if guide is not None:
                 guide = guide.reshape(batch, codebook, height * width).permute(0, 2, 1)
+        # diffusers takes any float dtype; the ops read float32 / bfloat16 / float16: float64 is sampled in float32
+        if logits.dtype == torch.float64:
+            logits = logits.float()
+        if guide is not None and guide.dtype == torch.float64:
+            guide = guide.float()
         unknown = sample == self.config.mask_token_id
         # one seed for both ops of this step, from the generator (torch's default one without it)
         gen_device = generator.device if generator is not None else "cpu"

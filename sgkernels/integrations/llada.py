@@ -73,7 +73,8 @@ import math
 import torch
 
 from .. import _rng
-from ..ops import guided_sample, remask_lowest_confidence, self_guided_step
+from ..ops import guided_sample, head_sample, remask_lowest_confidence, self_guided_step
+from . import _fused_head
 
 REMASKING = ("low_confidence", "random")
 EOS_ID, EOT_ID = 126081, 126348  # LLaDA's <|endoftext|> and <|eot_id|>, as its generate.py hard-codes them
@@ -267,6 +268,31 @@ def _model_logits(model, x, attention_mask, prompt_index, cfg_scale, mask_id):
     return model(x, **kw).logits, None
 
 
+def _fused_llada_step(fh, x, attention_mask, prompt_index, end, num_transfer, bias, *, cfg_scale, temperature,
+                      remasking, mask_id, seed, offset):
+    """One step on the fused-head path: the backbone's hidden states, ``head_sample`` on the candidate
+    rows of ``[:, :end]`` (CFG blended on the hidden states), then llada_step's re-masking. The same
+    streams as :func:`llada_step` (rows ``b * end + j``, op offset), so the same tokens up to rounding."""
+    kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+    window = x[:, :end]
+    candidates = window == mask_id
+    if cfg_scale > 0:
+        un_x = torch.where(prompt_index, torch.full_like(x, mask_id), x)
+        cond, uncond = fh.hidden(torch.cat([x, un_x], dim=0), **kw).chunk(2, dim=0)
+        uncond = uncond[:, :end]
+    else:
+        cond, uncond = fh.hidden(x, **kw), None
+    scale = float(cfg_scale) if uncond is not None else 0.0
+    tokens, logp = head_sample(cond[:, :end], fh.weight, bias, uncond, guidance_scale=scale, temperature=temperature,
+                               seed=seed, offset=offset, rows=candidates)
+    n_remask = (candidates.sum(-1) - num_transfer).clamp_min(0)
+    if remasking == "random":
+        logp = torch.zeros(window.shape, dtype=torch.float32, device=x.device)
+    remask = remask_lowest_confidence(logp, candidates, n_remask, choice_temperature=1.0 if remasking == "random" else 0.0,
+                                      seed=seed, offset=offset)
+    return torch.cat([torch.where(candidates & ~remask, tokens, window), x[:, end:]], dim=1)
+
+
 def _model_device(model, prompt):
     device = getattr(model, "device", None)
     return device if isinstance(device, torch.device) else prompt.device
@@ -290,6 +316,8 @@ def generate(
     seed: int | None = None,
     threshold: float | None = None,
     factor: float | None = None,
+    head=None,
+    fused_head: bool = True,
 ) -> torch.Tensor:
     """LLaDA's ``generate()`` with fused steps (see the module docstring for the exact semantics).
 
@@ -312,6 +340,15 @@ def generate(
         seed: RNG seed of the fused ops (None: drawn from torch's default generator).
         threshold: Fast-dLLM parallel decoding by confidence threshold (see the module docstring).
         factor: Fast-dLLM parallel decoding by the factor rule (see :func:`factor_count`).
+        head: the LM head (``nn.Linear`` or ``(weight, bias)``) when ``model`` is a backbone returning
+            hidden states; None: found on HF models (sgkernels/integrations/_fused_head.py).
+        fused_head: with a known head, and top-k remasking (``low_confidence`` without
+            ``confidence_eos_eot_inf``, or ``random``) without ``threshold``/``factor``: run the backbone
+            without its head and project only the candidate rows of ``[:, :block_end]`` with
+            :func:`sgkernels.head_sample` (CFG blended on the hidden states: one GEMM), so no
+            ``[B, L, V]`` logits exist. Greedy decoding gives the logits path's tokens; sampling the
+            same tokens up to float rounding. On CUDA a step costs one host sync (the candidates'
+            count). False: always the logits path.
     Returns:
         int64 ``[B, l + gen_length]``: prompt followed by the answer.
     Raises:
@@ -342,9 +379,25 @@ def generate(
                    factor=factor, confidence_drop_ids=drop_ids, seed=seed)
     checked = False
     offset = 0
+    top_k_rule = threshold is None and factor is None and (remasking == "random" or not drop_ids)
+    fh = _fused_head.resolve(model, head, fused_head) if top_k_rule else None
+    fused_bias = None
+    if fh is not None:
+        _check_vocab(fh.weight.shape[0], mask_id, logits_eos_inf, confidence_eos_eot_inf)
+        fused_bias = fh.bias
+        if logits_eos_inf:  # EOS never sampled: -inf in the head's bias
+            fused_bias = (torch.zeros(fh.weight.shape[0], device=fh.weight.device, dtype=torch.float32)
+                          if fh.bias is None else fh.bias.float().clone())
+            fused_bias[EOS_ID] = -math.inf
 
     def step(end, num_transfer):
         nonlocal checked, offset, x
+        if fh is not None:
+            x = _fused_llada_step(fh, x, attention_mask, prompt_index, end, num_transfer, fused_bias,
+                                  cfg_scale=cfg_scale, temperature=temperature, remasking=remasking, mask_id=mask_id,
+                                  seed=seed, offset=offset)
+            offset += 1
+            return
         logits, uncond = _model_logits(model, x, attention_mask, prompt_index, cfg_scale, mask_id)
         if not checked:
             _check_vocab(logits.shape[-1], mask_id, logits_eos_inf, confidence_eos_eot_inf)

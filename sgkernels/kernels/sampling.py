@@ -4,9 +4,10 @@ Two kernels do all the work:
 
 * :func:`_sample_rows_kernel`: one pass over each row's logits: self-guidance blend, online
   max / log-sum-exp, exact inverse-CDF token draw, log-probability of the token.
-* :func:`_remask_kernel`: one program per batch row: Gumbel confidence, k-th smallest by a
-  bitwise binary search, stable (lowest index first) tie break; in the fused step it also writes
-  the new tokens.
+* :func:`_remask_kernel`: one program per batch row (any N: registers up to 4096 positions, tiles
+  above): Gumbel confidence, k-th smallest by a bitwise binary search, exact-k (lowest index first
+  on ties) or strict-below tie rule, decoded positions competing or not; in the fused step it also
+  writes the new tokens.
 
 ``self_guided_step`` = sampler (only masked rows read their logits) + remask kernel, two launches,
 no host sync. The random stream is :mod:`sgkernels._rng` bit for bit: ``tl.philox(seed, r_lo, r_hi,
@@ -45,8 +46,10 @@ _TILE_V = 2048
 # Rows of small vocabularies are packed into one program up to this many elements.
 _ROW_ELEMS = 2048
 _ELEMS_PER_THREAD = 8
-# remask: one program holds a whole batch row in registers.
-MAX_REMASK_N = 4096
+# remask: one program per batch row; up to this N the row's keys stay in registers, above it
+# the row is read in tiles of _REMASK_TILE (keys in an int64 scratch buffer). Tests shrink both.
+_MAX_SINGLE_TILE_N = 4096
+_REMASK_TILE = 2048
 # Status bits as constexpr globals (a Triton kernel may read a global only when it is a constexpr).
 _NONFINITE_LOGITS = tl.constexpr(NONFINITE_LOGITS)
 _NEGATIVE_NUM_TO_MASK = tl.constexpr(NEGATIVE_NUM_TO_MASK)
@@ -524,48 +527,22 @@ def _sample_rows_kernel(
 # ----------------------------------------------------------------------------------------------
 # Remask / select (and the token update of the fused step)
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed", "offset"])
-def _remask_kernel(
-    logp_ptr,
-    mask_ptr,
-    num_ptr,
-    out_mask_ptr,
-    tokens_ptr,
-    sampled_ptr,
-    out_tokens_ptr,
-    status_ptr,
-    N,
-    tau,
-    seed,
-    offset,
-    seed_ptr,
-    offset_ptr,
-    FUSED: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SEED_PTR: tl.constexpr = False,
-    OFFSET_PTR: tl.constexpr = False,
-):
-    """Per batch row b: choose the ``k = min(n_b, #candidates)`` candidates of smallest (conf, index).
+@triton.jit
+def _remask_keys(logp_ptr, mask_ptr, pos, inb, tau, dec_conf, seed, offset, HAS_DECODED: tl.constexpr):
+    """(key int64, candidate, masked) of positions ``pos`` (int64, in the row where ``inb``).
 
-    ``conf = logp + tau * G`` in float32 with ``G`` the Gumbel noise of position ``b * N + n``
-    (words w2, w3; computed here, never stored). Reads ``logp`` f32, ``is_masked`` bool,
-    ``num_to_mask[b]`` int64 (and, FUSED, ``tokens`` int64 and ``sampled`` int64); writes
-    ``new_is_masked`` bool (and, FUSED, ``new_tokens = where(masked & !chosen, sampled, tokens)``).
-    Bytes per position: 5 read + 1 written (remask), 21 read + 9 written (fused step): a
-    negligible kernel next to the sampler (N positions vs N * V logits).
-
-    Selection without a sort: conf -> order-preserving uint32 key (NaN largest, -0 == +0),
-    the k-th smallest key by a 32-step bitwise binary search (each step one count), then
-    ``key < thr`` plus the first ``k - #(key < thr)`` positions with ``key == thr`` (cumsum), so
-    ties go to the lower index. ``n_b < 0`` ORs NEGATIVE_NUM_TO_MASK into ``status[0]`` and counts as 0.
+    ``conf = base + tau * G`` in float32, ``base = logp`` at masked positions and (HAS_DECODED)
+    ``dec_conf`` at the others, ``G`` the Gumbel noise of the position (words w2, w3; computed
+    here, never stored). key: the order-preserving uint32 of conf (NaN largest, -0 == +0) as
+    int64; non-candidates get 2**32, above every key.
     """
-    seed, offset = _rng_scalars(seed, offset, seed_ptr, offset_ptr, SEED_PTR, OFFSET_PTR)
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    inb = cols < N
-    pos = b * N + cols.to(tl.int64)
-    cand = inb & (tl.load(mask_ptr + pos, mask=inb, other=0) != 0)
-    lp = tl.load(logp_ptr + pos, mask=cand, other=0.0).to(tl.float32)
+    masked = inb & (tl.load(mask_ptr + pos, mask=inb, other=0) != 0)
+    lp = tl.load(logp_ptr + pos, mask=masked, other=0.0).to(tl.float32)
+    if HAS_DECODED:
+        lp = tl.where(masked, lp, dec_conf)
+        cand = inb
+    else:
+        cand = masked
     _w0, _w1, w2, w3 = _row_words(seed, offset, pos)
     gum = _gumbel(w2, w3)
     # the float32 product tau * G, exact-then-rounded in float64 (never fused into an fma with the add)
@@ -575,31 +552,152 @@ def _remask_kernel(
     bits = conf.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
     key = tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
     key = tl.where(conf != conf, 0xFFFFFFFF, key)
-    key = tl.where(cand, key, 0x100000000)  # non-candidates: above every key
+    key = tl.where(cand, key, 0x100000000)
+    return key, cand, masked
 
-    n_b = tl.load(num_ptr + b).to(tl.int64)
-    tl.atomic_or(status_ptr, _NEGATIVE_NUM_TO_MASK, mask=n_b < 0)
-    n_b = tl.maximum(n_b, 0)
-    n_cand = tl.sum(cand.to(tl.int32), axis=0).to(tl.int64)
-    k = tl.minimum(n_b, n_cand)
 
-    # thr = the k-th smallest key: the largest value with #(key < thr) < k
-    thr = tl.zeros([], tl.int64)
-    one = tl.full([], 1, tl.int64)
-    for i in range(0, 32):
-        trial = thr | (one << (31 - i))
-        cnt = tl.sum((key < trial).to(tl.int32), axis=0).to(tl.int64)
-        thr = tl.where(cnt < k, trial, thr)
-    less = key < thr
-    n_less = tl.sum(less.to(tl.int32), axis=0).to(tl.int64)
-    eq = key == thr
-    rank = tl.cumsum(eq.to(tl.int32), axis=0).to(tl.int64)
-    chosen = less | (eq & (rank <= k - n_less))
+@triton.jit
+def _remask_write(out_mask_ptr, tokens_ptr, sampled_ptr, out_tokens_ptr, pos, inb, masked, chosen, mask_id,
+                  FUSED: tl.constexpr, HAS_MASK_ID: tl.constexpr):
+    """Store the chosen positions and (FUSED) ``new_tokens``: sampled where masked and not chosen,
+    ``mask_id`` where chosen (HAS_MASK_ID), the old token elsewhere."""
     tl.store(out_mask_ptr + pos, chosen, mask=inb)
     if FUSED:
         old = tl.load(tokens_ptr + pos, mask=inb, other=0)
-        smp = tl.load(sampled_ptr + pos, mask=cand, other=0)
-        tl.store(out_tokens_ptr + pos, tl.where(cand & ~chosen, smp, old), mask=inb)
+        smp = tl.load(sampled_ptr + pos, mask=masked, other=0)
+        new = tl.where(masked & ~chosen, smp, old)
+        if HAS_MASK_ID:
+            new = tl.where(chosen, mask_id, new)
+        tl.store(out_tokens_ptr + pos, new, mask=inb)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _remask_kernel(
+    logp_ptr,
+    mask_ptr,
+    num_ptr,
+    out_mask_ptr,
+    tokens_ptr,
+    sampled_ptr,
+    out_tokens_ptr,
+    keys_ptr,
+    status_ptr,
+    N,
+    tau,
+    dec_conf,
+    mask_id,
+    seed,
+    offset,
+    seed_ptr,
+    offset_ptr,
+    FUSED: tl.constexpr,
+    HAS_DECODED: tl.constexpr,
+    STRICT: tl.constexpr,
+    HAS_MASK_ID: tl.constexpr,
+    MULTI_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SEED_PTR: tl.constexpr = False,
+    OFFSET_PTR: tl.constexpr = False,
+):
+    """Per batch row b: choose the re-masked positions among the candidates (ops/remask.py's rules).
+
+    Candidates: masked positions, and (HAS_DECODED) the decoded ones with confidence ``dec_conf``
+    (:func:`_remask_keys`). ``k = min(n_b, #candidates)``; exact-k: the ``k`` smallest (conf, index);
+    STRICT: the candidates whose conf is strictly below the one of rank ``k`` (0-based; all when
+    ``k >= #candidates``). Reads ``logp`` f32, ``is_masked`` bool, ``num_to_mask[b]`` int64 (and,
+    FUSED, ``tokens`` int64 and ``sampled`` int64); writes ``new_is_masked`` bool (and, FUSED,
+    ``new_tokens``, see :func:`_remask_write`). Bytes per position: 5 read + 1 written (remask),
+    21 read + 9 written (fused step); MULTI_TILE adds an int64 key per position written once and
+    read 33 times (L2-resident): a negligible kernel next to the sampler (N positions vs N * V logits).
+
+    Selection without a sort: the rank-q key (q = k, or k + 1 for STRICT) by a 32-step bitwise
+    binary search (each step one count: the largest thr with #(key < thr) < q), then ``key < thr``
+    plus (exact-k) the first ``k - #(key < thr)`` positions with ``key == thr`` (cumsum), so ties
+    go to the lower index. Single tile (N <= BLOCK_N): the row's keys stay in registers. MULTI_TILE:
+    tiles of BLOCK_N, keys written to ``keys`` (int64 [B, N] scratch) in a first pass, counted from
+    there, and the tie ranks carried across tiles in index order. ``n_b < 0`` ORs
+    NEGATIVE_NUM_TO_MASK into ``status[0]`` and counts as 0. SEED_PTR / OFFSET_PTR: the seed / offset
+    are read from ``seed_ptr`` / ``offset_ptr`` (0-dim int64) instead of the scalars.
+    """
+    seed, offset = _rng_scalars(seed, offset, seed_ptr, offset_ptr, SEED_PTR, OFFSET_PTR)
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    n_b = tl.load(num_ptr + b).to(tl.int64)
+    tl.atomic_or(status_ptr, _NEGATIVE_NUM_TO_MASK, mask=n_b < 0)
+    n_b = tl.maximum(n_b, 0)
+    one = tl.full([], 1, tl.int64)
+    if not MULTI_TILE:
+        inb = cols < N
+        pos = b * N + cols.to(tl.int64)
+        key, cand, masked = _remask_keys(logp_ptr, mask_ptr, pos, inb, tau, dec_conf, seed, offset, HAS_DECODED)
+        n_cand = tl.sum(cand.to(tl.int32), axis=0).to(tl.int64)
+        k = tl.minimum(n_b, n_cand)
+        q = k
+        if STRICT:
+            q = k + 1
+        thr = tl.zeros([], tl.int64)
+        for i in range(0, 32):
+            trial = thr | (one << (31 - i))
+            cnt = tl.sum((key < trial).to(tl.int32), axis=0).to(tl.int64)
+            thr = tl.where(cnt < q, trial, thr)
+        less = key < thr
+        if STRICT:
+            chosen = less | (cand & (k >= n_cand))
+        else:
+            n_less = tl.sum(less.to(tl.int32), axis=0).to(tl.int64)
+            eq = key == thr
+            rank = tl.cumsum(eq.to(tl.int32), axis=0).to(tl.int64)
+            chosen = less | (eq & (rank <= k - n_less))
+        _remask_write(out_mask_ptr, tokens_ptr, sampled_ptr, out_tokens_ptr, pos, inb, masked, chosen, mask_id,
+                      FUSED, HAS_MASK_ID)
+    else:
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        n_cand = tl.zeros([], tl.int64)
+        for t in range(0, n_tiles):
+            c = t * BLOCK_N + cols
+            inb = c < N
+            pos = b * N + c.to(tl.int64)
+            key, cand, _m = _remask_keys(logp_ptr, mask_ptr, pos, inb, tau, dec_conf, seed, offset, HAS_DECODED)
+            tl.store(keys_ptr + pos, key, mask=inb)
+            n_cand += tl.sum(cand.to(tl.int32), axis=0).to(tl.int64)
+        tl.debug_barrier()  # the keys written above are read by any thread of the program below
+        k = tl.minimum(n_b, n_cand)
+        q = k
+        if STRICT:
+            q = k + 1
+        thr = tl.zeros([], tl.int64)
+        for i in range(0, 32):
+            trial = thr | (one << (31 - i))
+            cnt = tl.zeros([], tl.int64)
+            for t in range(0, n_tiles):
+                c = t * BLOCK_N + cols
+                key = tl.load(keys_ptr + b * N + c.to(tl.int64), mask=c < N, other=0x100000000)
+                cnt += tl.sum((key < trial).to(tl.int32), axis=0).to(tl.int64)
+            thr = tl.where(cnt < q, trial, thr)
+        n_less = tl.zeros([], tl.int64)
+        if not STRICT:
+            for t in range(0, n_tiles):
+                c = t * BLOCK_N + cols
+                key = tl.load(keys_ptr + b * N + c.to(tl.int64), mask=c < N, other=0x100000000)
+                n_less += tl.sum((key < thr).to(tl.int32), axis=0).to(tl.int64)
+        carry = tl.zeros([], tl.int64)  # ties (key == thr) in the tiles before this one
+        for t in range(0, n_tiles):
+            c = t * BLOCK_N + cols
+            inb = c < N
+            pos = b * N + c.to(tl.int64)
+            key = tl.load(keys_ptr + pos, mask=inb, other=0x100000000)
+            masked = inb & (tl.load(mask_ptr + pos, mask=inb, other=0) != 0)
+            cand = key < 0x100000000
+            less = key < thr
+            if STRICT:
+                chosen = less | (cand & (k >= n_cand))
+            else:
+                eq = key == thr
+                rank = tl.cumsum(eq.to(tl.int32), axis=0).to(tl.int64) + carry
+                chosen = less | (eq & (rank <= k - n_less))
+                carry += tl.sum(eq.to(tl.int32), axis=0).to(tl.int64)
+            _remask_write(out_mask_ptr, tokens_ptr, sampled_ptr, out_tokens_ptr, pos, inb, masked, chosen, mask_id,
+                          FUSED, HAS_MASK_ID)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -717,17 +815,13 @@ def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, tem
     )
 
 
-def _check_n(n_pos: int) -> None:
-    if n_pos > MAX_REMASK_N:
-        raise ValueError(
-            f"remask: the Triton kernel holds a row of N positions in one program, N <= {MAX_REMASK_N}; got N = {n_pos}"
-        )
-
-
 def _launch_remask(logp, is_masked, num_to_mask, out_mask, status, tau, seed, offset, tokens=None, sampled=None,
-                   out_tokens=None, seed_t=None, offset_t=None):
+                   out_tokens=None, decoded_confidence=None, strict_below=False, mask_token_id=None, seed_t=None,
+                   offset_t=None):
     batch, n_pos = is_masked.shape
-    block_n = triton.next_power_of_2(n_pos)
+    multi = n_pos > _MAX_SINGLE_TILE_N
+    block_n = triton.next_power_of_2(_REMASK_TILE if multi else n_pos)
+    keys = torch.empty(batch * n_pos if multi else 1, dtype=torch.int64, device=is_masked.device)
     fused = tokens is not None
     if not fused:
         tokens = sampled = out_tokens = num_to_mask  # never read
@@ -739,14 +833,21 @@ def _launch_remask(logp, is_masked, num_to_mask, out_mask, status, tau, seed, of
         tokens,
         sampled,
         out_tokens,
+        keys,
         status,
         n_pos,
         _f32(tau),
+        _f32(0.0 if decoded_confidence is None else decoded_confidence),
+        0 if mask_token_id is None else int(mask_token_id),
         seed,
         offset,
         status if seed_t is None else seed_t,
         status if offset_t is None else offset_t,
         FUSED=fused,
+        HAS_DECODED=decoded_confidence is not None,
+        STRICT=bool(strict_below),
+        HAS_MASK_ID=mask_token_id is not None,
+        MULTI_TILE=multi,
         BLOCK_N=block_n,
         SEED_PTR=seed_t is not None,
         OFFSET_PTR=offset_t is not None,
@@ -754,8 +855,8 @@ def _launch_remask(logp, is_masked, num_to_mask, out_mask, status, tau, seed, of
     )
 
 
-def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence, seed,
-                         offset, seed_tensor, offset_tensor, status):
+def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed, offset, status, top_k=0, top_p=1.0,
+                         min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None):
     """CUDA kernel of ``torch.ops.sgkernels.guided_sample`` (see the op for the arguments)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     x = _prep_logits(logits, vocab)
@@ -773,10 +874,10 @@ def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, top_
     return tokens.reshape(lead), logp.reshape(lead), conf.reshape(lead)
 
 
-def remask_triton(logp, is_masked, num_to_mask, choice_temperature, seed, offset, seed_tensor, offset_tensor, status):
+def remask_triton(logp, is_masked, num_to_mask, choice_temperature, seed, offset, status, decoded_confidence=None,
+                  strict_below=False, seed_tensor=None, offset_tensor=None):
     """CUDA kernel of ``torch.ops.sgkernels.remask_lowest_confidence``."""
     batch, n_pos = logp.shape
-    _check_n(n_pos)
     out = torch.empty((batch, n_pos), dtype=torch.bool, device=logp.device)
     if batch > 0 and n_pos > 0:
         _launch_remask(
@@ -788,6 +889,8 @@ def remask_triton(logp, is_masked, num_to_mask, choice_temperature, seed, offset
             float(choice_temperature),
             int(seed),
             int(offset),
+            decoded_confidence=decoded_confidence,
+            strict_below=strict_below,
             seed_t=seed_tensor,
             offset_t=offset_tensor,
         )
@@ -795,8 +898,9 @@ def remask_triton(logp, is_masked, num_to_mask, choice_temperature, seed, offset
 
 
 def self_guided_step_triton(
-    tokens, is_masked, logits, guide_logits, num_to_mask, guidance_scale, temperature, choice_temperature, top_k, top_p,
-    min_p, confidence, seed, offset, seed_tensor, offset_tensor, status
+    tokens, is_masked, logits, guide_logits, num_to_mask, guidance_scale, temperature, choice_temperature, seed, offset,
+    status, decoded_confidence=None, strict_below=False, mask_token_id=None, top_k=0, top_p=1.0, min_p=0.0,
+    confidence="logp", seed_tensor=None, offset_tensor=None,
 ):
     """CUDA kernels of ``torch.ops.sgkernels.self_guided_step``: sampler (masked rows only) + remask.
 
@@ -804,7 +908,6 @@ def self_guided_step_triton(
     entropy) into the buffer the remask kernel ranks.
     """
     batch, n_pos, vocab = logits.shape
-    _check_n(n_pos)
     device = logits.device
     new_tokens = torch.empty((batch, n_pos), dtype=torch.int64, device=device)
     new_mask = torch.empty((batch, n_pos), dtype=torch.bool, device=device)
@@ -832,6 +935,9 @@ def self_guided_step_triton(
         tokens=tokens.to(torch.int64).contiguous(),
         sampled=sampled,
         out_tokens=new_tokens,
+        decoded_confidence=decoded_confidence,
+        strict_below=strict_below,
+        mask_token_id=mask_token_id,
         seed_t=seed_tensor,
         offset_t=offset_tensor,
     )

@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from .._io import listed, listed_keys
 from .toast import TOAST, TOASTConfig
 from .transformer import MaskTransformer, MaskTransformerConfig
 
@@ -112,9 +113,9 @@ def _convert(
     )
     problems = []
     if missing:
-        problems.append(f"missing keys {missing}")
+        problems.append(f"missing keys {listed_keys(missing)}")
     if unknown and strict:
-        problems.append(f"unknown keys {unknown}")
+        problems.append(f"unknown keys {listed_keys(unknown)}")
     if problems:
         raise KeyError(f"{what}: " + "; ".join(problems))
     out, bad = {}, []
@@ -131,7 +132,7 @@ def _convert(
             continue
         out[dst] = t
     if bad:
-        raise ValueError(f"{what}: shape mismatch: " + "; ".join(bad))
+        raise ValueError(f"{what}: shape mismatch: " + listed(bad))
     return out
 
 

@@ -25,8 +25,9 @@ import os
 
 import torch
 
+from .._io import check_finite
 from .checkpoint import FORMAT as SGKERNELS_FORMAT
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, recover
 from .open_muse import backbone_key_map, convert_backbone, convert_toast, toast_key_map
 from .toast import TOAST, TOASTConfig
 from .transformer import MaskTransformer, MaskTransformerConfig
@@ -83,6 +84,7 @@ def folder(path: str | os.PathLike, subfolder: str | None = None) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a folder path, got {type(path).__name__}")
     directory = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+    recover(directory)  # an sgkernels save_checkpoint killed mid-swap
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a folder")
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
@@ -227,18 +229,17 @@ def load_open_muse(directory: str, *, map_location="cpu") -> tuple[MaskTransform
     if toast_config is not None:
         expected += list(toast_key_map(toast_config.depth))
     check_keys(state, expected, path)
+    check_finite(state, path, CheckpointError)
     try:
         model = _build(MaskTransformer, model_config, convert_backbone(state, model_config))
         guide = None
         if toast_config is not None:
             guide = _build(TOAST, toast_config, convert_toast(state, toast_config))
-    except (KeyError, ValueError) as e:  # shape mismatches, named by the converters: report the first
+    except (KeyError, ValueError) as e:  # shape mismatches, named (the first few) by the converters
         message = str(e.args[0] if e.args else e)
         _, found, items = message.partition("shape mismatch: ")
         if found:
-            items = items.split("; ")
-            more = f" (+{len(items) - 1} more)" if len(items) > 1 else ""
-            message = f"shape mismatch with {CONFIG_NAME}: {items[0]}{more}"
+            message = f"shape mismatch with {CONFIG_NAME}: {items}"
         raise CheckpointError(f"{path}: {message}") from None
     return model, guide
 

@@ -149,6 +149,7 @@ class TOAST(nn.Module):
         class_labels: torch.Tensor,
         *,
         return_layers: bool = False,
+        with_head: bool = True,
     ):
         self.check_backbone(backbone)
         cfg = backbone.config
@@ -160,13 +161,18 @@ class TOAST(nn.Module):
         b = hidden_states.shape[0]
         if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (b,):
             raise ValueError(f"class_labels: expected an int64 tensor of shape ({b},)")
-        if class_labels.device.type == "cpu" and b and bool(((class_labels < 0) | (class_labels >= cfg.num_classes)).any()):
+        out_of_range = (class_labels < 0) | (class_labels >= cfg.num_classes)
+        if torch.compiler.is_compiling():  # no data-dependent `if` in a graph: a runtime assert
+            torch._assert_async(~out_of_range.any(), "class_labels: out of range")
+        elif class_labels.device.type == "cpu" and b and bool(out_of_range.any()):
             raise ValueError(f"class_labels: expected values in [0, {cfg.num_classes}), got {class_labels.tolist()}")
         value_feedbacks = self.value_feedbacks(hidden_states.detach(), class_labels.long())
         blank = torch.full((b, cfg.seq_len), cfg.mask_token_id, dtype=torch.int64, device=hidden_states.device)
         if torch.is_grad_enabled() and any(p.requires_grad for p in backbone.parameters()):
             # Frozen backbone without touching the caller's requires_grad flags.
             return _forward_ids_detached(backbone, blank, value_feedbacks, return_layers)
+        if not with_head:  # the guide's last hidden states only (the sampler's fused head path)
+            return backbone.forward_ids(blank, value_feedbacks=value_feedbacks, with_head=False).hidden_states
         return backbone.forward_ids(blank, value_feedbacks=value_feedbacks, return_layers=return_layers)
 
     def reconstruction_loss(self, output: TransformerOutput, weight: float = 0.1) -> torch.Tensor:

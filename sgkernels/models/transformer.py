@@ -241,12 +241,16 @@ class MaskTransformer(nn.Module):
                     f"on {class_labels.device}"
                 )
             labels = class_labels.long()
-            if labels.device.type == "cpu" and labels.numel() and bool((labels >= cfg.num_classes).any()):
+            if torch.compiler.is_compiling():  # no data-dependent `if` in a graph: a runtime assert
+                torch._assert_async(~(labels >= cfg.num_classes).any(), "class_labels: out of range")
+            elif labels.device.type == "cpu" and labels.numel() and bool((labels >= cfg.num_classes).any()):
                 raise ValueError(f"class_labels: expected values in [-1, {cfg.num_classes}), got {labels.tolist()}")
             cls_ids = torch.where(labels < 0, cfg.mask_token_id, labels + cfg.codebook_size)[:, None]
         if tokens.device.type == "cpu" and tokens.numel():  # (on CUDA this check would sync every pass)
             bad = (tokens < 0) | ((tokens >= cfg.codebook_size) & (tokens != cfg.mask_token_id))
-            if bool(bad.any()):
+            if torch.compiler.is_compiling():
+                torch._assert_async(~bad.any(), "tokens: expected codebook ids or the mask id")
+            elif bool(bad.any()):
                 raise ValueError(
                     f"tokens: expected codebook ids in [0, {cfg.codebook_size}) or the mask id {cfg.mask_token_id}"
                 )
@@ -264,8 +268,13 @@ class MaskTransformer(nn.Module):
         value_feedbacks: Sequence[torch.Tensor | None] | None = None,
         return_hidden: bool = False,
         return_layers: bool = False,
+        with_head: bool = True,
     ):
-        """As :meth:`forward` on prepared ids ``[B, N+1]`` (see :meth:`input_ids`)."""
+        """As :meth:`forward` on prepared ids ``[B, N+1]`` (see :meth:`input_ids`).
+
+        ``with_head=False``: skip the MLM head and return a :class:`TransformerOutput` with ``logits``
+        None and the hidden states (the sampler's fused head path).
+        """
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.shape[1] != cfg.seq_len:
             raise ValueError(f"input_ids: expected shape [B, {cfg.seq_len}], got {tuple(input_ids.shape)}")
@@ -281,19 +290,37 @@ class MaskTransformer(nn.Module):
             h = block(h, None if value_feedbacks is None else value_feedbacks[i])
             if outs is not None:
                 outs.append(h)
+        if not with_head:  # the caller projects (sgkernels.head_sample): no logits
+            return TransformerOutput(None, h, ins, outs)
         logits = self.logits_from_hidden(h)
         if not (return_hidden or return_layers):
             return logits
         return TransformerOutput(logits, h if return_hidden else None, ins, outs)
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """MLM head on the image positions of the last block's output: ``[B, N+1, d]`` -> ``[B, N, K]``."""
+    def logits_from_hidden(self, hidden: torch.Tensor, *, full_vocab: bool = False) -> torch.Tensor:
+        """MLM head on the image positions of the last block's output: ``[B, N+1, d]`` -> ``[B, N, K]``
+        (``full_vocab``: every id of the head, codebook, [MASK] and classes, ``[B, N, vocab_size]``)."""
+        h = self.head_features(hidden)
+        if full_vocab:
+            return self.head(h)
+        weight, bias = self.head_projection()
+        return F.linear(h, weight, bias)
+
+    def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLM head up to its last linear: ``[B, N+1, d]`` -> ``[B, N, d]`` (image positions).
+
+        The last linear (:meth:`head_projection`) is the only linear map after any guidance blend, so
+        blending these features and projecting once equals blending the logits (``sgkernels.head_sample``).
+        """
         h = hidden[:, 1:]
         if self.final_norm is not None:
             h = self.final_norm(h)
-        h = self.head_norm(F.gelu(self.head_dense(h), approximate="none" if self.config.gelu == "exact" else "tanh"))
+        return self.head_norm(F.gelu(self.head_dense(h), approximate="none" if self.config.gelu == "exact" else "tanh"))
+
+    def head_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection's codebook rows: weight ``[K, d]``, bias ``[K]`` (views)."""
         k = self.config.codebook_size
-        return F.linear(h, self.head.weight[:k], self.head.bias[:k])
+        return self.head.weight[:k], self.head.bias[:k]
 
     def forward(
         self,
@@ -303,10 +330,11 @@ class MaskTransformer(nn.Module):
         value_feedbacks: Sequence[torch.Tensor | None] | None = None,
         return_hidden: bool = False,
         return_layers: bool = False,
+        with_head: bool = True,
     ):
         return self.forward_ids(
             self.input_ids(tokens, class_labels), value_feedbacks=value_feedbacks, return_hidden=return_hidden,
-            return_layers=return_layers,
+            return_layers=return_layers, with_head=with_head,
         )
 
     def num_parameters(self) -> int:

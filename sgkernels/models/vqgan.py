@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _dataclass
+from .._io import check_finite
 from ..nn.vector_quantizer import VectorQuantizer
 from ..ops import vq_lookup
 from .pretrained import CONFIG_NAME, CheckpointError, check_keys, folder, read_config, read_weights, weights_file
@@ -294,5 +295,6 @@ class MaskGitVQGAN(nn.Module):
             if tuple(state[key].shape) != shape:
                 raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {shape} "
                                       f"from {CONFIG_NAME}")
+        check_finite(state, path, CheckpointError)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()

@@ -2,6 +2,7 @@
 from ._status import check_errors
 from .cross_entropy import cross_entropy_reference, fused_cross_entropy
 from .guided_sample import guided_sample, guided_sample_reference
+from .head_sample import head_sample, head_sample_reference
 from .remask import remask_lowest_confidence, remask_reference
 from .self_guided_step import self_guided_step, self_guided_step_reference
 from .vq_lookup import vq_lookup, vq_lookup_reference
@@ -12,6 +13,8 @@ __all__ = [
     "fused_cross_entropy",
     "guided_sample",
     "guided_sample_reference",
+    "head_sample",
+    "head_sample_reference",
     "remask_lowest_confidence",
     "remask_reference",
     "self_guided_step",

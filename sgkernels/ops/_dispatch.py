@@ -33,8 +33,10 @@ def choose_impl(device: torch.device, *, has_cpp_cuda: bool = False) -> str:
     return "torch"
 
 
-def call_sampling_kernel(op: str, triton_fn, impl: str, device: torch.device, *args):
+def call_sampling_kernel(op: str, triton_fn, impl: str, device: torch.device, *args, **kwargs):
     """Run a sampling op's kernel (``impl`` "op" or "triton") with its bad-input report.
+
+    ``args``: the op's arguments before the status word, ``kwargs`` those after it.
 
     * C++ CPU kernels (``impl == "op"`` on CPU) raise ``ValueError`` themselves, per call: the status
       word they are handed is never written, and nothing is read on the host;
@@ -47,11 +49,11 @@ def call_sampling_kernel(op: str, triton_fn, impl: str, device: torch.device, *a
 
     if device.type == "cpu" and impl != "op":
         status = torch.zeros(1, dtype=torch.int32)
-        out = triton_fn(*args, status)
+        out = triton_fn(*args, status, **kwargs)
         flags = int(status.item())
         if flags:
             msgs = [m for bit, m in _status._MESSAGES.items() if flags & bit]
             raise ValueError(f"sgkernels ({device}): " + "; ".join(msgs))
         return out
     fn = getattr(torch.ops.sgkernels, op) if impl == "op" else triton_fn
-    return fn(*args, _status.status_buffer(device))
+    return fn(*args, _status.status_buffer(device), **kwargs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -34,10 +35,11 @@ def check_float(name: str | None, value, *, nonneg: bool = True) -> float:
     ``name`` prefixes the message; None leaves it out (argparse, which names the option itself).
     """
     prefix = "" if name is None else f"{name}: "
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # Real: numpy scalars too
         raise TypeError(f"{prefix}expected a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or (nonneg and value < 0):
+    # comparisons, not math.isfinite: they also work on the SymFloat torch.compile may pass
+    if not (value == value and abs(value) != math.inf) or (nonneg and value < 0):
         raise ValueError(f"{prefix}expected a finite float{' >= 0' if nonneg else ''}, got {value}")
     return value
 
@@ -48,10 +50,24 @@ def check_guidance_scale(value, name: str | None = "guidance_scale") -> float:
 
 
 def check_positive_int(name: str | None, value) -> int:
-    """``value`` as an int ``>= 1`` (bools are refused); ``name`` as in :func:`check_float`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as an int ``>= 1`` (bools are refused, numpy integers accepted); ``name`` as in :func:`check_float`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{'' if name is None else f'{name}: '}expected an int >= 1, got {value!r}")
-    return value
+    return int(value)
+
+
+def check_seed(name: str | None, value) -> int:
+    """``value`` as a seed: an int (numpy integers too) in [0, 2**63); ``name`` as in :func:`check_float`.
+
+    The range of :func:`sgkernels._rng.resolve_seed`, which the ops apply; front ends (the CLI) check
+    here so that the message names their argument.
+    """
+    prefix = "" if name is None else f"{name}: "
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{prefix}expected an int, got {type(value).__name__}")
+    if not 0 <= value < _rng.MAX_SEED:
+        raise ValueError(f"{prefix}expected an int in [0, 2**63), got {value}")
+    return int(value)
 
 
 def check_mask(name: str, mask, shape: torch.Size, device: torch.device) -> None:
@@ -157,3 +173,46 @@ def rng_ints(seed: int, offset: int, seed_t, offset_t) -> tuple[int, int]:
     if offset_t is not None:
         offset = _rng.check_offset(int(offset_t))
     return seed, offset
+
+
+def check_head(weight, bias, d: int, device: torch.device) -> None:
+    """An LM head: ``weight`` [V, d] and ``bias`` [V] or None, float dtypes, on ``device``."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor [V, d], got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight: expected float32, bfloat16 or float16, got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape [V, {d}] with V >= 1 (d of hidden), got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"weight: expected device {device} (same as hidden), got {weight.device}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor [V] or None, got {type(bias).__name__}")
+    if bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"bias: expected float32, bfloat16 or float16, got {bias.dtype}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias: expected device {device} (same as hidden), got {bias.device}")
+
+
+def check_rows(rows, lead: torch.Size, device: torch.device) -> None:
+    """``rows`` of a row-selecting op: None, a bool mask of shape ``lead``, or an integer index
+    tensor [K] into the ``lead.numel()`` flattened rows (range checked on CPU only: no sync)."""
+    if rows is None:
+        return
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows: expected None, a bool mask or an integer index tensor, got {type(rows).__name__}")
+    if rows.device != device:
+        raise ValueError(f"rows: expected device {device}, got {rows.device}")
+    if rows.dtype == torch.bool:
+        if rows.shape != lead:
+            raise ValueError(f"rows: a bool mask must have shape {tuple(lead)}, got {tuple(rows.shape)}")
+        return
+    if rows.dtype.is_floating_point or rows.dtype.is_complex:
+        raise TypeError(f"rows: expected a bool mask or an integer index tensor, got {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"rows: an index tensor must be 1-D [K], got shape {tuple(rows.shape)}")
+    if rows.device.type == "cpu" and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= lead.numel()):
+        raise ValueError(f"rows: indices must lie in [0, {lead.numel()}), got [{int(rows.min())}, {int(rows.max())}]")

@@ -80,8 +80,21 @@ def _check(logits, target, ignore_index, label_smoothing, reduction) -> float:
 
 
 def _scale_grad(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``d loss / d logits`` times the incoming gradient (a scalar, or one per row for "none")."""
-    return grad * (grad_loss.unsqueeze(-1) if reduction == "none" else grad_loss)
+    """``d loss / d logits`` times the incoming gradient (a scalar, or one per row for "none").
+
+    The saved gradient is scaled in place (no second gradient-sized buffer) when nothing can read
+    it again: eager autograd (not traced), graph not retained, no double backward. Otherwise a new
+    tensor.
+    """
+    scale = grad_loss.unsqueeze(-1) if reduction == "none" else grad_loss
+    if (
+        type(grad) is torch.Tensor  # not traced (FakeTensor / FunctionalTensor in AOTAutograd)
+        and not torch.compiler.is_compiling()
+        and not grad_loss.requires_grad
+        and not torch._C._autograd._get_current_graph_task_keep_graph()
+    ):
+        return grad.mul_(scale)
+    return grad * scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +113,11 @@ def fused_cross_entropy(
 
     One pass over each row: online log-sum-exp, the loss, and ``d loss / d logits`` written at once
     (never a ``log_softmax`` tensor); the backward only multiplies the stored gradient by
-    ``grad_output``. Peak memory: logits + one gradient-sized buffer (none with ``inplace_grad``).
+    ``grad_output``, in place when the graph is not retained. Peak memory on top of the logits,
+    forward + backward: one gradient-sized buffer (the stored gradient, which becomes
+    ``logits.grad``), two with ``retain_graph=True``/``create_graph=True`` or under
+    ``torch.compile``, none with ``inplace_grad`` (F.cross_entropy: three, its log-softmax, the
+    gradient of that and the logits' gradient). benchmarks/bench_cross_entropy.py measures it.
 
     Args:
         logits: ``[..., V]`` float32/bfloat16/float16, any strides.
@@ -181,6 +198,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[4]
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(grad, flags)
+    ctx.set_materialize_grads(False)  # else autograd hands the backward a zero-filled grad-sized tensor
 
 
 def _backward(ctx, grad_loss, _grad_grad, _grad_flags):
@@ -200,6 +218,7 @@ class _TritonCrossEntropy(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(flags)
+        ctx.set_materialize_grads(False)
         return loss, flags
 
     @staticmethod

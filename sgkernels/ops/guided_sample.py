@@ -15,7 +15,7 @@ import torch
 
 from .. import _rng
 from .._backend import triton_available
-from . import _validate
+from . import _status, _validate
 from ._dispatch import call_sampling_kernel, choose_impl
 from .filters import ENTROPY_EPS, filters_active, keep_mask_reference
 
@@ -112,8 +112,7 @@ def guided_sample_reference(
     seed, offset = _validate.rng_ints(*_validate.check_rng(seed, offset, logits.device))
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     g = guided_logits(logits, guide_logits, guidance_scale).reshape(-1, vocab)
-    if bool(bad_rows(g).any()):
-        raise ValueError("logits: a sampled row had NaN or +inf guided logits (or all -inf)")
+    _status.raise_if(bad_rows(g).any(), "logits: a sampled row had NaN or +inf guided logits (or all -inf)")
     w0, w1, _, _ = _rng.row_words(seed, offset, torch.arange(g.shape[0], device=g.device))
     tokens, logp, conf = _sample_rows_reference(
         g, temperature, _rng.token_uniform(w0, w1), top_k, top_p, min_p, confidence or "logp"
@@ -169,6 +168,10 @@ def guided_sample(
         ``tokens`` int64 ``[...]``, ``logp`` float32 ``[...]``: ``log_softmax(g)[token]`` under the
         untempered, *unfiltered* guided distribution (so it does not depend on temperature or the
         filters), and with ``confidence`` given, ``conf`` float32 ``[...]``.
+    Autograd: ``logp`` is differentiable on every backend (the tokens and ``conf`` are not):
+    ``d logp / d g = onehot(token) - softmax(g)``, times ``1 + s`` for ``logits`` and ``-s`` for
+    ``guide_logits`` (a coefficient of 0 gives a zero gradient). ``temperature`` and the filters do
+    not enter: ``logp`` is untempered and unfiltered.
     Raises:
         TypeError/ValueError on bad arguments. A row with NaN/+inf guided logits (or all -inf) raises
         ValueError at once on CPU; on CUDA it sets a device flag that
@@ -184,6 +187,11 @@ def guided_sample(
     if confidence is not None:
         _validate.check_confidence(confidence)
     seed, offset, seed_t, offset_t = _validate.check_rng(seed, offset, logits.device)
+    if _logp_needs_grad(logits, guide_logits):  # autograd: see the end of this module
+        return _guided_sample_with_grad(
+            logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence,
+            seed if seed_t is None else seed_t, offset if offset_t is None else offset_t,
+        )
     impl = choose_impl(logits.device)
     if impl == "torch":
         return guided_sample_reference(
@@ -192,8 +200,10 @@ def guided_sample(
             offset=offset if offset_t is None else offset_t,
         )
     tokens, logp, conf = call_sampling_kernel(
-        "guided_sample", _triton().guided_sample_triton, impl, logits.device, logits, guide_logits, guidance_scale,
-        temperature, top_k, top_p, min_p, confidence or "logp", seed, offset, seed_t, offset_t,
+        "guided_sample", _triton().guided_sample_triton, impl, logits.device,
+        logits, guide_logits, guidance_scale, temperature, seed, offset,
+        top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence or "logp",
+        seed_tensor=seed_t, offset_tensor=offset_t,
     )
     if confidence is None:
         return tokens, logp
@@ -201,8 +211,8 @@ def guided_sample(
 
 
 @torch.library.register_fake("sgkernels::guided_sample")
-def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence, seed,
-                        offset, seed_tensor, offset_tensor, status):
+def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, seed, offset, status, top_k=0, top_p=1.0,
+                        min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None):
     lead = logits.shape[:-1]
     return (logits.new_empty(lead, dtype=torch.int64), logits.new_empty(lead, dtype=torch.float32),
             logits.new_empty(lead, dtype=torch.float32))
@@ -220,3 +230,60 @@ def _guided_sample_cuda(*args):
 
 if triton_available():
     torch.library.register_kernel("sgkernels::guided_sample", "cuda", _guided_sample_cuda)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd of logp (policy-gradient fine-tuning needs d logp / d logits of the sampled tokens).
+# The op mutates its status word, so it cannot carry a registered autograd formula; the wrapper
+# samples without grad and attaches the gradient with this Function (traceable by torch.compile).
+# ----------------------------------------------------------------------------------------------
+def _logp_needs_grad(logits: torch.Tensor, guide_logits: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        logits.requires_grad or (guide_logits is not None and guide_logits.requires_grad)
+    )
+
+
+def _guided_sample_with_grad(logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence,
+                             seed, offset):
+    """Samples without grad, then attaches the gradient of ``logp`` only (``conf``, if asked for,
+    is returned without a gradient)."""
+    guide = None if guide_logits is None else guide_logits.detach()
+    with torch.no_grad():
+        out = guided_sample(
+            logits.detach(), guide, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+            top_p=top_p, min_p=min_p, confidence=confidence, seed=seed, offset=offset,
+        )
+    tokens, logp = out[0], out[1]
+    if guide_logits is None:
+        logp = _LogpGrad.apply(logp, tokens, guidance_scale, logits)
+    else:
+        logp = _LogpGrad.apply(logp, tokens, guidance_scale, logits, guide_logits)
+    return (tokens, logp) + tuple(out[2:])
+
+
+class _LogpGrad(torch.autograd.Function):
+    """Identity on ``logp``; backward: ``d logp / d (logits, guide)`` at the sampled ``tokens``."""
+
+    @staticmethod
+    def forward(ctx, logp, tokens, guidance_scale, logits, guide_logits=None):
+        ctx.guidance_scale = guidance_scale
+        ctx.has_guide = guide_logits is not None
+        ctx.save_for_backward(tokens, logits, guide_logits if ctx.has_guide else logits)
+        return logp.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        tokens, logits, guide = ctx.saved_tensors
+        guide = guide if ctx.has_guide else None
+        s = ctx.guidance_scale
+        g = guided_logits(logits, guide, s).double()
+        # d logp / d g = onehot(token) - softmax(g) (rows of -inf entries get 0 there).
+        d = torch.softmax(g, dim=-1).neg_()
+        d.scatter_add_(-1, tokens.unsqueeze(-1), torch.ones_like(d[..., :1]))
+        d.mul_(grad_logp.double().unsqueeze(-1))
+        grad_logits = grad_guide = None
+        if ctx.needs_input_grad[3]:
+            grad_logits = (d if guide is None else d * (1.0 + s)).to(logits.dtype)
+        if ctx.has_guide and ctx.needs_input_grad[4]:
+            grad_guide = (d * (-s)).to(guide.dtype)
+        return None, None, None, grad_logits, grad_guide

@@ -7,6 +7,9 @@ Layout under ``<out_dir>/checkpoints/``::
 
 A step directory is written under a temporary name (each file via :func:`sgkernels._io.atomic_write`)
 and renamed into place, so every ``step_*`` directory is complete; the last ``keep_last`` are kept.
+An old step directory is pruned by renaming it to a temporary name first and deleting it after, so
+a run killed while pruning leaves no incomplete ``step_*`` directory (only a temporary, which
+:func:`step_dirs` ignores and :func:`remove_stale_temps` deletes).
 """
 from __future__ import annotations
 
@@ -86,9 +89,18 @@ def save_train_checkpoint(out_dir: str, step: int, guide: TOAST, ema: TOAST, opt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for _, old in step_dirs(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        prune(old)
     remove_stale_temps(root)
     return final
+
+
+def prune(path: str) -> None:
+    """Delete the step directory ``path``: renamed to a temporary name first (atomic), then removed."""
+    root, name = os.path.split(path)
+    trash = os.path.join(root, f"{_TMP_PREFIX}trash-{name}-{os.getpid()}")
+    os.rename(path, trash)
+    fsync_dir(root)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def remove_stale_temps(root: str) -> None:

@@ -7,6 +7,7 @@ import math
 from .. import _dataclass
 
 ERROR_TOKEN_MODES = ("sample", "official")
+CE_VOCABS = ("full", "codebook")
 MIXED_PRECISIONS = ("bf16", "no")
 
 
@@ -27,6 +28,8 @@ class TrainConfig:
         error_token_conditional: the all-mask pass that draws error tokens keeps the class token
             (False: [MASK] in the class slot too).
         label_smoothing: of the cross-entropy (0.1); recon_weight: TOAST's reconstruction term (0.1).
+        ce_vocab: the cross-entropy's normalisation: ``"full"`` (every id of the head: codebook,
+            [MASK], classes; the official code) or ``"codebook"`` (:func:`sgkernels.training.aux_loss`).
         mixed_precision: ``"bf16"`` (autocast on CUDA; CPU always runs float32) or ``"no"``.
         save_every: checkpoint every this many steps (and at the end); keep_last: step directories kept.
         log_every: append to ``log.jsonl`` every this many steps.
@@ -50,6 +53,7 @@ class TrainConfig:
     error_token_conditional: bool = True
     label_smoothing: float = 0.1
     recon_weight: float = 0.1
+    ce_vocab: str = "full"
     mixed_precision: str = "bf16"
     save_every: int = 1_000
     keep_last: int = 2
@@ -84,6 +88,8 @@ class TrainConfig:
         if self.error_token_mode not in ERROR_TOKEN_MODES:
             raise ValueError(f"TrainConfig.error_token_mode: expected one of {ERROR_TOKEN_MODES}, "
                              f"got {self.error_token_mode!r}")
+        if self.ce_vocab not in CE_VOCABS:
+            raise ValueError(f"TrainConfig.ce_vocab: expected one of {CE_VOCABS}, got {self.ce_vocab!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"TrainConfig.mixed_precision: expected one of {MIXED_PRECISIONS}, "
                              f"got {self.mixed_precision!r}")

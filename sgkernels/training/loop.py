@@ -28,6 +28,7 @@ import os
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from ..models.checkpoint import save_checkpoint
 from ..models.toast import TOAST
 from ..models.transformer import MaskTransformer
@@ -174,6 +175,7 @@ def _train(backbone, guide, data, config, out_dir, resume, device, rank, world, 
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
         remove_stale_temps(checkpoint_root(out_dir))
+        truncate_log(log_path, start_step)
 
     step = start_step
     loss = ce = recon = None
@@ -232,6 +234,30 @@ def _train(backbone, guide, data, config, out_dir, resume, device, rank, world, 
     return TrainResult(guide, ema, step, as_float(loss), as_float(ce), as_float(recon), final_dir)
 
 
+def truncate_log(path: str, step: int) -> None:
+    """Drop the ``log.jsonl`` lines after ``step`` (the step a run resumes from; 0 for a fresh run).
+
+    A run killed after logging steps past its newest checkpoint logs them again when it resumes:
+    without this the log would hold them twice. The file is replaced atomically; a torn last line
+    (killed mid-write) is dropped too.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith(b"\n") and isinstance(entry, dict) and isinstance(entry.get("step"), int) \
+                and entry["step"] <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write(path, b"".join(kept))
+
+
 class _GuideLoss(nn.Module):
     """The guide plus the auxiliary loss, as one module for DistributedDataParallel.
 
@@ -248,4 +274,4 @@ class _GuideLoss(nn.Module):
     def forward(self, inputs, class_labels, targets):
         cfg = self._config
         return aux_loss(self._backbone[0], self.guide, inputs, class_labels, targets, label_smoothing=cfg.label_smoothing,
-                        recon_weight=cfg.recon_weight, ignore_index=self._ignore_index)
+                        recon_weight=cfg.recon_weight, ignore_index=self._ignore_index, ce_vocab=cfg.ce_vocab)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..models.transformer import MaskTransformer
 from ..ops import fused_cross_entropy, guided_sample
-from .config import ERROR_TOKEN_MODES
+from .config import CE_VOCABS, ERROR_TOKEN_MODES
 
 
 class Corruption(NamedTuple):
@@ -101,22 +101,47 @@ def corrupt(backbone: MaskTransformer, tokens: torch.Tensor, class_labels: torch
 
 def aux_loss(backbone: MaskTransformer, guide: nn.Module, inputs: torch.Tensor, class_labels: torch.Tensor,
              targets: torch.Tensor, *, label_smoothing: float = 0.1, recon_weight: float = 0.1,
-             ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             ignore_index: int = -100, ce_vocab: str = "full") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce, recon)`` of the guide on a corrupted batch (see :func:`corrupt`).
 
     ``ce`` is the label-smoothed cross-entropy of pass 2's logits averaged over the labelled
     (error) positions, 0 when there are none; ``recon`` is TOAST's weighted reconstruction term.
     ``guide`` may be a :class:`TOAST` or a DDP wrapper around one.
+
+    ``ce_vocab``: the softmax (and label smoothing) of ``ce`` runs over ``"full"``, every id of the
+    backbone's head (codebook, [MASK] and class ids: the official code), or ``"codebook"`` only.
+    ``"full"`` recomputes the head over pass 2's last block output (the backbone's parameters
+    detached: it still gets no gradient).
     """
+    if ce_vocab not in CE_VOCABS:
+        raise ValueError(f"ce_vocab: expected one of {CE_VOCABS}, got {ce_vocab!r}")
     with torch.no_grad():
         hidden = backbone(inputs, class_labels, return_hidden=True).hidden_states
     out = guide(backbone, hidden, class_labels, return_layers=True)
     toast = guide.module if hasattr(guide, "module") else guide
-    k = out.logits.shape[-1]
+    logits = out.logits if ce_vocab == "codebook" else _full_vocab_logits(backbone, out.layer_outputs[-1])
+    k = logits.shape[-1]
     flat_t = targets.reshape(-1)
-    ce_sum = fused_cross_entropy(out.logits.reshape(-1, k), flat_t, ignore_index=ignore_index,
+    ce_sum = fused_cross_entropy(logits.reshape(-1, k), flat_t, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, reduction="sum")
     count = (flat_t != ignore_index).sum().clamp_min(1)  # stays on the device: no sync
     ce = ce_sum.float() / count
     recon = toast.reconstruction_loss(out, weight=recon_weight).float()
     return ce + recon, ce, recon
+
+
+class _FullHead(nn.Module):
+    def __init__(self, backbone: MaskTransformer):
+        super().__init__()
+        self.m = backbone
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.m.logits_from_hidden(hidden, full_vocab=True)
+
+
+def _full_vocab_logits(backbone: MaskTransformer, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's logits over its whole vocabulary from the last block output ``hidden``, with the
+    backbone's parameters detached (gradients reach ``hidden`` only)."""
+    state = {f"m.{k}": v.detach() for k, v in backbone.named_parameters()}
+    state.update({f"m.{k}": v for k, v in backbone.named_buffers()})
+    return torch.func.functional_call(_FullHead(backbone), state, (hidden,))

@@ -1,0 +1,161 @@
+"""head_sample (LM head fused with guided sampling) against the head GEMM + guided_sample.
+
+Rows (``python -m benchmarks --only head_sample``, or ``python -m benchmarks.bench_head_sample
+[--device cuda] [--quick] [--e2e]`` for the table with peak memory as a % of the logits tensor):
+
+* LLaDA-shaped step: L = 1024 positions, block of 32 decoded rows, V = 126464, hidden d (1024 on
+  CPU; 4096 on CUDA): full-logits head ``h @ W.T + b`` over all L positions then guided_sample on
+  the block's rows (what the drop-ins did), vs ``head_sample(..., rows=block)``; with CFG the
+  baseline projects both halves, head_sample blends the hidden states and projects once;
+* all rows: R = 256, d = 1024, V = 32768: torch matmul + guided_sample vs head_sample;
+* ``--e2e``: ``integrations.llada.generate`` on a small LLaDA-shaped model (large vocabulary) with
+  ``fused_head`` on and off.
+
+Peak extra memory: CPU peak RSS growth / CUDA allocator peak of one call (benchmarks/_timing.py).
+"""
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import torch
+
+import sgkernels as sgk
+
+from ._timing import measure, median_ms_interleaved, peak_mb
+
+
+def _setup(device, rows_total, d, vocab, dtype, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(rows_total, d, generator=gen, device=device).to(dtype)
+    hu = torch.randn(rows_total, d, generator=gen, device=device).to(dtype)
+    w = (torch.randn(vocab, d, generator=gen, device=device) / d**0.5).to(dtype)
+    b = (0.1 * torch.randn(vocab, generator=gen, device=device)).to(dtype)
+    return h, hu, w, b
+
+
+def _cases(device):
+    big_d = 1024 if device == "cpu" else 4096
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    return [
+        # name, rows_total, decoded rows, d, V, dtype, cfg
+        ("llada_step", 1024, 32, big_d, 126464, dt, False),
+        ("llada_step_cfg", 1024, 32, big_d, 126464, dt, True),
+        ("all_rows", 256, 256, 1024, 32768, dt, False),
+    ]
+
+
+def _fns(h, hu, w, b, n_dec, cfg):
+    rows_total = h.shape[0]
+    start = (rows_total - n_dec) // 2
+    idx = torch.arange(start, start + n_dec, device=h.device)
+    guide = hu if cfg else None
+
+    def baseline():
+        logits = h @ w.T + b  # the model's head over every position
+        ul = (hu @ w.T + b) if cfg else None
+        return sgk.guided_sample(logits[start:start + n_dec], None if ul is None else ul[start:start + n_dec],
+                                 guidance_scale=1.0 if cfg else 0.0, seed=0)
+
+    def fused():
+        return sgk.head_sample(h, w, b, guide, guidance_scale=1.0 if cfg else 0.0, seed=0,
+                               rows=None if n_dec == rows_total else idx)
+
+    return baseline, fused
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+    out = []
+    for name, rows_total, n_dec, d, vocab, dtype, cfg in _cases(device):
+        h, hu, w, b = _setup(device, rows_total, d, vocab, dtype)
+        baseline, fused = _fns(h, hu, w, b, n_dec, cfg)
+        common = dict(op="head_sample", shape=f"{name} L={rows_total} rows={n_dec} d={d} V={vocab}",
+                      dtype=str(dtype).replace("torch.", ""))
+        out.append(measure(fused, device, quick, impl="sgkernels", gflops=None, **common))
+        out.append(measure(baseline, device, quick, impl="torch matmul + guided_sample", **common))
+    return out
+
+
+class _SmallLLaDA(torch.nn.Module):
+    """A LLaDA-shaped model for the end-to-end row: embedding, a few pre-LN bidirectional blocks,
+    final norm, an ``ff_out`` head over a large vocabulary inside the base model (as LLaDA's code)."""
+
+    def __init__(self, vocab=126464, d=256, layers=2, heads=4, device="cpu", dtype=torch.float32):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.emb = torch.nn.Embedding(vocab, d)
+        self.model.blocks = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(d, heads, 4 * d, batch_first=True, norm_first=True, dropout=0.0)
+            for _ in range(layers))
+        self.model.ln_f = torch.nn.LayerNorm(d)
+        self.model.ff_out = torch.nn.Linear(d, vocab)
+        self.to(device, dtype).eval()
+
+    def get_output_embeddings(self):
+        return self.model.ff_out
+
+    def set_output_embeddings(self, m):
+        self.model.ff_out = m
+
+    def forward(self, x, attention_mask=None):
+        h = self.model.emb(x)
+        for blk in self.model.blocks:
+            h = blk(h)
+        return SimpleNamespace(logits=self.model.ff_out(self.model.ln_f(h)))
+
+
+def e2e(device: str, quick: bool) -> list[dict]:
+    from sgkernels.integrations import llada
+
+    torch.manual_seed(0)
+    model = _SmallLLaDA(device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    prompt = torch.randint(0, 126000, (1, 64), device=device)
+    kw = dict(steps=8 if quick else 32, gen_length=64 if quick else 256, block_length=32, temperature=0.0,
+              mask_id=126336, seed=0)
+    fns = {"fused_head": lambda: llada.generate(model, prompt, **kw),
+           "logits path": lambda: llada.generate(model, prompt, fused_head=False, **kw)}
+    assert torch.equal(fns["fused_head"](), fns["logits path"]())  # greedy: token-equal
+    ms = median_ms_interleaved(fns, device, repeats=2 if quick else 3, warmup=1)
+    shape = f"e2e llada.generate L={64 + kw['gen_length']} gen={kw['gen_length']} d=256 V=126464 steps={kw['steps']}"
+    return [dict(op="head_sample", shape=shape, dtype="float32", impl="sgkernels" if k == "fused_head" else k,
+                 ms=v, peak_mb=peak_mb(fns[k], device)) for k, v in ms.items()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--e2e", action="store_true", help="also the end-to-end generate row")
+    p.add_argument("--only", nargs="*", help="case names (llada_step, llada_step_cfg, all_rows)")
+    a = p.parse_args(argv)
+    print("| case | impl | ms | speed-up | peak extra MB | % of logits tensor |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, rows_total, n_dec, d, vocab, dtype, cfg in _cases(a.device):
+        if a.only and name not in a.only:
+            continue
+        h, hu, w, b = _setup(a.device, rows_total, d, vocab, dtype)
+        baseline, fused = _fns(h, hu, w, b, n_dec, cfg)
+        # the method: temperature 0 has no second pass (pick a tile, recompute it)
+        greedy = lambda: sgk.head_sample(h, w, b, rows=None if n_dec == rows_total else  # noqa: E731
+                                         torch.arange(n_dec, device=h.device), temperature=0.0, seed=0)
+        ms = median_ms_interleaved({"fused": fused, "baseline": baseline, "fused T=0": greedy}, a.device,
+                                   repeats=2 if a.quick else 5, warmup=1)
+        logits_mb = rows_total * vocab * torch.finfo(dtype).bits / 8 / 2**20
+        for impl, fn in (("head_sample", fused), ("matmul + guided_sample", baseline), ("head_sample T=0", greedy)):
+            key = {"head_sample": "fused", "matmul + guided_sample": "baseline", "head_sample T=0": "fused T=0"}[impl]
+            mem = peak_mb(fn, a.device)
+            mem_s = "" if mem is None else f"{mem:.0f}"
+            pct = "" if mem is None else f"{100 * mem / logits_mb:.1f}%"
+            print(f"| {name} L={rows_total} rows={n_dec} d={d} V={vocab} {str(dtype)[6:]} | {impl} | {ms[key]:.1f} | "
+                  f"{ms['baseline'] / ms[key]:.2f}x | {mem_s} | {pct} |", flush=True)
+    if a.e2e:
+        rows = e2e(a.device, a.quick)
+        base = {r["impl"]: r for r in rows}
+        for r in rows:
+            print(f"| {r['shape']} | {r['impl']} | {r['ms']:.0f} | {base['logits path']['ms'] / r['ms']:.2f}x | "
+                  f"{r['peak_mb']:.0f} | |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""head_sample: the op contract on every backend, distribution against the exact categorical
+(chi-square), agreement with guided_sample on the materialised logits, greedy equality, ``rows``
+(bool mask and index), rows outside never projected, bad rows, and the Triton multi-tile path."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import chi_square_pvalue, has_cpu_kernel
+from op_contract import (
+    CPU_ISAS,
+    DTYPE_IDS,
+    FLOAT_DTYPES,
+    Backend,
+    Bad,
+    Case,
+    OpContract,
+    assert_agree,
+    assert_close,
+    bad_list,
+    run_on,
+    run_under_isa,
+    tolerance,
+)
+
+import sgkernels as sgk
+from sgkernels import _backend
+
+OP = "head_sample"
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _head(d, vocab, dtype=torch.float32, gen=None, bias=True, scale=1.0):
+    w = (scale * torch.randn(vocab, d, generator=gen) / d**0.5).to(dtype)
+    b = (0.5 * torch.randn(vocab, generator=gen)).to(dtype) if bias else None
+    return w, b
+
+
+def _case(dtype, guided, temperature, vocab=37, d=24, bias=True, seed=123, offset=7):
+    def make(backend, monkeypatch):
+        gen = torch.Generator().manual_seed(vocab + d + int(10 * temperature))
+        rows = 40 if backend.interpreter else 300
+        hidden = (2.0 * torch.randn(rows, d, generator=gen)).to(dtype)
+        guide = (2.0 * torch.randn(rows, d, generator=gen)).to(dtype) if guided else None
+        w, b = _head(d, vocab, dtype, gen, bias, scale=2.0)
+        kw = dict(guidance_scale=1.5 if guided else 0.0, temperature=temperature, seed=seed, offset=offset)
+        return (hidden, w, b, guide), kw
+
+    g = "guided" if guided else "plain"
+    return Case(f"{DTYPE_IDS[dtype]}-{g}-V{vocab}-d{d}-t{temperature}-bias{bias}", dtype, make)
+
+
+class TestContract(OpContract):
+    def call(self, hidden, weight, bias=None, guide=None, **kw):
+        return sgk.head_sample(hidden, weight, bias, guide, **kw)
+
+    def reference(self, hidden, weight, bias=None, guide=None, **kw):
+        return sgk.head_sample_reference(hidden, weight, bias, guide, **kw)
+
+    def reference_cases(self):
+        cases = [_case(dt, g, t) for dt in FLOAT_DTYPES for g in (False, True) for t in (0.0, 0.7, 1.0)]
+        # several vocabulary tiles (C++: 512, Triton: 128), no bias, d not a multiple of the K block
+        cases += [_case(dt, True, 1.3, vocab=1100, d=40, bias=False, seed=2**62 + 17, offset=2**40 + 1)
+                  for dt in FLOAT_DTYPES]
+        cases += [_case(torch.float32, False, 0.0, vocab=1100, d=40)]
+        return cases
+
+    def check(self, out, ref, tol, args, kwargs):
+        (tokens, logp), (ref_tokens, ref_logp) = out, ref
+        assert tokens.dtype == torch.int64 and logp.dtype == torch.float32
+        assert tokens.shape == args[0].shape[:-1] and logp.shape == ref_logp.shape
+        same = assert_agree(tokens, ref_tokens, tol)
+        assert_close(logp[same], ref_logp[same], tol)
+
+    def bad_inputs(self):
+        h, w = torch.randn(2, 3, 8), torch.randn(11, 8)
+        return bad_list(
+            Bad("hidden", TypeError, (h.long(), w)),
+            Bad("weight", ValueError, (h, torch.randn(11, 7))),
+            Bad("weight", TypeError, (h, w.long())),
+            Bad("weight", TypeError, (h, "w")),
+            Bad("bias", ValueError, (h, w, torch.randn(10))),
+            Bad("bias", TypeError, (h, w, torch.ones(11, dtype=torch.int64))),
+            Bad("guide_hidden", ValueError, (h, w, None, torch.randn(2, 3, 7))),
+            Bad("temperature", ValueError, (h, w), dict(temperature=-1.0)),
+            Bad("seed", ValueError, (h, w), dict(seed=-1)),
+            Bad("offset", ValueError, (h, w), dict(offset=-3)),
+            Bad("guidance_scale", ValueError, (h, w, None, h), dict(guidance_scale=float("nan"))),
+            Bad("rows", ValueError, (h, w), dict(rows=torch.ones(3, 2, dtype=torch.bool))),
+            Bad("rows", ValueError, (h, w), dict(rows=torch.tensor([0, 6]))),
+            Bad("rows", ValueError, (h, w), dict(rows=torch.tensor([[0]]))),
+            Bad("rows", TypeError, (h, w), dict(rows=torch.tensor([0.0]))),
+            Bad("rows", TypeError, (h, w), dict(rows=[0, 1])),
+        )
+
+    def opcheck_samples(self, device):
+        gen = torch.Generator().manual_seed(0)
+        h, g = torch.randn(5, 16, generator=gen), torch.randn(5, 16, generator=gen)
+        w, b = torch.randn(40, 16, generator=gen), torch.randn(40, generator=gen)
+        if device == "cuda":
+            h, g, w, b = (x.to(device, torch.bfloat16) for x in (h, g, w, b))
+        status = torch.zeros(1, dtype=torch.int32, device=device)
+        ids = torch.tensor([3, 0, 9, 9, 2], device=device)
+        return [
+            (OP, (h, w, b, g, ids, 1.0, 0.7, 3, 1, status)),
+            (OP, (h, w, None, None, None, 0.0, 0.0, 3, 0, status)),
+            (OP, (h, w, b, None, None, 0.0, 1.0, 5, 0, status)),
+        ]
+
+
+def run(backend, *args, **kwargs):
+    return run_on(backend, sgk.head_sample, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distribution: exact categorical, and guided_sample on the materialised logits
+
+
+def test_distribution_is_exact(backend):
+    """One row replicated: token frequencies against the float64 categorical of the blended head's
+    logits, chi-square p > 1e-4; logp the untempered log-softmax."""
+    gen = torch.Generator().manual_seed(9)
+    w, b = _head(6, 10, gen=gen, scale=3.0)
+    hc, hg = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    s = 0.5
+    rows = 500 if backend.interpreter else 40000  # the interpreter runs one program per row
+    exact = ((hg + (1 + s) * (hc - hg)).double() @ w.double().T + b.double())
+    for temperature in (1.0, 0.6, 2.5):
+        tokens, logp = run(backend, hc.expand(rows, -1), w, b, hg.expand(rows, -1), guidance_scale=s,
+                           temperature=temperature, seed=2024)
+        probs = torch.softmax(exact / temperature, -1)
+        counts = torch.bincount(tokens, minlength=10)
+        assert chi_square_pvalue(counts, probs) > 1e-4, (temperature, counts, probs * rows)
+        torch.testing.assert_close(logp, torch.log_softmax(exact, -1)[tokens].float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8, 1.0])
+def test_same_tokens_as_guided_sample(backend, temperature):
+    """Same seed/offset: the tokens of guided_sample(hidden @ W.T + b, guide @ W.T + b) on >= 99% of the
+    rows (all of them at T = 0: random data has no near-ties), logp to float32 GEMM rounding."""
+    gen = torch.Generator().manual_seed(31)
+    rows, d, vocab = (48 if backend.interpreter else 400), 32, 700
+    hidden, guide = torch.randn(2, rows // 2, d, generator=gen), torch.randn(2, rows // 2, d, generator=gen)
+    w, b = _head(d, vocab, gen=gen, scale=4.0)
+    kw = dict(guidance_scale=0.8, temperature=temperature, seed=77, offset=3)
+    tokens, logp = run(backend, hidden, w, b, guide, **kw)
+    ref_tokens, ref_logp = sgk.guided_sample_reference(hidden @ w.T + b, guide @ w.T + b, **kw)
+    assert tokens.shape == (2, rows // 2)
+    if temperature == 0.0:
+        assert torch.equal(tokens, ref_tokens)
+    same = assert_agree(tokens, ref_tokens, tolerance(OP, torch.float32))
+    torch.testing.assert_close(logp[same], ref_logp[same], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_near_ties(backend):
+    """T = 0 is the first argmax of the logits; two logits apart by >= 1e-4 are always ordered right
+    (the documented tolerance: the GEMM's rounding is ~1e-6 here)."""
+    d, vocab = 4, 600
+    w = torch.zeros(vocab, d)
+    w[:, 0] = torch.linspace(-1, 1, vocab)
+    b = torch.zeros(vocab)
+    b[123], b[555] = 5.0, 5.0 - 1e-4  # argmax 123 (logit 5 - 0.59), then 555 (5 - 1e-4 + 0.85)
+    h = torch.tensor([[1.0, 0.3, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]])
+    tokens, _ = run(backend, h, w, b, temperature=0.0, seed=0)
+    ref = (h @ w.T + b).argmax(-1)
+    assert torch.equal(tokens, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# rows
+
+
+def test_rows_mask_and_index(backend):
+    """A bool mask: the full call's outputs on the selected rows (same row ids, same uniforms), token -1
+    and logp 0 elsewhere; an index tensor: outputs [K] in its order, duplicates allowed. Rows outside
+    are never projected: NaN there raises nothing."""
+    gen = torch.Generator().manual_seed(5)
+    d, vocab = 16, 300
+    hidden, guide = torch.randn(3, 8, d, generator=gen), torch.randn(3, 8, d, generator=gen)
+    w, b = _head(d, vocab, gen=gen, scale=3.0)
+    kw = dict(guidance_scale=1.0, temperature=0.9, seed=4, offset=2)
+    full_t, full_l = sgk.head_sample_reference(hidden, w, b, guide, **kw)
+    mask = torch.rand(3, 8, generator=gen) < 0.4
+    bad = hidden.clone()
+    bad[~mask] = float("nan")
+    t, lp = run(backend, bad, w, b, guide, rows=mask, **kw)
+    assert t.shape == (3, 8) and lp.shape == (3, 8)
+    assert bool((t[~mask] == -1).all()) and bool((lp[~mask] == 0).all())
+    same = assert_agree(t[mask], full_t[mask], tolerance(OP, torch.float32))
+    torch.testing.assert_close(lp[mask][same], full_l[mask][same], atol=1e-4, rtol=1e-4)
+    idx = torch.tensor([23, 0, 5, 5, 17])
+    t, lp = run(backend, hidden, w, b, guide, rows=idx, **kw)
+    assert t.shape == (5,) and t[2] == t[3]
+    assert_agree(t, full_t.reshape(-1)[idx], tolerance(OP, torch.float32))
+    t, lp = run(backend, hidden, w, b, guide, rows=torch.zeros(3, 8, dtype=torch.bool), **kw)
+    assert bool((t == -1).all())
+    t, lp = run(backend, hidden, w, b, guide, rows=torch.tensor([], dtype=torch.int64), **kw)
+    assert t.shape == (0,)
+
+
+def test_minus_inf_bias_never_sampled(backend):
+    gen = torch.Generator().manual_seed(6)
+    w, b = _head(8, 40, gen=gen)
+    b[::2] = float("-inf")
+    tokens, logp = run(backend, torch.randn(64, 8, generator=gen), w, b, temperature=1.0, seed=3)
+    assert bool((tokens % 2 == 1).all()) and bool(torch.isfinite(logp).all())
+
+
+def test_nan_row_raises(backend):
+    if backend.device == "cuda":
+        pytest.skip("CUDA defers the check to sgk.check_errors()")
+    gen = torch.Generator().manual_seed(7)
+    w, b = _head(8, 40, gen=gen)
+    h = torch.randn(4, 8, generator=gen)
+    h[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="logits"):
+        run(backend, h, w, b, seed=0)
+    run(backend, torch.randn(4, 8), w, b, seed=0)  # the flag was reset
+
+
+def test_seeds(backend):
+    gen = torch.Generator().manual_seed(8)
+    w, b = _head(8, 40, gen=gen, scale=0.5)
+    h = torch.randn(32, 8, generator=gen)
+    a, b1, c = (run(backend, h, w, b, seed=11, offset=o)[0] for o in (0, 0, 1))
+    assert torch.equal(a, b1) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton kernels on many small tiles
+
+needs_triton = pytest.mark.skipif(
+    not _backend.triton_available() or (not torch.cuda.is_available() and not _backend.triton_interpret()),
+    reason="needs triton, and TRITON_INTERPRET=1 without a GPU",
+)
+TRITON = Backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+@needs_triton
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_triton_many_tiles(monkeypatch, temperature):
+    from sgkernels.kernels import head_sample as H
+
+    monkeypatch.setattr(H, "_TILE_V", 16)
+    gen = torch.Generator().manual_seed(10)
+    hidden, guide = torch.randn(20, 24, generator=gen), torch.randn(20, 24, generator=gen)
+    w, b = _head(24, 90, gen=gen, scale=3.0)
+    b[:16] = float("-inf")  # a whole tile -inf
+    kw = dict(guidance_scale=0.5, temperature=temperature, seed=5, offset=9)
+    out = run(TRITON, hidden, w, b, guide, **kw)
+    TestContract().check(out, sgk.head_sample_reference(hidden, w, b, guide, **kw),
+                         tolerance(OP, torch.float32), (hidden,), kw)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_cpu_kernel(OP), reason="no C++ kernel")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpp_under_isa(isa):
+    """Every cpp test of this file again, on the generic and AVX2 paths of the C++ kernel."""
+    run_under_isa(__file__, isa)
