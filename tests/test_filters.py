@@ -219,8 +219,8 @@ def test_compile_with_tensor_offset_compiles_once():
     ops = torch.ops.sgkernels
 
     def step(tokens, mask, logits, n, seed, offset, status):
-        return ops.self_guided_step(tokens, mask, logits * 1.0, None, n, 0.0, 1.0, 0.5, 3, 0.9, 0.0, "entropy", 0, 0,
-                                    seed, offset, status)
+        return ops.self_guided_step(tokens, mask, logits * 1.0, None, n, 0.0, 1.0, 0.5, 0, 0, status, None, False,
+                                    None, 3, 0.9, 0.0, "entropy", seed, offset)
 
     compiled = torch.compile(step, backend=counter, fullgraph=True)
     logits = torch.randn(2, 6, 16)

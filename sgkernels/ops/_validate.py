@@ -166,6 +166,15 @@ def check_rng(seed, offset, device: torch.device):
     return s, o, s_t, o_t
 
 
+def reference_rng(seed, offset, device: torch.device):
+    """The seed and offset of a reference: ints (or SymInts) as given, the wrapper having checked them
+    (no second range check: a seed drawn under torch.compile is data-dependent), or, when either is a
+    tensor, both as checked ints read on the host (:func:`check_rng`, :func:`rng_ints`)."""
+    if not isinstance(seed, torch.Tensor) and not isinstance(offset, torch.Tensor):
+        return seed, offset
+    return rng_ints(*check_rng(seed, offset, device))
+
+
 def rng_ints(seed: int, offset: int, seed_t, offset_t) -> tuple[int, int]:
     """The seed and offset as ints (reads the tensors on the host: for the references only)."""
     if seed_t is not None:

@@ -109,7 +109,7 @@ def guided_sample_reference(
     Raises ValueError for a row that cannot be sampled (see :func:`bad_rows`).
     """
     top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
-    seed, offset = _validate.rng_ints(*_validate.check_rng(seed, offset, logits.device))
+    seed, offset = _validate.reference_rng(seed, offset, logits.device)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     g = guided_logits(logits, guide_logits, guidance_scale).reshape(-1, vocab)
     _status.raise_if(bad_rows(g).any(), "logits: a sampled row had NaN or +inf guided logits (or all -inf)")

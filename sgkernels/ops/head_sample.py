@@ -166,10 +166,15 @@ def head_sample(
     if ids is not None:
         h2 = h2.index_select(0, ids)
         g2 = None if g2 is None else g2.index_select(0, ids)
-    status = _status.status_buffer(hidden.device)
     fn = torch.ops.sgkernels.head_sample if impl == "op" else _triton().head_sample_triton
-    tokens, logp = fn(h2, weight, bias, g2, ids, guidance_scale, temperature, seed, offset, status)
-    _status.check_now_if_cpu(hidden.device)
+    if hidden.device.type == "cpu":
+        # this call's own word, checked at once (a runtime assert under torch.compile: no host branch)
+        status = torch.zeros(1, dtype=torch.int32)
+        tokens, logp = fn(h2, weight, bias, g2, ids, guidance_scale, temperature, seed, offset, status)
+        _status.raise_if(status[0] != 0, f"sgkernels ({hidden.device}): " + _status._MESSAGES[_status.NONFINITE_LOGITS])
+    else:
+        status = _status.status_buffer(hidden.device)
+        tokens, logp = fn(h2, weight, bias, g2, ids, guidance_scale, temperature, seed, offset, status)
     return _expand(kind, lead, ids, tokens, logp)
 
 

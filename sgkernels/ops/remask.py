@@ -89,7 +89,7 @@ def remask_reference(
     tie_rule: str = "exact_k",
 ) -> torch.Tensor:
     """Plain-PyTorch spec of :func:`remask_lowest_confidence` (a stable sort per row)."""
-    seed, offset = _validate.rng_ints(*_validate.check_rng(seed, offset, logp.device))
+    seed, offset = _validate.reference_rng(seed, offset, logp.device)
     n = _validate.num_to_mask_tensor(num_to_mask, logp.shape[0], logp.device)
     _status.raise_if((n < 0).any(), "num_to_mask: expected values >= 0, got a negative entry")
     conf = noisy_confidence_reference(logp, choice_temperature, seed, offset, is_masked, decoded_confidence)

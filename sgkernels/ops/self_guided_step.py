@@ -28,7 +28,7 @@ def self_guided_step_reference(
     """Plain-PyTorch spec of :func:`self_guided_step`."""
     top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
     _validate.check_confidence(confidence)
-    seed, offset = _validate.rng_ints(*_validate.check_rng(seed, offset, logits.device))
+    seed, offset = _validate.reference_rng(seed, offset, logits.device)
     batch, n_tok, vocab = logits.shape
     n = _validate.num_to_mask_tensor(num_to_mask, batch, logits.device)
     _status.raise_if((n < 0).any(), "num_to_mask: expected values >= 0, got a negative entry")
