@@ -9,11 +9,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(sgkernels, m) {
-  // logits, guide_logits: [..., V] float32/bfloat16/float16, any strides.
-  // -> tokens int64 [...], logp float32 [...] (untempered guided log-softmax at the token).
+  // logits, guide_logits: [..., V] float32/bfloat16/float16, any strides. top_k (0 = off), top_p
+  // (1 = off), min_p (0 = off): filters of softmax(g / temperature) (sgkernels/ops/filters.py);
+  // confidence: "logp" | "prob" | "margin" | "entropy". seed_tensor / offset_tensor: 0-dim int64
+  // tensors on the logits' device that replace the int seed / offset when given (read by the kernel).
+  // -> tokens int64 [...], logp float32 [...] (untempered, unfiltered guided log-softmax at the
+  //    token), conf float32 [...] (the confidence of each row).
   m.def(
       "guided_sample(Tensor logits, Tensor? guide_logits, float guidance_scale, float temperature, "
-      "SymInt seed, SymInt offset, Tensor(a!) status) -> (Tensor, Tensor)");
+      "SymInt seed, SymInt offset, Tensor(a!) status, int top_k=0, float top_p=1.0, float min_p=0.0, "
+      "str confidence=\"logp\", Tensor? seed_tensor=None, Tensor? offset_tensor=None) -> (Tensor, Tensor, Tensor)");
   // head_sample: the LM head fused with guided_sample. hidden, guide_hidden [R, d], weight [V, d],
   // bias [V] (float32/bfloat16/float16), row_ids int64 [R] (each row's Philox row index; None = 0..R-1).
   // -> tokens int64 [R], logp float32 [R] of guided_sample(blend(hidden) @ weight^T + bias).
@@ -27,16 +32,19 @@ TORCH_LIBRARY(sgkernels, m) {
   m.def(
       "remask_lowest_confidence(Tensor logp, Tensor is_masked, Tensor num_to_mask, "
       "float choice_temperature, SymInt seed, SymInt offset, Tensor(a!) status, "
-      "float? decoded_confidence=None, bool strict_below=False) -> Tensor");
+      "float? decoded_confidence=None, bool strict_below=False, Tensor? seed_tensor=None, "
+      "Tensor? offset_tensor=None) -> Tensor");
   // tokens int64 [B, N], is_masked bool [B, N], logits/guide_logits [B, N, V], num_to_mask int64 [B]
   // -> (new_tokens int64 [B, N], new_is_masked bool [B, N]). decoded_confidence and strict_below
   // as remask_lowest_confidence; mask_token_id: the token of re-masked positions (None: tokens'
-  // own, the mask id; required with decoded_confidence).
+  // own, the mask id; required with decoded_confidence). Filters, confidence (the remask score)
+  // and seed/offset tensors as guided_sample.
   m.def(
       "self_guided_step(Tensor tokens, Tensor is_masked, Tensor logits, Tensor? guide_logits, "
       "Tensor num_to_mask, float guidance_scale, float temperature, float choice_temperature, "
       "SymInt seed, SymInt offset, Tensor(a!) status, float? decoded_confidence=None, bool strict_below=False, "
-      "int? mask_token_id=None) -> (Tensor, Tensor)");
+      "int? mask_token_id=None, int top_k=0, float top_p=1.0, float min_p=0.0, str confidence=\"logp\", "
+      "Tensor? seed_tensor=None, Tensor? offset_tensor=None) -> (Tensor, Tensor)");
 
   // logits [..., V] float32/bfloat16/float16 (any strides), target [...] integer.
   // -> (loss: [] for "mean"/"sum", [...] for "none", in logits' dtype;

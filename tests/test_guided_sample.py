@@ -88,10 +88,15 @@ class TestContract(OpContract):
     def opcheck_samples(self, device):
         if device == "cuda":
             logits = torch.randn(3, 4, 33, device=device, dtype=torch.bfloat16)
-            return [(OP, (logits, logits.flip(-1), 1.0, 1.0, 3, 0, torch.zeros(1, dtype=torch.int32, device=device)))]
+            st = torch.zeros(1, dtype=torch.int32, device=device)
+            seed_t = torch.tensor(3, device=device)
+            return [(OP, (logits, logits.flip(-1), 1.0, 1.0, 3, 0, st)),
+                    (OP, (logits, None, 0.0, 0.7, 0, 0, st, 5, 0.9, 0.05, "entropy", seed_t, seed_t))]
         logits, guide = torch.randn(3, 4, 33), torch.randn(3, 4, 33)
         status = torch.zeros(1, dtype=torch.int32)
-        return [(OP, (logits, guide, 1.0, 1.0, 3, 0, status)), (OP, (logits, None, 0.0, 0.0, 3, 0, status))]
+        return [(OP, (logits, guide, 1.0, 1.0, 3, 0, status)),
+                (OP, (logits, None, 0.0, 0.0, 3, 0, status)),
+                (OP, (logits, guide, 1.0, 0.7, 0, 0, status, 5, 0.9, 0.05, "margin", torch.tensor(3), torch.tensor(4)))]
 
 
 def run(backend, *args, **kwargs):
@@ -136,7 +141,7 @@ def test_token_uniform(kernel):
     """V = 2, equal logits: token = (u >= 0.5) with u the row's uniform from _rng words w0, w1."""
     rows = 512
     status = status_word(kernel)
-    tokens, logp = raw_kernel(kernel, OP)(torch.zeros(rows, 2, device=kernel.device), None, 0.0, 1.0, 1234, 5, status)
+    tokens, logp = raw_kernel(kernel, OP)(torch.zeros(rows, 2, device=kernel.device), None, 0.0, 1.0, 1234, 5, status)[:2]
     w0, w1, _, _ = _rng.row_words(1234, 5, torch.arange(rows))
     assert torch.equal(tokens.cpu(), (_rng.token_uniform(w0, w1) >= 0.5).to(torch.int64))
     torch.testing.assert_close(logp.cpu(), torch.full((rows,), -0.6931472))
@@ -363,7 +368,7 @@ def test_bad_row_sets_status(kernel, bad):
     assert flags == 1
     if kernel.name == "cpp":
         return  # raised, per call
-    tokens, logp = out
+    tokens, logp = out[:2]
     assert int(tokens[2]) == 0 and bool(torch.isnan(logp[2]))
     assert bool(torch.isfinite(logp[[0, 1, 3]]).all())
 
@@ -455,7 +460,7 @@ def test_triton_bad_row_multi_tile(monkeypatch):
     x = torch.randn(3, 40, device=TRITON_DEVICE)
     x[1, 35] = float("nan")
     status = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
-    tokens, logp = S.guided_sample_triton(x, None, 0.0, 1.0, 3, 0, status)
+    tokens, logp, _ = S.guided_sample_triton(x, None, 0.0, 1.0, 3, 0, status)
     assert int(status.item()) == 1 and int(tokens[1]) == 0 and bool(torch.isnan(logp[1]))
     assert bool(torch.isfinite(logp[[0, 2]]).all())
 

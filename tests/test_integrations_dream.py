@@ -265,9 +265,12 @@ def test_bad_input(kw, err, match):
 
 
 def test_filter_argument_errors():
-    from sgkernels.ops.filters import check_confidence, check_filters
+    from sgkernels.ops._validate import check_confidence, check_filters
+    from sgkernels.ops.filters import DREAM_CONFIDENCES
 
     with pytest.raises(ValueError, match="min_p"):
         check_filters(min_p=2.0)
     with pytest.raises(ValueError, match="confidence"):
-        check_confidence("logp")
+        check_confidence("logp", DREAM_CONFIDENCES)
+    with pytest.raises(ValueError, match="confidence"):
+        check_confidence("negentropy")

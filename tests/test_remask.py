@@ -21,7 +21,7 @@ from op_contract import (
 
 import sgkernels as sgk
 from sgkernels import _rng
-from sgkernels.ops.remask import confidence_reference
+from sgkernels.ops.remask import noisy_confidence_reference
 
 OP = "remask_lowest_confidence"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inside the interpreter
@@ -121,7 +121,9 @@ class TestContract(OpContract):
         status = torch.zeros(1, dtype=torch.int32, device=device)
         n = torch.tensor([2, 0, 30], device=device)
         args = (logp.to(device), is_masked.to(device), n, 1.5, 4, 1, status)
-        return [(OP, args), (OP, args + (88.7, True))]
+        return [(OP, args), (OP, args + (88.7, True)),
+                (OP, (logp.to(device), is_masked.to(device), n, 1.5, 0, 0, status, None, False,
+                      torch.tensor(4, device=device), torch.tensor(1, device=device)))]
 
 
 def run(backend, logp, is_masked, n, **kw):
@@ -132,7 +134,7 @@ def test_reference_selects_lowest_confidence():
     logp, is_masked = random_case(4, 64, seed=1)
     n = torch.tensor([5, 0, 10, 64])
     out = sgk.remask_reference(logp, is_masked, n, choice_temperature=2.0, seed=8, offset=1)
-    conf = confidence_reference(logp, 2.0, 8, 1)
+    conf = noisy_confidence_reference(logp, 2.0, 8, 1)
     for b in range(4):
         cand = conf[b][is_masked[b]]
         k = min(int(n[b]), cand.numel())

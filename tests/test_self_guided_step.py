@@ -94,7 +94,9 @@ class TestContract(OpContract):
         status = torch.zeros(1, dtype=torch.int32, device=device)
         n = torch.tensor([2, 3], device=device)
         args = (tokens, is_masked, logits, guide, n, 1.0, 1.0, 3.0, 5, 2, status)
-        return [(OP, args), (OP, args + (88.7, True, MASK_ID))]
+        return [(OP, args), (OP, args + (88.7, True, MASK_ID)),
+                (OP, (tokens, is_masked, logits, guide, n, 1.0, 0.8, 3.0, 0, 0, status, None, False, None, 4, 0.9,
+                      0.1, "prob", torch.tensor(5, device=device), torch.tensor(2, device=device)))]
 
 
 def run(backend, *args, **kw):

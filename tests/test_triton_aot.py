@@ -30,6 +30,7 @@ KERNELS = {  # every kernel of each module of sgkernels/kernels
 N_XENT_CONFIGS = 6
 N_HEAD_CONFIGS = 6
 N_REMASK_CONFIGS = 7
+N_SAMPLER_CONFIGS = 15
 
 
 def _load():
@@ -72,6 +73,7 @@ def _sampler_configs(S):
         "tokens_ptr": "*i64", "logp_ptr": "*fp32", "status_ptr": "*i32", "rowmask_ptr": "*i1",
         "n_rows": "i32", "V": "i32", "stride_lr": "i64", "stride_lv": "i32", "stride_guide_r": "i64",
         "stride_guide_v": "i32", "one_plus_s": "fp32", "inv_temperature": "fp32", "seed": "i64", "offset": "i64",
+        "seed_ptr": "*i64", "offset_ptr": "*i64", "conf_ptr": "*fp32", "top_k": "i32", "top_p": "fp32", "min_p": "fp32",
     }
     # (dtype, guide, mode, rowmask, BLOCK_R, BLOCK_V, NUM_TILES): every constexpr value at least once,
     # the register-heaviest single tile (8192) and the multi-tile path (LLaDA: V = 126464 -> 62 tiles of 2048).
@@ -85,15 +87,28 @@ def _sampler_configs(S):
         ("bf16", True, "greedy", False, 1, 2048, 64),
         ("fp32", False, "greedy", True, 1, 2048, 4),
     ]
+    # filters / confidence (0 logp, 1 prob, 2 margin, 3 entropy) / seed and offset from memory
+    picks = [p + (False, 0, False) for p in picks] + [
+        ("fp32", False, "temp", False, 1, 8192, 1, True, 3, True),
+        ("bf16", True, "t1", True, 2, 1024, 1, True, 2, True),
+        ("bf16", True, "greedy", True, 2, 1024, 1, True, 1, False),
+        ("fp16", False, "temp", True, 256, 8, 1, False, 2, True),
+        ("fp32", True, "temp", True, 1, 2048, 64, True, 3, True),
+        ("bf16", False, "t1", True, 1, 2048, 64, True, 1, True),
+        ("bf16", True, "greedy", True, 1, 2048, 64, True, 2, False),
+    ]
     out = []
-    for dt, guide, mode, rowmask, block_r, block_v, tiles in picks:
+    for dt, guide, mode, rowmask, block_r, block_v, tiles, filt, conf, rng_ptr in picks:
         types = dict(base, logits_ptr=f"*{dt}", guide_ptr=f"*{dt}")
         const = dict(
             HAS_GUIDE=guide, HAS_ROWMASK=rowmask, GREEDY=mode == "greedy", TEMP_ONE=mode == "t1",
-            BLOCK_R=block_r, BLOCK_V=block_v, NUM_TILES=tiles,
+            BLOCK_R=block_r, BLOCK_V=block_v, NUM_TILES=tiles, FILTER=filt, CONF=conf, SEED_PTR=rng_ptr,
+            OFFSET_PTR=rng_ptr,
         )
-        name = f"sample_rows[{dt},guide={guide},{mode},rowmask={rowmask},R={block_r},V={block_v},tiles={tiles}]"
+        name = (f"sample_rows[{dt},guide={guide},{mode},rowmask={rowmask},R={block_r},V={block_v},tiles={tiles},"
+                f"filter={filt},conf={conf},rng_ptr={rng_ptr}]")
         out.append((name, S._sample_rows_kernel, types, const, max(1, min(16, block_r * block_v // 256))))
+    assert len(out) == N_SAMPLER_CONFIGS
     return out
 
 
@@ -102,22 +117,26 @@ def _remask_configs(S):
         "logp_ptr": "*fp32", "mask_ptr": "*i1", "num_ptr": "*i64", "out_mask_ptr": "*i1", "tokens_ptr": "*i64",
         "sampled_ptr": "*i64", "out_tokens_ptr": "*i64", "keys_ptr": "*i64", "status_ptr": "*i32", "N": "i32",
         "tau": "fp32", "dec_conf": "fp32", "mask_id": "i64", "seed": "i64", "offset": "i64",
+        "seed_ptr": "*i64", "offset_ptr": "*i64",
     }
-    # (FUSED, HAS_DECODED, STRICT, HAS_MASK_ID, MULTI_TILE, BLOCK_N): plain and fused, small and the
-    # largest register tile, the multi-tile loop (tiles of _REMASK_TILE), every option at least once.
+    # (FUSED, HAS_DECODED, STRICT, HAS_MASK_ID, MULTI_TILE, BLOCK_N, SEED_PTR/OFFSET_PTR): plain and fused,
+    # small and the largest register tile, the multi-tile loop (tiles of _REMASK_TILE), every option at
+    # least once (seed / offset from memory on a single tile and on the multi-tile loop).
     picks = [
-        (False, False, False, False, False, 256),
-        (True, False, False, False, False, 4096),
-        (False, True, True, False, False, 4096),
-        (True, True, True, True, False, 256),
-        (False, False, False, False, True, S._REMASK_TILE),
-        (True, True, True, True, True, S._REMASK_TILE),
-        (True, False, False, False, True, S._REMASK_TILE),
+        (False, False, False, False, False, 256, False),
+        (True, False, False, False, False, 4096, True),
+        (False, True, True, False, False, 4096, False),
+        (True, True, True, True, False, 256, False),
+        (False, False, False, False, True, S._REMASK_TILE, False),
+        (True, True, True, True, True, S._REMASK_TILE, True),
+        (True, False, False, False, True, S._REMASK_TILE, False),
     ]
     out = []
-    for fused, dec, strict, mask_id, multi, n in picks:
-        const = dict(FUSED=fused, HAS_DECODED=dec, STRICT=strict, HAS_MASK_ID=mask_id, MULTI_TILE=multi, BLOCK_N=n)
-        name = f"remask[fused={fused},decoded={dec},strict={strict},mask_id={mask_id},multi={multi},N={n}]"
+    for fused, dec, strict, mask_id, multi, n, rng_ptr in picks:
+        const = dict(FUSED=fused, HAS_DECODED=dec, STRICT=strict, HAS_MASK_ID=mask_id, MULTI_TILE=multi, BLOCK_N=n,
+                     SEED_PTR=rng_ptr, OFFSET_PTR=rng_ptr)
+        name = (f"remask[fused={fused},decoded={dec},strict={strict},mask_id={mask_id},multi={multi},N={n},"
+                f"rng_ptr={rng_ptr}]")
         out.append((name, S._remask_kernel, types, const, max(1, min(8, n // 256))))
     assert len(out) == N_REMASK_CONFIGS
     return out
@@ -217,7 +236,7 @@ def trace() -> int:
     C = _load_module("cross_entropy")
 
     def step(tokens, is_masked, logits, guide, n, status):
-        t, lp = S.guided_sample_triton(logits, guide, 1.0, 0.7, 3, 1, status)
+        t, lp = S.guided_sample_triton(logits, guide, 1.0, 0.7, 3, 1, status, 0, 1.0, 0.0, "logp", None, None)[:2]
         m = S.remask_triton(lp, is_masked, n, 1.0, 3, 1, status)
         xent = C.cross_entropy_fwd_triton(logits, tokens, -100, 0.1, "mean")
         return t, m, S.self_guided_step_triton(tokens, is_masked, logits, guide, n, 1.0, 0.0, 2.0, 3, 1, status), xent
@@ -258,7 +277,7 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     ok = [line for line in out.splitlines() if line.startswith("OK ")]
-    assert len(ok) == len(ARCHS) * (8 + N_REMASK_CONFIGS + 1 + N_XENT_CONFIGS + N_HEAD_CONFIGS), out[-6000:]
+    assert len(ok) == len(ARCHS) * (N_SAMPLER_CONFIGS + N_REMASK_CONFIGS + 1 + N_XENT_CONFIGS + N_HEAD_CONFIGS), out[-6000:]
     for cc in ARCHS:
         assert any(f"sm_{cc} sample_rows" in line for line in ok)
         assert any(f"sm_{cc} remask" in line for line in ok)

@@ -30,6 +30,7 @@
 #include "common/isa.h"
 #include "common/philox.h"
 #include "common/raise_status.h"
+#include "cpu/sampling_filters.h"
 #include "cpu/sampling_rows.h"
 
 namespace sgk {
@@ -40,6 +41,8 @@ struct Scratch {
   std::vector<double> bsum;
   std::vector<float> raw_logits, raw_guide;  // gathered rows of a non-unit last-dim stride (bytes)
   std::vector<uint64_t> keys;
+  std::vector<float> sel;                         // top-k selection
+  std::vector<std::pair<float, float>> sel_pairs;  // top-p selection
 };
 
 Scratch& scratch() {
@@ -83,7 +86,42 @@ struct SampleParams {
   int64_t logits_itemsize, guide_itemsize;
   int64_t logits_vstride, guide_vstride;  // last-dim strides (elements)
   const SampleKernels* kernels;
+  int64_t top_k;  // 0 = off
+  double top_p;   // 1 = off
+  double min_p;   // 0 = off
+  bool filtered;  // some filter is on
+  Confidence confidence;
 };
+
+Confidence parse_confidence(c10::string_view s) {
+  if (s == "logp") return Confidence::kLogp;
+  if (s == "prob") return Confidence::kProb;
+  if (s == "margin") return Confidence::kMargin;
+  if (s == "entropy") return Confidence::kEntropy;
+  TORCH_CHECK(false, "confidence: expected \"logp\", \"prob\", \"margin\" or \"entropy\", got \"", std::string(s), "\"");
+}
+
+void set_filters(SampleParams& p, int64_t top_k, double top_p, double min_p, c10::string_view confidence) {
+  TORCH_CHECK(top_k >= 0, "top_k: expected an int >= 0 (0 = off), got ", top_k);
+  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p: expected a float in (0, 1] (1 = off), got ", top_p);
+  TORCH_CHECK(min_p >= 0.0 && min_p <= 1.0, "min_p: expected a float in [0, 1] (0 = off), got ", min_p);
+  p.top_k = top_k;
+  p.top_p = top_p;
+  p.min_p = min_p;
+  p.filtered = (top_k > 0 && top_k < p.vocab) || top_p < 1.0 || min_p > 0.0;
+  p.confidence = parse_confidence(confidence);
+}
+
+// The int seed/offset, or the value of the 0-dim int64 CPU tensor that replaces it.
+int64_t rng_value(const char* name, int64_t value, const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return value;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 0, name,
+              "_tensor: expected a 0-dim int64 CPU tensor, got ", t->scalar_type(), " ", t->sizes(), " on ",
+              t->device());
+  const int64_t v = t->const_data_ptr<int64_t>()[0];
+  TORCH_CHECK(v >= 0, name, ": expected a value in [0, 2**63), got ", v);
+  return v;
+}
 
 SampleParams make_params(const at::Tensor& logits, const std::optional<at::Tensor>& guide, double s, double t) {
   SampleParams p{};
@@ -133,7 +171,47 @@ struct RowOut {
   int64_t token;
   float logp;
   bool bad;
+  float conf;  // the row's confidence (logp for Confidence::kLogp)
 };
+
+// Drop the tokens the filters reject: e[i] = 0 (e = exp((g - M) * inv_t), e at the max = 1), block
+// sums recomputed; returns the kept sum.
+double apply_filters(const SampleParams& p, const float* g, float* e, double* bsum, int64_t v, int64_t vp, double z,
+                     Scratch& s) {
+  float thr = -std::numeric_limits<float>::infinity();
+  if (p.top_k > 0 && p.top_k < v) thr = std::max(thr, kth_largest(g, v, p.top_k, s.sel));
+  if (p.top_p < 1.0) thr = std::max(thr, top_p_threshold(g, e, v, z, p.top_p * z, s.sel_pairs));
+  const float min_e = static_cast<float>(p.min_p);
+  double total = 0.0;
+  for (int64_t b = 0; b < vp / kBlock; ++b) {
+    double acc = 0.0;
+    for (int64_t i = b * kBlock; i < (b + 1) * kBlock; ++i) {
+      if (!(g[i] >= thr) || e[i] < min_e) e[i] = 0.0f;
+      acc += static_cast<double>(e[i]);
+    }
+    bsum[b] = acc;
+    total += acc;
+  }
+  return total;
+}
+
+// Dream's confidence of the kept distribution q = e / z (e at the max = 1).
+float row_confidence(Confidence kind, const float* e, int64_t v, double z, int64_t tok, int64_t first_max) {
+  if (kind == Confidence::kProb) return static_cast<float>(static_cast<double>(e[tok]) / z);
+  if (kind == Confidence::kMargin) {
+    float e2 = 0.0f;
+    for (int64_t i = 0; i < v; ++i)
+      if (i != first_max && e[i] > e2) e2 = e[i];
+    return static_cast<float>((1.0 - static_cast<double>(e2)) / z);
+  }
+  const float inv_z = static_cast<float>(1.0 / z);
+  double acc = 0.0;
+  for (int64_t i = 0; i < v; ++i) {
+    const float q = e[i] * inv_z;
+    if (q > 0.0f) acc += static_cast<double>(q * std::log(q + 1e-10f));
+  }
+  return static_cast<float>(acc);
+}
 
 RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, double uniform, Scratch& s) {
   const SampleKernels& k = *p.kernels;
@@ -144,26 +222,50 @@ RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, 
   const LoadResult lr = p.load(logits_row, guide_row, v, vp, p.one_plus_s, g);
   const float m = lr.max;
   if (lr.bad || m == -std::numeric_limits<float>::infinity()) {
-    return {0, std::numeric_limits<float>::quiet_NaN(), true};
+    return {0, std::numeric_limits<float>::quiet_NaN(), true, std::numeric_limits<float>::quiet_NaN()};
   }
   int64_t tok = 0;
   double sum;
+  if (!p.filtered && p.confidence == Confidence::kLogp) {
+    if (p.argmax) {
+      while (g[tok] != m) ++tok;
+      sum = k.sum_exp(g, vp, m);
+    } else {
+      float* e = grow(s.e, vp);
+      double* bsum = grow(s.bsum, vp / kBlock);
+      const double z = k.exp_blocks(g, vp, m, p.inv_temperature, e, bsum);
+      sum = p.inv_temperature == 1.0f ? z : k.sum_exp(g, vp, m);
+      tok = cdf_search(e, bsum, vp / kBlock, v, uniform * z);
+      if (tok < 0) {  // uniform * Z rounded up to Z: the last token of nonzero weight
+        tok = v - 1;
+        while (tok > 0 && !(e[tok] > 0.0f)) --tok;
+      }
+    }
+    const double lp = static_cast<double>(g[tok]) - static_cast<double>(m) - std::log(sum);
+    return {tok, static_cast<float>(lp), false, static_cast<float>(lp)};
+  }
+  // filters and/or a Dream confidence: e = exp((g - M) / T) (T = 1 when greedy), filtered in place
+  const float inv_t = p.argmax ? 1.0f : p.inv_temperature;
+  float* e = grow(s.e, vp);
+  double* bsum = grow(s.bsum, vp / kBlock);
+  double z = k.exp_blocks(g, vp, m, inv_t, e, bsum);
+  sum = inv_t == 1.0f ? z : k.sum_exp(g, vp, m);  // untempered, unfiltered: for logp
+  if (p.filtered) z = apply_filters(p, g, e, bsum, v, vp, z, s);
+  int64_t first_max = 0;
+  while (g[first_max] != m) ++first_max;
   if (p.argmax) {
-    while (g[tok] != m) ++tok;
-    sum = k.sum_exp(g, vp, m);
+    tok = first_max;
   } else {
-    float* e = grow(s.e, vp);
-    double* bsum = grow(s.bsum, vp / kBlock);
-    const double z = k.exp_blocks(g, vp, m, p.inv_temperature, e, bsum);
-    sum = p.inv_temperature == 1.0f ? z : k.sum_exp(g, vp, m);
     tok = cdf_search(e, bsum, vp / kBlock, v, uniform * z);
-    if (tok < 0) {  // uniform * Z rounded up to Z: the last token of nonzero weight
+    if (tok < 0) {
       tok = v - 1;
       while (tok > 0 && !(e[tok] > 0.0f)) --tok;
     }
   }
   const double lp = static_cast<double>(g[tok]) - static_cast<double>(m) - std::log(sum);
-  return {tok, static_cast<float>(lp), false};
+  const float conf = p.confidence == Confidence::kLogp ? static_cast<float>(lp)
+                                                        : row_confidence(p.confidence, e, v, z, tok, first_max);
+  return {tok, static_cast<float>(lp), false, conf};
 }
 
 // The positions (low 32 bits) of a row's chosen keys set in `out`, from the composite keys
@@ -194,7 +296,7 @@ inline uint32_t order_key(float f) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-inline float confidence(float logp, float tau, uint32_t w2, uint32_t w3) {
+inline float noisy_confidence(float logp, float tau, uint32_t w2, uint32_t w3) {
   float noise = tau * gumbel(w2, w3);
   SGK_NO_CONTRACT(noise);
   return logp + noise;
@@ -248,9 +350,13 @@ void check_common(const at::Tensor& logits, const std::optional<at::Tensor>& gui
 }
 
 // ------------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> guided_sample_cpu(const at::Tensor& logits_in, const std::optional<at::Tensor>& guide_in,
-                                                     double guidance_scale, double temperature, int64_t seed,
-                                                     int64_t offset, const at::Tensor& status) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
+    const at::Tensor& logits_in, const std::optional<at::Tensor>& guide_in, double guidance_scale, double temperature,
+    int64_t seed, int64_t offset, const at::Tensor& status, int64_t top_k, double top_p, double min_p,
+    c10::string_view confidence, const std::optional<at::Tensor>& seed_tensor,
+    const std::optional<at::Tensor>& offset_tensor) {
+  seed = rng_value("seed", seed, seed_tensor);
+  offset = rng_value("offset", offset, offset_tensor);
   check_common(logits_in, guide_in, temperature, seed, offset);
   TORCH_CHECK(std::isfinite(guidance_scale), "guidance_scale: expected a finite float");
   check_status(status);
@@ -260,9 +366,11 @@ std::tuple<at::Tensor, at::Tensor> guided_sample_cpu(const at::Tensor& logits_in
   const auto lead = logits.sizes().slice(0, logits.dim() - 1);
   at::Tensor tokens = at::empty(lead, logits.options().dtype(at::kLong));
   at::Tensor logp = at::empty(lead, logits.options().dtype(at::kFloat));
+  at::Tensor conf = at::empty(lead, logits.options().dtype(at::kFloat));
+  SampleParams p = make_params(logits, guide, guidance_scale, temperature);
+  set_filters(p, top_k, top_p, min_p, confidence);
   const int64_t rows = tokens.numel();
-  if (rows == 0) return {tokens, logp};
-  const SampleParams p = make_params(logits, guide, guidance_scale, temperature);
+  if (rows == 0) return {tokens, logp, conf};
   const int nd = static_cast<int>(lead.size());
   std::vector<int64_t> sizes(lead.begin(), lead.end()), logits_bstr(nd), guide_bstr(nd, 0);
   for (int d = 0; d < nd; ++d) {
@@ -273,6 +381,7 @@ std::tuple<at::Tensor, at::Tensor> guided_sample_cpu(const at::Tensor& logits_in
   const char* guide_base = guide.has_value() ? static_cast<const char*>(guide->const_data_ptr()) : nullptr;
   int64_t* tok_out = tokens.mutable_data_ptr<int64_t>();
   float* logp_out = logp.mutable_data_ptr<float>();
+  float* conf_out = conf.mutable_data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
   const int nt = num_threads_for(rows * p.vocab);
   const int64_t chunk = std::max<int64_t>(1, rows / (static_cast<int64_t>(nt) * 16));
@@ -294,17 +403,21 @@ std::tuple<at::Tensor, at::Tensor> guided_sample_cpu(const at::Tensor& logits_in
                                   token_uniform(w.w0, w.w1), s);
       tok_out[r] = o.token;
       logp_out[r] = o.logp;
+      conf_out[r] = o.conf;
       if (o.bad) flags |= status::NONFINITE_LOGITS;
     }
   }
   status::raise_flags(flags);
-  return {tokens, logp};
+  return {tokens, logp, conf};
 }
 
 // ------------------------------------------------------------------------------------------------
 at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const at::Tensor& num_to_mask,
                       double choice_temperature, int64_t seed, int64_t offset, const at::Tensor& status,
-                      std::optional<double> decoded_confidence, bool strict_below) {
+                      std::optional<double> decoded_confidence, bool strict_below,
+                      const std::optional<at::Tensor>& seed_tensor, const std::optional<at::Tensor>& offset_tensor) {
+  seed = rng_value("seed", seed, seed_tensor);
+  offset = rng_value("offset", offset, offset_tensor);
   TORCH_CHECK(logp.device().is_cpu() && logp.scalar_type() == at::kFloat && logp.dim() == 2,
               "logp: expected a float32 CPU tensor [B, N], got ", logp.scalar_type(), " ", logp.sizes());
   TORCH_CHECK(is_masked.device().is_cpu() && is_masked.scalar_type() == at::kBool && is_masked.sizes() == logp.sizes(),
@@ -342,7 +455,7 @@ at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const
       const int64_t r = b * n_tok + n;
       if (!mkp[r] && !has_dec) continue;
       const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
-      const float conf = confidence(mkp[r] ? lpp[r] : dec, tau, w.w2, w.w3);
+      const float conf = noisy_confidence(mkp[r] ? lpp[r] : dec, tau, w.w2, w.w3);
       keys.push_back(static_cast<uint64_t>(order_key(conf)) << 32 | static_cast<uint64_t>(n));
     }
     int64_t nb = nmp[b];
@@ -364,7 +477,12 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
                                                         double temperature, double choice_temperature, int64_t seed,
                                                         int64_t offset, const at::Tensor& status,
                                                         std::optional<double> decoded_confidence, bool strict_below,
-                                                        std::optional<int64_t> mask_token_id) {
+                                                        std::optional<int64_t> mask_token_id, int64_t top_k,
+                                                        double top_p, double min_p, c10::string_view confidence,
+                                                        const std::optional<at::Tensor>& seed_tensor,
+                                                        const std::optional<at::Tensor>& offset_tensor) {
+  seed = rng_value("seed", seed, seed_tensor);
+  offset = rng_value("offset", offset, offset_tensor);
   check_common(logits_in, guide_in, temperature, seed, offset);
   const Terms terms = blend_terms(logits_in, guide_in, guidance_scale);
   const at::Tensor& logits = terms.base;
@@ -407,7 +525,8 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
   std::vector<float> conf(static_cast<size_t>(batch * n_tok));
   std::vector<int64_t> sampled(static_cast<size_t>(batch * n_tok));
 
-  const SampleParams p = make_params(logits, guide, guidance_scale, temperature);
+  SampleParams p = make_params(logits, guide, guidance_scale, temperature);
+  set_filters(p, top_k, top_p, min_p, confidence);
   const int64_t ls0 = logits.stride(0) * p.logits_itemsize, ls1 = logits.stride(1) * p.logits_itemsize;
   const int64_t gs0 = guide.has_value() ? guide->stride(0) * p.guide_itemsize : 0;
   const int64_t gs1 = guide.has_value() ? guide->stride(1) * p.guide_itemsize : 0;
@@ -434,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
                                   guide_base == nullptr ? nullptr : guide_base + b * gs0 + n * gs1,
                                   p, token_uniform(w.w0, w.w1), s);
       sampled[r] = o.token;
-      conf[r] = confidence(o.logp, tau, w.w2, w.w3);
+      conf[r] = noisy_confidence(o.conf, tau, w.w2, w.w3);
       if (o.bad) flags |= status::NONFINITE_LOGITS;
     }
     // (implicit barrier) then the remask, one batch row at a time
@@ -449,7 +568,7 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
           keys.push_back(static_cast<uint64_t>(order_key(conf[base + n])) << 32 | static_cast<uint64_t>(n));
         } else if (has_dec) {  // a decoded position competes with confidence dec + tau * G
           const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(base + n));
-          const float c = confidence(dec, tau, w.w2, w.w3);
+          const float c = noisy_confidence(dec, tau, w.w2, w.w3);
           keys.push_back(static_cast<uint64_t>(order_key(c)) << 32 | static_cast<uint64_t>(n));
         }
       }

@@ -47,12 +47,12 @@ mask tokens) keeps all of them; Dream would write mask tokens over that row's pr
 nothing here. Fast-dLLM's ``alg="confidence_threshold"`` and its cached ``generation_utils_block``
 variants are not supported.
 
-What runs per step: for ``maskgit_plus`` at ``temperature=0`` without filters and ``alg_temp``,
-one :func:`sgkernels.self_guided_step` on the shifted view (sample the masked positions, re-mask
-the least confident). Otherwise the masked rows' logits are gathered ``[n_masked, V]`` (as Dream
-gathers them), tempered and filtered with the references of :mod:`sgkernels.ops.filters`, sampled
-with :func:`sgkernels.guided_sample`, and the kept set chosen by
-:func:`sgkernels.remask_lowest_confidence`.
+What runs per step: for ``maskgit_plus``, ``topk_margin`` and ``entropy``, one
+:func:`sgkernels.self_guided_step` on the shifted view of the logits (no copy): it samples the
+masked positions from the tempered, filtered distribution, computes Dream's confidence in the same
+pass (``confidence="prob" | "margin" | "entropy"``) and re-masks the least confident (with
+``choice_temperature=alg_temp``). For ``origin``, one :func:`sgkernels.guided_sample` with the
+filters on the masked rows.
 """
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import _rng
-from ..ops import guided_sample, remask_lowest_confidence, self_guided_step
-from ..ops.filters import check_filters, confidence_reference, filter_logits_reference, filters_active
+from ..ops import guided_sample, self_guided_step
+from ..ops._validate import check_filters
 
 try:
     from transformers.utils import ModelOutput
@@ -193,36 +193,25 @@ def dream_step(
 ) -> torch.Tensor:
     """One Dream step on ``x`` ``[B, N]`` with the (already shifted) ``logits`` ``[B, N, V]``; returns the new x."""
     top_k_, top_p_, _ = check_filters(0 if top_k is None else top_k, 1.0 if top_p is None else top_p)
-    filtered = filters_active(top_k_, top_p_, 0.0)
+    filt = dict(top_k=top_k_, top_p=top_p_)
     alg_temp = float(alg_temp or 0.0)
     if alg == "origin":
         # reveal each masked position with probability p_transfer (uniforms from stream offset 2*offset+1)
         w = _rng.row_words(seed, 2 * offset + 1, torch.arange(x.numel(), device=x.device))
         u = _rng.token_uniform(w[2], w[3]).reshape(x.shape)
         masked = masked & (u < float(p_transfer))
-        k = None
-    if not bool(masked.any()):
-        return x
-    n_masked = masked.sum(-1)
-    if k is not None and alg == "maskgit_plus" and temperature == 0 and not filtered and alg_temp == 0:
-        n_remask = (n_masked - k).clamp_min(0)
-        new_x, _ = self_guided_step(x, masked, logits, None, n_remask, temperature=0.0, seed=seed, offset=2 * offset)
-        return new_x
-    rows = logits[masked].float()  # [n_masked, V], as Dream's logits[mask_index]
-    if temperature > 0:
-        rows = rows / temperature
-    rows = filter_logits_reference(rows, top_k_, top_p_)
-    tokens_m, _ = guided_sample(rows, temperature=1.0 if temperature > 0 else 0.0, seed=seed, offset=2 * offset)
-    tokens = x.clone()
-    tokens[masked] = tokens_m
-    if k is None:  # origin: every drawn position is revealed
+        if not bool(masked.any()):
+            return x
+        tokens_m, _ = guided_sample(logits[masked], temperature=temperature, seed=seed, offset=2 * offset, **filt)
+        tokens = x.clone()
+        tokens[masked] = tokens_m
         return tokens
-    conf = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    conf[masked] = confidence_reference(rows, _CONFIDENCE[alg], tokens_m)
-    # keep the k most confident (alg_temp > 0: Gumbel top-k of conf / alg_temp) = re-mask the others
-    remask = remask_lowest_confidence(conf, masked, (n_masked - k).clamp_min(0), choice_temperature=alg_temp,
-                                      seed=seed, offset=2 * offset)
-    return torch.where(masked & ~remask, tokens, x)
+    # sample every masked position, keep the k most confident (alg_temp > 0: Gumbel top-k of conf / alg_temp)
+    # = re-mask the others: one fused op on the (shifted view of the) logits
+    n_remask = (masked.sum(-1) - k).clamp_min(0)
+    new_x, _ = self_guided_step(x, masked, logits, None, n_remask, temperature=temperature, choice_temperature=alg_temp,
+                                confidence=_CONFIDENCE[alg], seed=seed, offset=2 * offset, **filt)
+    return new_x
 
 
 @torch.no_grad()

@@ -109,6 +109,157 @@ def _load_guided(l_ptrs, guide_ptrs, m, one_plus_s, HAS_GUIDE: tl.constexpr):
     return tl.where(m, x, float("-inf"))
 
 
+@triton.jit
+def _order_key(g):
+    """int64 order key of float32 ``g``: key(a) < key(b) iff a < b (-0 == +0); in [0, 2**32)."""
+    g = tl.where(g == 0.0, 0.0, g)
+    bits = g.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
+
+
+@triton.jit
+def _rng_scalars(seed, offset, seed_ptr, offset_ptr, SEED_PTR: tl.constexpr, OFFSET_PTR: tl.constexpr):
+    """The seed and offset: the int arguments, or the int64 values at ``seed_ptr`` / ``offset_ptr``."""
+    if SEED_PTR:
+        seed = tl.load(seed_ptr)
+    if OFFSET_PTR:
+        offset = tl.load(offset_ptr)
+    return seed, offset
+
+
+@triton.jit
+def _search_1tile(key, w, target):
+    """Per row: the largest key value t with sum_{key >= t} w >= target (a 32-step bitwise search).
+
+    ``key`` int64 [R, C] (0 for lanes that never count), ``w`` float64 [R, C] weights, ``target`` [R].
+    """
+    thr = tl.zeros_like(target).to(tl.int64)
+    for i in range(0, 32):
+        trial = thr | (tl.full([], 1, tl.int64) << (31 - i))
+        mass = tl.sum(tl.where(key >= trial[:, None], w, 0.0), axis=1)
+        thr = tl.where(mass >= target, trial, thr)
+    return thr
+
+
+@triton.jit
+def _tile_e(l_row, guide_row, t, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE: tl.constexpr,
+            BLOCK_V: tl.constexpr):
+    """Tile ``t`` of the rows: (g, valid, key, e = exp((g - Mz) * inv_t), 0 where not valid)."""
+    c = t * BLOCK_V + cols
+    c64 = c.to(tl.int64)
+    m2 = live[:, None] & (c[None, :] < V)
+    g = _load_guided(l_row[:, None] + c64[None, :] * stride_lv, guide_row[:, None] + c64[None, :] * stride_guide_v, m2,
+                     one_plus_s, HAS_GUIDE)
+    e = tl.where(m2, tl.exp((g - Mz[:, None]) * inv_t), 0.0)
+    key = tl.where(m2, _order_key(g), 0)
+    return g, m2, key, e
+
+
+@triton.jit
+def _search_tiles(l_row, guide_row, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, target,
+                  BY_MASS: tl.constexpr, HAS_GUIDE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """As :func:`_search_1tile` over the tiles of the rows (weights: 1, or e if BY_MASS): 32 passes."""
+    thr = tl.zeros_like(target).to(tl.int64)
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    n_iter = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, n_tiles, 0)
+    for i in range(0, 32):
+        trial = thr | (tl.full([], 1, tl.int64) << (31 - i))
+        mass = tl.zeros_like(target)
+        for t in range(0, n_iter):
+            g, m2, key, e = _tile_e(l_row, guide_row, t, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t,
+                                    Mz, HAS_GUIDE, BLOCK_V)
+            if BY_MASS:
+                w = e.to(tl.float64)
+            else:
+                w = tl.where(m2, 1.0, 0.0).to(tl.float64)
+            mass += tl.sum(tl.where(key >= trial[:, None], w, 0.0), axis=1)
+        thr = tl.where(mass >= target, trial, thr)
+    return thr
+
+
+@triton.jit
+def _multi_tile_filtered(l_row, guide_row, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, M, t_usum, t_sum,
+                         dm, best_idx, uniform, top_k, top_p, min_p, HAS_GUIDE: tl.constexpr, GREEDY: tl.constexpr,
+                         TEMP_ONE: tl.constexpr, FILTER: tl.constexpr, CONF: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_V: tl.constexpr, NUM_TILES: tl.constexpr):
+    """Multi-tile rows with filters / a Dream confidence: thresholds (32 passes per filter), one pass for
+    the kept tile sums (and the margin's second largest), one for the entropy, then the chosen tile."""
+    cols = tl.arange(0, BLOCK_V)
+    tids = tl.arange(0, NUM_TILES)
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    n_iter = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, n_tiles, 0)
+    thr_k = tl.zeros([BLOCK_R], tl.int64)
+    thr_p = tl.zeros([BLOCK_R], tl.int64)
+    if FILTER:
+        if top_k > 0:
+            thr_k = _search_tiles(l_row, guide_row, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz,
+                                  tl.zeros([BLOCK_R], tl.float64) + top_k, False, HAS_GUIDE, BLOCK_V)
+        if top_p < 1.0:
+            if GREEDY or TEMP_ONE:
+                z_all = tl.sum(t_usum * tl.exp(dm), axis=1)
+            else:
+                z_all = tl.sum(t_sum * tl.exp(dm * inv_t), axis=1)
+            thr_p = _search_tiles(l_row, guide_row, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz,
+                                  z_all * top_p, True, HAS_GUIDE, BLOCK_V)
+    # kept tile sums (and the margin's e_2 / tie count at the max)
+    t_w = tl.zeros([BLOCK_R, NUM_TILES], tl.float64)
+    e2 = tl.zeros([BLOCK_R], tl.float32)
+    n_top = tl.zeros([BLOCK_R], tl.int32)
+    for t in range(0, n_iter):
+        g, m2, key, e = _tile_e(l_row, guide_row, t, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz,
+                                HAS_GUIDE, BLOCK_V)
+        e = tl.where((key >= thr_k[:, None]) & (key >= thr_p[:, None]) & (e >= min_p), e, 0.0)
+        t_w = tl.where(tids[None, :] == t, tl.sum(e.to(tl.float64), axis=1)[:, None], t_w)
+        if CONF == 2:
+            n_top += tl.sum((m2 & (g == M[:, None])).to(tl.int32), axis=1)
+            e2 = tl.maximum(e2, tl.max(tl.where(g < M[:, None], e, 0.0), axis=1))
+    cdf_t = tl.cumsum(t_w, axis=1)
+    z = tl.max(cdf_t, axis=1)
+    zs = tl.where(z > 0.0, z, 1.0)
+    conf = tl.zeros([BLOCK_R], tl.float32)
+    if CONF == 3:
+        inv_z = (1.0 / zs).to(tl.float32)
+        acc = tl.zeros([BLOCK_R], tl.float64)
+        for t in range(0, n_iter):
+            g, m2, key, e = _tile_e(l_row, guide_row, t, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t,
+                                    Mz, HAS_GUIDE, BLOCK_V)
+            e = tl.where((key >= thr_k[:, None]) & (key >= thr_p[:, None]) & (e >= min_p), e, 0.0)
+            q = e * inv_z[:, None]
+            acc += tl.sum(tl.where(q > 0.0, q * tl.log(q + 1e-10), 0.0).to(tl.float64), axis=1)
+        conf = acc.to(tl.float32)
+    if CONF == 2:
+        e2 = tl.where(n_top > 1, 1.0, e2)
+        conf = ((1.0 - e2.to(tl.float64)) / zs).to(tl.float32)
+    if GREEDY:
+        tok = best_idx
+        gk = M
+        e_tok = tl.zeros([BLOCK_R], tl.float32) + 1.0
+    else:
+        r = uniform * z
+        j = tl.sum((cdf_t <= r[:, None]).to(tl.int32), axis=1)
+        last_t = tl.max(tl.where(t_w > 0.0, tids[None, :], 0), axis=1)
+        j = tl.minimum(j, last_t)
+        before = tl.sum(tl.where(tids[None, :] == (j - 1)[:, None], cdf_t, 0.0), axis=1)
+        c = j[:, None] * BLOCK_V + cols[None, :]
+        c64 = c.to(tl.int64)
+        m2 = live[:, None] & (c < V)
+        g = _load_guided(l_row[:, None] + c64 * stride_lv, guide_row[:, None] + c64 * stride_guide_v, m2, one_plus_s,
+                         HAS_GUIDE)
+        e = tl.where(m2, tl.exp((g - Mz[:, None]) * inv_t), 0.0)
+        key = tl.where(m2, _order_key(g), 0)
+        e = tl.where((key >= thr_k[:, None]) & (key >= thr_p[:, None]) & (e >= min_p), e, 0.0)
+        cdf = tl.cumsum(e.to(tl.float64), axis=1)
+        k = tl.sum((cdf <= (r - before)[:, None]).to(tl.int32), axis=1)
+        last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
+        k = tl.minimum(k, last_nz)
+        tok = j * BLOCK_V + k
+        gk = tl.sum(tl.where(cols[None, :] == k[:, None], g, 0.0), axis=1)
+        e_tok = tl.sum(tl.where(cols[None, :] == k[:, None], e, 0.0), axis=1)
+    if CONF == 1:
+        conf = (e_tok.to(tl.float64) / zs).to(tl.float32)
+    return tok, gk, conf
+
+
 # ----------------------------------------------------------------------------------------------
 # Row sampler
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +281,12 @@ def _sample_rows_kernel(
     inv_temperature,
     seed,
     offset,
+    seed_ptr,
+    offset_ptr,
+    conf_ptr,
+    top_k,
+    top_p,
+    min_p,
     HAS_GUIDE: tl.constexpr,
     HAS_ROWMASK: tl.constexpr,
     GREEDY: tl.constexpr,
@@ -137,6 +294,10 @@ def _sample_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
     NUM_TILES: tl.constexpr,
+    FILTER: tl.constexpr = False,
+    CONF: tl.constexpr = 0,
+    SEED_PTR: tl.constexpr = False,
+    OFFSET_PTR: tl.constexpr = False,
 ):
     """Sample one token per row of ``g = guide + one_plus_s * (l - guide)`` by inverse CDF; write token and logp.
 
@@ -173,9 +334,16 @@ def _sample_rows_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     POS_INF: tl.constexpr = float("inf")
 
+    seed, offset = _rng_scalars(seed, offset, seed_ptr, offset_ptr, SEED_PTR, OFFSET_PTR)
     if not GREEDY:
         w0, w1, _w2, _w3 = _row_words(seed, offset, rows64)
         uniform = _token_uniform(w0, w1)
+    FILT_OR_CONF: tl.constexpr = FILTER or (CONF != 0)
+    if GREEDY:
+        inv_t = 1.0
+    else:
+        inv_t = inv_temperature
+    conf = tl.zeros([BLOCK_R], tl.float32)
 
     if NUM_TILES == 1:
         # ---------------- single tile: whole rows in registers ----------------
@@ -195,7 +363,47 @@ def _sample_rows_kernel(
         d = g - Mz[:, None]
         eu = tl.exp(d)
         z_u = tl.sum(eu.to(tl.float64), axis=1)
-        if GREEDY:
+        if FILT_OR_CONF:
+            if TEMP_ONE or GREEDY:
+                e = eu
+            else:
+                e = tl.exp(d * inv_t)
+            e = tl.where(m2, e, 0.0)
+            if FILTER:
+                key = tl.where(m2, _order_key(g), 0)
+                z_all = tl.sum(e.to(tl.float64), axis=1)
+                keep = m2
+                if top_k > 0:
+                    kt = tl.zeros([BLOCK_R], tl.float64) + top_k
+                    keep = keep & (key >= _search_1tile(key, tl.where(m2, 1.0, 0.0).to(tl.float64), kt)[:, None])
+                if top_p < 1.0:
+                    keep = keep & (key >= _search_1tile(key, e.to(tl.float64), z_all * top_p)[:, None])
+                keep = keep & (e >= min_p)
+                e = tl.where(keep, e, 0.0)
+            cdf = tl.cumsum(e.to(tl.float64), axis=1)
+            z = tl.max(cdf, axis=1)
+            if GREEDY:
+                tok = tl.argmax(tl.where(g != g, NEG_INF, g), axis=1).to(tl.int32)
+                gk = M
+            else:
+                r = uniform * z
+                cnt = tl.sum((cdf <= r[:, None]).to(tl.int32), axis=1)
+                last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
+                tok = tl.minimum(cnt, last_nz)
+                gk = tl.sum(tl.where(cols[None, :] == tok[:, None], g, 0.0), axis=1)
+            zs = tl.where(z > 0.0, z, 1.0)
+            if CONF == 1:
+                e_tok = tl.sum(tl.where(cols[None, :] == tok[:, None], e, 0.0), axis=1)
+                conf = (e_tok.to(tl.float64) / zs).to(tl.float32)
+            if CONF == 2:
+                n_top = tl.sum((g == M[:, None]).to(tl.int32), axis=1)
+                e2 = tl.max(tl.where(g < M[:, None], e, 0.0), axis=1)
+                e2 = tl.where(n_top > 1, 1.0, e2)
+                conf = ((1.0 - e2.to(tl.float64)) / zs).to(tl.float32)
+            if CONF == 3:
+                q = e * (1.0 / zs).to(tl.float32)[:, None]
+                conf = tl.sum(tl.where(q > 0.0, q * tl.log(q + 1e-10), 0.0).to(tl.float64), axis=1).to(tl.float32)
+        elif GREEDY:
             # NaN rows are flagged bad; keep them out of argmax (the interpreter rejects all-NaN)
             tok = tl.argmax(tl.where(g != g, NEG_INF, g), axis=1).to(tl.int32)
             gk = M
@@ -257,7 +465,13 @@ def _sample_rows_kernel(
         dm = t_max.to(tl.float64) - Mz.to(tl.float64)[:, None]
         scale_u = tl.exp(dm)
         z_u = tl.sum(t_usum * scale_u, axis=1)
-        if GREEDY:
+        if FILT_OR_CONF:
+            tok, gk, conf = _multi_tile_filtered(
+                l_row, guide_row, active & ~bad, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, M, t_usum,
+                t_sum, dm, best_idx, uniform if not GREEDY else Mz.to(tl.float64), top_k, top_p, min_p, HAS_GUIDE,
+                GREEDY, TEMP_ONE, FILTER, CONF, BLOCK_R, BLOCK_V, NUM_TILES,
+            )
+        elif GREEDY:
             tok = best_idx
             gk = M
         else:
@@ -298,6 +512,8 @@ def _sample_rows_kernel(
             gk = tl.sum(tl.where(cols[None, :] == k[:, None], g, 0.0), axis=1)
 
     ok = active & ~bad
+    if CONF != 0:
+        tl.store(conf_ptr + rows64, tl.where(ok, conf, float("nan")), mask=row_ok)
     logz = tl.log(tl.where(ok, z_u, 1.0))
     logp = ((gk.to(tl.float64) - Mz.to(tl.float64)) - logz).to(tl.float32)
     logp = tl.where(bad, float("nan"), tl.where(active, logp, 0.0))
@@ -372,12 +588,16 @@ def _remask_kernel(
     mask_id,
     seed,
     offset,
+    seed_ptr,
+    offset_ptr,
     FUSED: tl.constexpr,
     HAS_DECODED: tl.constexpr,
     STRICT: tl.constexpr,
     HAS_MASK_ID: tl.constexpr,
     MULTI_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SEED_PTR: tl.constexpr = False,
+    OFFSET_PTR: tl.constexpr = False,
 ):
     """Per batch row b: choose the re-masked positions among the candidates (ops/remask.py's rules).
 
@@ -396,8 +616,10 @@ def _remask_kernel(
     go to the lower index. Single tile (N <= BLOCK_N): the row's keys stay in registers. MULTI_TILE:
     tiles of BLOCK_N, keys written to ``keys`` (int64 [B, N] scratch) in a first pass, counted from
     there, and the tie ranks carried across tiles in index order. ``n_b < 0`` ORs
-    NEGATIVE_NUM_TO_MASK into ``status[0]`` and counts as 0.
+    NEGATIVE_NUM_TO_MASK into ``status[0]`` and counts as 0. SEED_PTR / OFFSET_PTR: the seed / offset
+    are read from ``seed_ptr`` / ``offset_ptr`` (0-dim int64) instead of the scalars.
     """
+    seed, offset = _rng_scalars(seed, offset, seed_ptr, offset_ptr, SEED_PTR, OFFSET_PTR)
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     n_b = tl.load(num_ptr + b).to(tl.int64)
@@ -527,9 +749,11 @@ def _sampler_config(n_rows: int, vocab: int):
 
 _FLT_MIN = 1.1754943508222875e-38
 _FLT_MAX = 3.4028234663852886e38
+_CONF_CODES = {"logp": 0, "prob": 1, "margin": 2, "entropy": 3}
 
 
-def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, temperature, seed, offset):
+def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, temperature, seed, offset, *, conf=None,
+                    confidence="logp", top_k=0, top_p=1.0, min_p=0.0, seed_t=None, offset_t=None):
     n_rows, vocab = x.shape
     block_r, block_v, num_tiles, num_warps = _sampler_config(n_rows, vocab)
     greedy = temperature == 0.0
@@ -542,12 +766,16 @@ def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, tem
         guide = None
     elif guide is not None and 1.0 + guidance_scale == 0.0:
         x, guide = guide, None
+    filtered = (0 < top_k < vocab) or top_p < 1.0 or min_p > 0.0
     has_guide = guide is not None
     if guide is None:
         guide = x  # never read
     has_rowmask = rowmask is not None
     if rowmask is None:
         rowmask = status  # never read
+    code = _CONF_CODES[confidence]
+    if conf is None:
+        conf = logp  # never written (code 0)
     grid = (triton.cdiv(n_rows, block_r),)
     _launch(_sample_rows_kernel)[grid](
         x,
@@ -566,6 +794,12 @@ def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, tem
         _f32(inv_temperature),
         seed,
         offset,
+        status if seed_t is None else seed_t,
+        status if offset_t is None else offset_t,
+        conf,
+        top_k if 0 < top_k < vocab else 0,
+        float(top_p),
+        _f32(min_p),
         HAS_GUIDE=has_guide,
         HAS_ROWMASK=has_rowmask,
         GREEDY=greedy,
@@ -573,12 +807,17 @@ def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, tem
         BLOCK_R=block_r,
         BLOCK_V=block_v,
         NUM_TILES=num_tiles,
+        FILTER=filtered,
+        CONF=code,
+        SEED_PTR=seed_t is not None,
+        OFFSET_PTR=offset_t is not None,
         num_warps=num_warps,
     )
 
 
 def _launch_remask(logp, is_masked, num_to_mask, out_mask, status, tau, seed, offset, tokens=None, sampled=None,
-                   out_tokens=None, decoded_confidence=None, strict_below=False, mask_token_id=None):
+                   out_tokens=None, decoded_confidence=None, strict_below=False, mask_token_id=None, seed_t=None,
+                   offset_t=None):
     batch, n_pos = is_masked.shape
     multi = n_pos > _MAX_SINGLE_TILE_N
     block_n = triton.next_power_of_2(_REMASK_TILE if multi else n_pos)
@@ -602,17 +841,22 @@ def _launch_remask(logp, is_masked, num_to_mask, out_mask, status, tau, seed, of
         0 if mask_token_id is None else int(mask_token_id),
         seed,
         offset,
+        status if seed_t is None else seed_t,
+        status if offset_t is None else offset_t,
         FUSED=fused,
         HAS_DECODED=decoded_confidence is not None,
         STRICT=bool(strict_below),
         HAS_MASK_ID=mask_token_id is not None,
         MULTI_TILE=multi,
         BLOCK_N=block_n,
+        SEED_PTR=seed_t is not None,
+        OFFSET_PTR=offset_t is not None,
         num_warps=max(1, min(8, block_n // 256)),  # 16 warps spill (f64 logs) at N = 4096
     )
 
 
-def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed, offset, status):
+def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed, offset, status, top_k=0, top_p=1.0,
+                         min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None):
     """CUDA kernel of ``torch.ops.sgkernels.guided_sample`` (see the op for the arguments)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     x = _prep_logits(logits, vocab)
@@ -620,13 +864,18 @@ def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed
     n_rows = x.shape[0]
     tokens = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    conf = logp if confidence == "logp" else torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows > 0:
-        _launch_sampler(x, guide, None, tokens, logp, status, float(guidance_scale), float(temperature), int(seed), int(offset))
-    return tokens.reshape(lead), logp.reshape(lead)
+        _launch_sampler(x, guide, None, tokens, logp, status, float(guidance_scale), float(temperature), int(seed),
+                        int(offset), conf=conf, confidence=confidence, top_k=int(top_k), top_p=float(top_p),
+                        min_p=float(min_p), seed_t=seed_tensor, offset_t=offset_tensor)
+    if confidence == "logp":
+        conf = logp.clone()
+    return tokens.reshape(lead), logp.reshape(lead), conf.reshape(lead)
 
 
 def remask_triton(logp, is_masked, num_to_mask, choice_temperature, seed, offset, status, decoded_confidence=None,
-                  strict_below=False):
+                  strict_below=False, seed_tensor=None, offset_tensor=None):
     """CUDA kernel of ``torch.ops.sgkernels.remask_lowest_confidence``."""
     batch, n_pos = logp.shape
     out = torch.empty((batch, n_pos), dtype=torch.bool, device=logp.device)
@@ -642,15 +891,22 @@ def remask_triton(logp, is_masked, num_to_mask, choice_temperature, seed, offset
             int(offset),
             decoded_confidence=decoded_confidence,
             strict_below=strict_below,
+            seed_t=seed_tensor,
+            offset_t=offset_tensor,
         )
     return out
 
 
 def self_guided_step_triton(
     tokens, is_masked, logits, guide_logits, num_to_mask, guidance_scale, temperature, choice_temperature, seed, offset,
-    status, decoded_confidence=None, strict_below=False, mask_token_id=None,
+    status, decoded_confidence=None, strict_below=False, mask_token_id=None, top_k=0, top_p=1.0, min_p=0.0,
+    confidence="logp", seed_tensor=None, offset_tensor=None,
 ):
-    """CUDA kernels of ``torch.ops.sgkernels.self_guided_step``: sampler (masked rows only) + remask."""
+    """CUDA kernels of ``torch.ops.sgkernels.self_guided_step``: sampler (masked rows only) + remask.
+
+    The sampler writes each masked row's confidence score (``logp`` or Dream's prob / margin /
+    entropy) into the buffer the remask kernel ranks.
+    """
     batch, n_pos, vocab = logits.shape
     device = logits.device
     new_tokens = torch.empty((batch, n_pos), dtype=torch.int64, device=device)
@@ -662,10 +918,13 @@ def self_guided_step_triton(
     mask = is_masked.contiguous()
     sampled = torch.empty(batch * n_pos, dtype=torch.int64, device=device)
     logp = torch.empty(batch * n_pos, dtype=torch.float32, device=device)
+    score = logp if confidence == "logp" else torch.empty(batch * n_pos, dtype=torch.float32, device=device)
     seed, offset = int(seed), int(offset)
-    _launch_sampler(x, guide, mask.reshape(-1), sampled, logp, status, float(guidance_scale), float(temperature), seed, offset)
+    _launch_sampler(x, guide, mask.reshape(-1), sampled, logp, status, float(guidance_scale), float(temperature), seed,
+                    offset, conf=score, confidence=confidence, top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
+                    seed_t=seed_tensor, offset_t=offset_tensor)
     _launch_remask(
-        logp,
+        score,
         mask,
         num_to_mask.to(torch.int64).contiguous(),
         new_mask,
@@ -679,5 +938,7 @@ def self_guided_step_triton(
         decoded_confidence=decoded_confidence,
         strict_below=strict_below,
         mask_token_id=mask_token_id,
+        seed_t=seed_tensor,
+        offset_t=offset_tensor,
     )
     return new_tokens, new_mask

@@ -102,6 +102,88 @@ def num_to_mask_tensor(num_to_mask, batch: int, device: torch.device) -> torch.T
     return num_to_mask.to(torch.int64).contiguous()
 
 
+# ------------------------------------------------------------------------------------------------
+# Token filters and confidences (semantics: sgkernels/ops/filters.py)
+
+CONFIDENCES = ("logp", "prob", "margin", "entropy")
+
+
+def check_filters(top_k=0, top_p=1.0, min_p=0.0) -> tuple[int, float, float]:
+    """The one validator of filter arguments: returns ``(top_k, top_p, min_p)`` as int, float, float.
+
+    ``top_k``: int >= 0 (0 = off); ``top_p``: float in (0, 1] (1 = off); ``min_p``: float in [0, 1] (0 = off).
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k: expected an int >= 0 (0 = off), got {type(top_k).__name__}")
+    if top_k < 0:
+        raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {top_k}")
+    for name, value in (("top_p", top_p), ("min_p", min_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    top_p, min_p = float(top_p), float(min_p)
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p: expected a float in (0, 1] (1 = off), got {top_p}")
+    if not (math.isfinite(min_p) and 0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p: expected a float in [0, 1] (0 = off), got {min_p}")
+    return top_k, top_p, min_p
+
+
+def check_confidence(kind, allowed=CONFIDENCES) -> str:
+    """``kind`` if it is one of ``allowed`` (the remask confidences), else ValueError naming ``confidence``."""
+    if kind not in allowed:
+        raise ValueError(f"confidence: expected one of {allowed}, got {kind!r}")
+    return kind
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG seed and offset: ints, or 0-dim int64 tensors (read by the kernels from memory)
+
+
+def check_rng(seed, offset, device: torch.device):
+    """The one validator of ``seed`` / ``offset``: returns ``(seed_int, offset_int, seed_t, offset_t)``.
+
+    An int (``seed`` None: drawn from torch's default CPU generator) is checked to lie in
+    [0, 2**63) and passed as the int, with tensor None. A 0-dim int64 tensor on ``device`` (CPU
+    tensors: on CPU only) is passed as the tensor (its int slot 0): the kernels read it from memory,
+    so a CUDA graph or a compiled graph replays with whatever value it holds at launch. Its value is
+    not read on the host (no sync); the C++ CPU kernels check it is >= 0, the Triton kernels use its
+    64-bit pattern as is.
+    """
+    out = []
+    for name, value in (("seed", seed), ("offset", offset)):
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 0 or value.dtype != torch.int64:
+                raise TypeError(f"{name}: expected an int or a 0-dim int64 tensor, got {value.dtype} of shape "
+                                f"{tuple(value.shape)}")
+            if value.device != device:
+                raise ValueError(f"{name}: expected a tensor on {device} (the logits' device), got {value.device}")
+            out.append((0, value))
+        elif name == "seed":
+            out.append((_rng.resolve_seed(value), None))
+        else:
+            out.append((_rng.check_offset(value), None))
+    (s, s_t), (o, o_t) = out
+    return s, o, s_t, o_t
+
+
+def reference_rng(seed, offset, device: torch.device):
+    """The seed and offset of a reference: ints (or SymInts) as given, the wrapper having checked them
+    (no second range check: a seed drawn under torch.compile is data-dependent), or, when either is a
+    tensor, both as checked ints read on the host (:func:`check_rng`, :func:`rng_ints`)."""
+    if not isinstance(seed, torch.Tensor) and not isinstance(offset, torch.Tensor):
+        return seed, offset
+    return rng_ints(*check_rng(seed, offset, device))
+
+
+def rng_ints(seed: int, offset: int, seed_t, offset_t) -> tuple[int, int]:
+    """The seed and offset as ints (reads the tensors on the host: for the references only)."""
+    if seed_t is not None:
+        seed = _rng.resolve_seed(int(seed_t))
+    if offset_t is not None:
+        offset = _rng.check_offset(int(offset_t))
+    return seed, offset
+
+
 def check_head(weight, bias, d: int, device: torch.device) -> None:
     """An LM head: ``weight`` [V, d] and ``bias`` [V] or None, float dtypes, on ``device``."""
     if not isinstance(weight, torch.Tensor):

@@ -9,12 +9,15 @@ words w0, w1), the running sum in float64, so the tail of the distribution is ke
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _rng
 from .._backend import triton_available
 from . import _status, _validate
 from ._dispatch import call_sampling_kernel, choose_impl
+from .filters import ENTROPY_EPS, filters_active, keep_mask_reference
 
 BLEND_RULE = """The blend ``g = guide + (1 + s) * (logits - guide)``, i.e. ``(1 + s) * logits + (-s) * guide``,
     in float32, with non-finite terms defined exactly:
@@ -41,24 +44,46 @@ def guided_logits(logits: torch.Tensor, guide_logits: torch.Tensor | None, guida
     return torch.where(bad_term, float("nan"), x)
 
 
-def _sample_rows_reference(g: torch.Tensor, temperature: float, u: torch.Tensor):
-    """Inverse-CDF sample of each row of float32 ``g`` [R, V] with uniforms ``u`` [R] (float64)."""
+def _sample_rows_reference(
+    g: torch.Tensor, temperature: float, u: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+    confidence: str = "logp",
+):
+    """Inverse-CDF sample of each row of float32 ``g`` [R, V] with uniforms ``u`` [R] (float64).
+
+    The filters (:mod:`.filters`) act on ``q = softmax(x)``, ``x = g / temperature`` in float64
+    (``x = g`` when ``temperature == 0``); the token is drawn from ``q`` renormalised over the kept
+    tokens (argmax of ``g`` when ``temperature == 0``, always kept). Returns ``tokens`` int64 [R],
+    ``logp`` float32 [R] (untempered, unfiltered ``log_softmax(g)[token]``) and ``conf`` float32 [R],
+    the ``confidence`` score (``logp`` itself for ``"logp"``).
+    """
     g64 = g.double()
     # log-probabilities relative to the row max (g - M): exact at any scale (two maxima at 1e30
     # give log(1/2), where logsumexp(g) - g would round to 0)
     d = g64 - g64.max(dim=-1, keepdim=True).values
     log_z = torch.log(torch.exp(d).sum(dim=-1))
+    x = d if temperature == 0.0 else d / temperature
+    if filters_active(top_k, top_p, min_p):
+        x = x.masked_fill(~keep_mask_reference(x, top_k, top_p, min_p), -math.inf)
+    w = torch.softmax(x, dim=-1)
     if temperature == 0.0:
         tokens = torch.argmax(g64, dim=-1)
     else:
-        w = torch.softmax(d / temperature, dim=-1)
         cdf = torch.cumsum(w, dim=-1)
         r = u.to(cdf.device) * cdf[:, -1]
         tokens = (cdf <= r[:, None]).sum(dim=-1)
         last_nonzero = g.shape[-1] - 1 - torch.argmax(torch.flip(w > 0, dims=[-1]).to(torch.int8), dim=-1)
         tokens = torch.minimum(tokens, last_nonzero)
     logp = (d.gather(-1, tokens[:, None])[:, 0] - log_z).float()
-    return tokens, logp
+    if confidence == "logp":
+        conf = logp
+    elif confidence == "prob":
+        conf = w.gather(-1, tokens[:, None])[:, 0].float()
+    elif confidence == "margin":
+        top2 = torch.topk(w, min(2, w.shape[-1]), dim=-1).values
+        conf = (top2[:, 0] - (top2[:, 1] if w.shape[-1] > 1 else 0.0)).float()
+    else:
+        conf = (w * torch.log(w + ENTROPY_EPS)).sum(-1).float()
+    return tokens, logp, conf
 
 
 def bad_rows(g: torch.Tensor) -> torch.Tensor:
@@ -72,19 +97,29 @@ def guided_sample_reference(
     *,
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
-    seed: int,
-    offset: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    confidence: str | None = None,
+    seed,
+    offset=0,
 ):
-    """Plain-PyTorch spec of :func:`guided_sample` (float64 softmax and CDF, same Philox stream).
+    """Plain-PyTorch spec of :func:`guided_sample` (float64 softmax, sort-based filters, same Philox stream).
 
     Raises ValueError for a row that cannot be sampled (see :func:`bad_rows`).
     """
+    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    seed, offset = _validate.reference_rng(seed, offset, logits.device)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     g = guided_logits(logits, guide_logits, guidance_scale).reshape(-1, vocab)
     _status.raise_if(bad_rows(g).any(), "logits: a sampled row had NaN or +inf guided logits (or all -inf)")
     w0, w1, _, _ = _rng.row_words(seed, offset, torch.arange(g.shape[0], device=g.device))
-    tokens, logp = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
-    return tokens.reshape(lead), logp.reshape(lead)
+    tokens, logp, conf = _sample_rows_reference(
+        g, temperature, _rng.token_uniform(w0, w1), top_k, top_p, min_p, confidence or "logp"
+    )
+    if confidence is None:
+        return tokens.reshape(lead), logp.reshape(lead)
+    return tokens.reshape(lead), logp.reshape(lead), conf.reshape(lead)
 
 
 def guided_sample(
@@ -93,13 +128,22 @@ def guided_sample(
     *,
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
-    seed: int | None = None,
-    offset: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    confidence: str | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
 ):
-    """Sample one token per row from the self-guided logits, in one pass over the logits.
+    """Sample one token per row from the self-guided, tempered, filtered distribution.
 
     ``g = guide + (1 + s) * (logits - guide)`` (``g = logits`` without a guide);
-    ``tokens ~ Categorical(softmax(g / temperature))``, argmax when ``temperature == 0``.
+    ``tokens ~ Categorical(q)``, ``q = softmax(g / temperature)`` restricted to the tokens the
+    filters keep and renormalised; argmax of ``g`` when ``temperature == 0``. The filters
+    (:mod:`sgkernels.ops.filters`: semantics and tie rules) act on ``softmax(g / temperature)``
+    (``softmax(g)`` at ``temperature == 0``). The kernels find the filter thresholds without
+    sorting the vocabulary.
+
     A temperature below ``1 / FLT_MAX`` acts as argmax over the row's maxima (ties drawn uniformly),
     one above ``1 / FLT_MIN`` as uniform over the finite entries.
 
@@ -113,15 +157,21 @@ def guided_sample(
         guide_logits: ``[..., V]``, same shape and device, or None.
         guidance_scale: s; any finite float (s = 0 gives exactly the base logits, s = -1 the guide).
         temperature: >= 0 token temperature.
-        seed: int in [0, 2**63), or None to draw one from torch's default generator.
-        offset: stream offset (e.g. the step index); the same seed/offset reproduce exactly.
+        top_k: int >= 0, 0 = off. top_p: float in (0, 1], 1 = off. min_p: float in [0, 1], 0 = off.
+        confidence: None (two outputs), or ``"logp" | "prob" | "margin" | "entropy"``: also return
+            that confidence of each row (:mod:`sgkernels.ops.filters`), computed in the same kernel.
+        seed: int in [0, 2**63), a 0-dim int64 tensor on logits' device (read by the kernel: CUDA-graph
+            and ``torch.compile`` safe), or None to draw one from torch's default generator.
+        offset: stream offset (e.g. the step index), int or 0-dim int64 tensor like ``seed``; the same
+            seed/offset reproduce exactly, and tensors give the same tokens as the ints they hold.
     Returns:
-        ``tokens`` int64 ``[...]`` and ``logp`` float32 ``[...]``: ``log_softmax(g)[token]`` under the
-        untempered guided distribution.
-    Autograd: ``logp`` is differentiable on every backend (the tokens are not):
+        ``tokens`` int64 ``[...]``, ``logp`` float32 ``[...]``: ``log_softmax(g)[token]`` under the
+        untempered, *unfiltered* guided distribution (so it does not depend on temperature or the
+        filters), and with ``confidence`` given, ``conf`` float32 ``[...]``.
+    Autograd: ``logp`` is differentiable on every backend (the tokens and ``conf`` are not):
     ``d logp / d g = onehot(token) - softmax(g)``, times ``1 + s`` for ``logits`` and ``-s`` for
-    ``guide_logits`` (a coefficient of 0 gives a zero gradient). ``temperature`` does not enter:
-    ``logp`` is untempered.
+    ``guide_logits`` (a coefficient of 0 gives a zero gradient). ``temperature`` and the filters do
+    not enter: ``logp`` is untempered and unfiltered.
     Raises:
         TypeError/ValueError on bad arguments. A row with NaN/+inf guided logits (or all -inf) raises
         ValueError at once on CPU; on CUDA it sets a device flag that
@@ -133,25 +183,39 @@ def guided_sample(
         _validate.check_same("guide_logits", guide_logits, "logits", logits)
     guidance_scale = _validate.check_guidance_scale(guidance_scale)
     temperature = _validate.check_float("temperature", temperature)
-    seed = _rng.resolve_seed(seed)
-    offset = _rng.check_offset(offset)
+    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    if confidence is not None:
+        _validate.check_confidence(confidence)
+    seed, offset, seed_t, offset_t = _validate.check_rng(seed, offset, logits.device)
     if _logp_needs_grad(logits, guide_logits):  # autograd: see the end of this module
-        return _guided_sample_with_grad(logits, guide_logits, guidance_scale, temperature, seed, offset)
+        return _guided_sample_with_grad(
+            logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence,
+            seed if seed_t is None else seed_t, offset if offset_t is None else offset_t,
+        )
     impl = choose_impl(logits.device)
     if impl == "torch":
         return guided_sample_reference(
-            logits, guide_logits, guidance_scale=guidance_scale, temperature=temperature, seed=seed, offset=offset
+            logits, guide_logits, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, confidence=confidence, seed=seed if seed_t is None else seed_t,
+            offset=offset if offset_t is None else offset_t,
         )
-    return call_sampling_kernel(
+    tokens, logp, conf = call_sampling_kernel(
         "guided_sample", _triton().guided_sample_triton, impl, logits.device,
         logits, guide_logits, guidance_scale, temperature, seed, offset,
+        top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence or "logp",
+        seed_tensor=seed_t, offset_tensor=offset_t,
     )
+    if confidence is None:
+        return tokens, logp
+    return tokens, logp, conf
 
 
 @torch.library.register_fake("sgkernels::guided_sample")
-def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, seed, offset, status):
+def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, seed, offset, status, top_k=0, top_p=1.0,
+                        min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None):
     lead = logits.shape[:-1]
-    return logits.new_empty(lead, dtype=torch.int64), logits.new_empty(lead, dtype=torch.float32)
+    return (logits.new_empty(lead, dtype=torch.int64), logits.new_empty(lead, dtype=torch.float32),
+            logits.new_empty(lead, dtype=torch.float32))
 
 
 def _triton():
@@ -179,15 +243,22 @@ def _logp_needs_grad(logits: torch.Tensor, guide_logits: torch.Tensor | None) ->
     )
 
 
-def _guided_sample_with_grad(logits, guide_logits, guidance_scale, temperature, seed, offset):
+def _guided_sample_with_grad(logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence,
+                             seed, offset):
+    """Samples without grad, then attaches the gradient of ``logp`` only (``conf``, if asked for,
+    is returned without a gradient)."""
     guide = None if guide_logits is None else guide_logits.detach()
     with torch.no_grad():
-        tokens, logp = guided_sample(
-            logits.detach(), guide, guidance_scale=guidance_scale, temperature=temperature, seed=seed, offset=offset
+        out = guided_sample(
+            logits.detach(), guide, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+            top_p=top_p, min_p=min_p, confidence=confidence, seed=seed, offset=offset,
         )
+    tokens, logp = out[0], out[1]
     if guide_logits is None:
-        return tokens, _LogpGrad.apply(logp, tokens, guidance_scale, logits)
-    return tokens, _LogpGrad.apply(logp, tokens, guidance_scale, logits, guide_logits)
+        logp = _LogpGrad.apply(logp, tokens, guidance_scale, logits)
+    else:
+        logp = _LogpGrad.apply(logp, tokens, guidance_scale, logits, guide_logits)
+    return (tokens, logp) + tuple(out[2:])
 
 
 class _LogpGrad(torch.autograd.Function):

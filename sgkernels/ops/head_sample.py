@@ -96,7 +96,7 @@ def head_sample_reference(
     _status.raise_if(bad_rows(logits).any(),
                      "logits: a sampled row had NaN or +inf logits (hidden @ weight.T + bias), or all -inf")
     w0, w1, _, _ = _rng.row_words(seed, offset, sel)
-    tokens, logp = _sample_rows_reference(logits, temperature, _rng.token_uniform(w0, w1))
+    tokens, logp, _ = _sample_rows_reference(logits, temperature, _rng.token_uniform(w0, w1))
     return _expand(kind, lead, ids, tokens, logp)
 
 

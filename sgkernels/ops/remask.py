@@ -34,7 +34,7 @@ from ._dispatch import call_sampling_kernel, choose_impl
 TIE_RULES = ("exact_k", "strict_below")
 
 
-def confidence_reference(
+def noisy_confidence_reference(
     logp: torch.Tensor, choice_temperature: float, seed: int, offset: int,
     is_masked: torch.Tensor | None = None, decoded_confidence: float | None = None,
 ) -> torch.Tensor:
@@ -83,15 +83,16 @@ def remask_reference(
     num_to_mask,
     *,
     choice_temperature: float = 0.0,
-    seed: int,
-    offset: int = 0,
+    seed,
+    offset=0,
     decoded_confidence: float | None = None,
     tie_rule: str = "exact_k",
 ) -> torch.Tensor:
     """Plain-PyTorch spec of :func:`remask_lowest_confidence` (a stable sort per row)."""
+    seed, offset = _validate.reference_rng(seed, offset, logp.device)
     n = _validate.num_to_mask_tensor(num_to_mask, logp.shape[0], logp.device)
     _status.raise_if((n < 0).any(), "num_to_mask: expected values >= 0, got a negative entry")
-    conf = confidence_reference(logp, choice_temperature, seed, offset, is_masked, decoded_confidence)
+    conf = noisy_confidence_reference(logp, choice_temperature, seed, offset, is_masked, decoded_confidence)
     candidates = is_masked if decoded_confidence is None else torch.ones_like(is_masked)
     return select_lowest_reference(conf, candidates, n, tie_rule)
 
@@ -102,8 +103,8 @@ def remask_lowest_confidence(
     num_to_mask,
     *,
     choice_temperature: float = 0.0,
-    seed: int | None = None,
-    offset: int = 0,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
     decoded_confidence: float | None = None,
     tie_rule: str = "exact_k",
 ) -> torch.Tensor:
@@ -115,7 +116,8 @@ def remask_lowest_confidence(
         is_masked: ``[B, N]`` bool, the positions sampled this step.
         num_to_mask: int, or int64 tensor ``[B]`` on logp's device (never read on the host).
         choice_temperature: tau >= 0, scale of the Gumbel noise added to ``logp``.
-        seed, offset: the RNG stream (see :mod:`sgkernels._rng`); seed None draws from torch.
+        seed, offset: the RNG stream (see :mod:`sgkernels._rng`); seed None draws from torch. Either
+            may be a 0-dim int64 tensor on logp's device, read by the kernel (as :func:`guided_sample`).
         decoded_confidence: None (decoded positions are never chosen), or a finite float: the
             decoded positions compete with confidence ``decoded_confidence + tau * G``.
         tie_rule: ``"exact_k"`` or ``"strict_below"`` (module docstring).
@@ -136,21 +138,22 @@ def remask_lowest_confidence(
     n = _validate.num_to_mask_tensor(num_to_mask, logp.shape[0], logp.device)
     tau = _validate.check_float("choice_temperature", choice_temperature)
     dec, strict = check_remask_options(decoded_confidence, tie_rule)
-    seed = _rng.resolve_seed(seed)
-    offset = _rng.check_offset(offset)
+    seed, offset, seed_t, offset_t = _validate.check_rng(seed, offset, logp.device)
     impl = choose_impl(logp.device)
     if impl == "torch":
-        return remask_reference(logp, is_masked, n, choice_temperature=tau, seed=seed, offset=offset,
-                                decoded_confidence=dec, tie_rule=tie_rule)
+        return remask_reference(logp, is_masked, n, choice_temperature=tau, seed=seed if seed_t is None else seed_t,
+                                offset=offset if offset_t is None else offset_t, decoded_confidence=dec,
+                                tie_rule=tie_rule)
     return call_sampling_kernel(
         "remask_lowest_confidence", _triton().remask_triton, impl, logp.device,
         logp.float(), is_masked, n, tau, seed, offset, decoded_confidence=dec, strict_below=strict,
+        seed_tensor=seed_t, offset_tensor=offset_t,
     )
 
 
 @torch.library.register_fake("sgkernels::remask_lowest_confidence")
 def _remask_fake(logp, is_masked, num_to_mask, choice_temperature, seed, offset, status, decoded_confidence=None,
-                 strict_below=False):
+                 strict_below=False, seed_tensor=None, offset_tensor=None):
     return torch.empty_like(is_masked)
 
 

@@ -17,14 +17,18 @@ from .._backend import triton_available
 from . import _status, _validate
 from ._dispatch import call_sampling_kernel, choose_impl
 from .guided_sample import _sample_rows_reference, bad_rows, guided_logits
-from .remask import check_remask_options, confidence_reference, select_lowest_reference
+from .remask import check_remask_options, noisy_confidence_reference, select_lowest_reference
 
 
 def self_guided_step_reference(
     tokens, is_masked, logits, guide_logits, num_to_mask, *, guidance_scale, temperature, choice_temperature, seed,
-    offset=0, decoded_confidence=None, tie_rule="exact_k", mask_token_id=None,
+    offset=0, decoded_confidence=None, tie_rule="exact_k", mask_token_id=None, top_k=0, top_p=1.0, min_p=0.0,
+    confidence="logp",
 ):
     """Plain-PyTorch spec of :func:`self_guided_step`."""
+    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    _validate.check_confidence(confidence)
+    seed, offset = _validate.reference_rng(seed, offset, logits.device)
     batch, n_tok, vocab = logits.shape
     n = _validate.num_to_mask_tensor(num_to_mask, batch, logits.device)
     _status.raise_if((n < 0).any(), "num_to_mask: expected values >= 0, got a negative entry")
@@ -38,11 +42,13 @@ def self_guided_step_reference(
     )
     g = torch.where(flat_mask[:, None], g, 0.0)
     w0, w1, _, _ = _rng.row_words(seed, offset, rows)
-    sampled, logp_rows = _sample_rows_reference(g, temperature, _rng.token_uniform(w0, w1))
+    sampled, _, conf_rows = _sample_rows_reference(
+        g, temperature, _rng.token_uniform(w0, w1), top_k, top_p, min_p, confidence
+    )
     new_tokens = torch.where(flat_mask, sampled.to(torch.int64), tokens.reshape(-1))
-    logp = torch.where(flat_mask, logp_rows, 0.0)
-    conf = confidence_reference(logp.reshape(batch, n_tok), choice_temperature, seed, offset, is_masked,
-                                decoded_confidence)
+    score = torch.where(flat_mask, conf_rows, 0.0)
+    conf = noisy_confidence_reference(score.reshape(batch, n_tok), choice_temperature, seed, offset, is_masked,
+                                      decoded_confidence)
     candidates = is_masked if decoded_confidence is None else torch.ones_like(is_masked)
     remask = select_lowest_reference(conf, candidates, n, tie_rule)
     reset = tokens if mask_token_id is None else torch.full_like(tokens, mask_token_id)
@@ -60,11 +66,15 @@ def self_guided_step(
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
     choice_temperature: float = 0.0,
-    seed: int | None = None,
-    offset: int = 0,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
     decoded_confidence: float | None = None,
     tie_rule: str = "exact_k",
     mask_token_id: int | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    confidence: str = "logp",
 ):
     """One fused MaskGIT step: sample masked positions, re-mask the least confident.
 
@@ -74,7 +84,9 @@ def self_guided_step(
         logits, guide_logits: ``[B, N, V]`` float32/bfloat16/float16 (guide may be None), any strides.
         num_to_mask: int or int64 tensor ``[B]``: how many just-sampled positions to mask again.
         guidance_scale, temperature, choice_temperature: s, t_tok >= 0, tau >= 0.
-        seed, offset: the RNG stream; use a distinct offset per step (e.g. the step index).
+        seed, offset: the RNG stream; use a distinct offset per step (e.g. the step index). Either may
+            be a 0-dim int64 tensor on logits' device, read by the kernels: a CUDA graph or a compiled
+            step replays with the value it holds (update it in place between replays).
         decoded_confidence: None (a known position is never re-masked), or a finite float with
             which known positions compete for re-masking (confidence ``decoded_confidence + tau * G``;
             the official code: ``log(float32 max)``); see :func:`remask_lowest_confidence`.
@@ -82,6 +94,11 @@ def self_guided_step(
         mask_token_id: the token written at re-masked positions; None keeps what ``tokens`` held
             there (the mask id: right unless known positions can be re-masked, so it is required
             with ``decoded_confidence``).
+        top_k, top_p, min_p: token filters on the tempered guided distribution, as :func:`guided_sample`.
+        confidence: the remask score ``c`` of a sampled position (ranked as ``c + tau * Gumbel``,
+            lowest re-masked): ``"logp"`` (default: the untempered, unfiltered log-probability of the
+            sampled token, MaskGIT's), or Dream's ``"prob" | "margin" | "entropy"`` of the filtered
+            tempered distribution (:mod:`sgkernels.ops.filters`); computed by the sampling pass itself.
     Returns:
         ``new_tokens`` int64 ``[B, N]`` and ``new_is_masked`` bool ``[B, N]``.
     Raises:
@@ -114,26 +131,30 @@ def self_guided_step(
     if dec is not None and mask_token_id is None:
         raise ValueError("mask_token_id: expected an int when decoded_confidence is set (re-masked decoded "
                          "positions get it), got None")
-    seed = _rng.resolve_seed(seed)
-    offset = _rng.check_offset(offset)
+    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    _validate.check_confidence(confidence)
+    seed, offset, seed_t, offset_t = _validate.check_rng(seed, offset, logits.device)
     tokens = tokens.to(torch.int64)
     impl = choose_impl(logits.device)
     if impl == "torch":
         return self_guided_step_reference(
             tokens, is_masked, logits, guide_logits, n, guidance_scale=guidance_scale, temperature=temperature,
-            choice_temperature=tau, seed=seed, offset=offset, decoded_confidence=dec, tie_rule=tie_rule,
-            mask_token_id=mask_token_id,
+            choice_temperature=tau, seed=seed if seed_t is None else seed_t,
+            offset=offset if offset_t is None else offset_t, decoded_confidence=dec, tie_rule=tie_rule,
+            mask_token_id=mask_token_id, top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence,
         )
     return call_sampling_kernel(
         "self_guided_step", _triton().self_guided_step_triton, impl, logits.device,
         tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset,
-        decoded_confidence=dec, strict_below=strict, mask_token_id=mask_token_id,
+        decoded_confidence=dec, strict_below=strict, mask_token_id=mask_token_id, top_k=top_k, top_p=top_p,
+        min_p=min_p, confidence=confidence, seed_tensor=seed_t, offset_tensor=offset_t,
     )
 
 
 @torch.library.register_fake("sgkernels::self_guided_step")
 def _self_guided_step_fake(tokens, is_masked, logits, guide_logits, num_to_mask, s, t, tau, seed, offset, status,
-                           decoded_confidence=None, strict_below=False, mask_token_id=None):
+                           decoded_confidence=None, strict_below=False, mask_token_id=None, top_k=0, top_p=1.0,
+                           min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None):
     return torch.empty_like(tokens), torch.empty_like(is_masked)
 
 
