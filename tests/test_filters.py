@@ -121,6 +121,18 @@ def test_filtered_chi_square(backend, filt, temperature, multi_tile, monkeypatch
     row = 1.5 * torch.randn(vocab, generator=gen)
     guide = torch.randn(vocab, generator=gen)
     g = guide + 2.0 * (row - guide)
+    if backend.interpreter and multi_tile:
+        # ~0.7 s per row in the interpreter: too slow for a chi-square. The kernels draw the
+        # reference's Philox numbers, so the same seed must give the reference's tokens.
+        if temperature != 1.0:
+            pytest.skip("interpreter multi-tile: one temperature (token equality with the reference)")
+        rows = 16
+        args = (row.repeat(rows, 1), guide.repeat(rows, 1))
+        kw = dict(guidance_scale=1.0, temperature=temperature, seed=77, offset=1, **filt)
+        tokens, _ = run_on(backend, sgk.guided_sample, *args, **kw)
+        want, _ = sgk.guided_sample_reference(*args, **kw)
+        assert int((tokens == want).sum()) >= rows - 1, (tokens, want)
+        return
     rows = 3000 if backend.interpreter else 20000
     tokens, _ = run_on(backend, sgk.guided_sample, row.repeat(rows, 1), guide.repeat(rows, 1), guidance_scale=1.0,
                        temperature=temperature, seed=77, offset=1, **filt)
