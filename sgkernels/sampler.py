@@ -234,12 +234,16 @@ class SelfGuidedSampler:
         return base, guide
 
     def _fused_step(self, tokens, is_masked, labels, num_to_mask, tau: float, seed: int, step: int):
-        """One step through :func:`sgkernels.head_sample` (masked rows only) + remask: the same
-        streams as :func:`sgkernels.self_guided_step` (row ``b * N + n``, ``offset = step``)."""
+        """One step through :func:`sgkernels.head_sample` + remask: the same streams as
+        :func:`sgkernels.self_guided_step` (row ``b * N + n``, ``offset = step``).
+
+        On CPU only the masked rows are projected. On CUDA every row is (a bool ``rows`` mask costs a
+        host sync, which the loop must not have); known rows' outputs are discarded below."""
         base, guide = self._features(tokens, labels)
         weight, bias = self.model.head_projection()
+        rows = is_masked if tokens.device.type == "cpu" else None
         sampled, logp = head_sample(base, weight, bias, guide, guidance_scale=self.guidance_scale,
-                                    temperature=self.temperature, seed=seed, offset=step, rows=is_masked)
+                                    temperature=self.temperature, seed=seed, offset=step, rows=rows)
         rules = self._step_rules(self.model.config.mask_token_id)
         mask_token_id = rules.pop("mask_token_id", None)
         remask = remask_lowest_confidence(logp, is_masked, num_to_mask, choice_temperature=tau, seed=seed,
