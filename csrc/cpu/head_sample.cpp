@@ -40,6 +40,7 @@
 #include "common/philox.h"
 #include "common/raise_status.h"
 #include "cpu/sampling_rows.h"
+#include "cpu/scratch.h"
 
 namespace sgk {
 namespace {
@@ -55,23 +56,7 @@ struct TileStats {
   uint8_t* bad;    // [R, nt] NaN or +inf in the tile
 };
 
-struct RowScratch {
-  std::vector<float> g, e;
-  std::vector<double> bsum;
-};
-
-RowScratch& row_scratch() {
-  static thread_local RowScratch s;
-  return s;
-}
-
-template <typename T>
-T* grow(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-  return v.data();
-}
-
-bool is_float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+bool is_float_dtype(at::ScalarType t) { return dtype_index(t) >= 0; }
 
 // Per-row statistics of one logits tile row g[0, vp) (g[vlen..vp) = -inf), written at slot i.
 void tile_row_stats(const SampleKernels& k, float* g, int64_t vlen, int64_t vp, float inv_t, bool greedy,
@@ -100,26 +85,6 @@ void tile_row_stats(const SampleKernels& k, float* g, int64_t vlen, int64_t vp, 
   } else {
     st.tsum[i] = k.exp_blocks(g, vp, m, inv_t, e, bsum);
   }
-}
-
-// First i < v whose running float64 sum of e exceeds thr, or -1 (guided_sample's cdf_search).
-int64_t cdf_search(const float* e, const double* bsum, int64_t nblocks, int64_t v, double thr) {
-  double prefix = 0.0;
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const double next = prefix + bsum[b];
-    if (next > thr) {
-      double c = prefix;
-      const int64_t end = std::min((b + 1) * kBlock, v);
-      for (int64_t i = b * kBlock; i < end; ++i) {
-        c += static_cast<double>(e[i]);
-        if (c > thr) return i;
-      }
-      prefix = c;
-    } else {
-      prefix = next;
-    }
-  }
-  return -1;
 }
 
 void check_2d(const char* name, const at::Tensor& x) {
@@ -234,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> head_sample_cpu(const at::Tensor& hidden, con
   std::vector<uint8_t> row_bad(R, 0);
   at::parallel_for(0, R, 1, [&](int64_t ra, int64_t rb) {
     const at::NoGradGuard no_grad;
-    RowScratch& s = row_scratch();
+    Scratch& s = scratch();
     std::vector<float> wtile;
     std::vector<double> tw(nt);
     for (int64_t r = ra; r < rb; ++r) {
@@ -304,11 +269,7 @@ std::tuple<at::Tensor, at::Tensor> head_sample_cpu(const at::Tensor& hidden, con
       float* e = grow(s.e, vp);
       double* bsum = grow(s.bsum, vp / kBlock);
       k.exp_blocks(g, vp, tm[j], inv_t, e, bsum);
-      int64_t kk = cdf_search(e, bsum, vp / kBlock, vlen, r_loc);
-      if (kk < 0) {  // rounding put the crossing past the tile: its last token of nonzero weight
-        kk = vlen - 1;
-        while (kk > 0 && !(e[kk] > 0.0f)) --kk;
-      }
+      const int64_t kk = cdf_sample(e, bsum, vlen, r_loc);
       tok_out[r] = v0 + kk;
       logp_out[r] = static_cast<float>(static_cast<double>(g[kk]) - static_cast<double>(M) - log_zu);
     }

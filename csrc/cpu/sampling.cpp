@@ -32,38 +32,10 @@
 #include "common/raise_status.h"
 #include "cpu/sampling_filters.h"
 #include "cpu/sampling_rows.h"
+#include "cpu/scratch.h"
 
 namespace sgk {
 namespace {
-
-struct Scratch {
-  std::vector<float> g, e;
-  std::vector<double> bsum;
-  std::vector<float> raw_logits, raw_guide;  // gathered rows of a non-unit last-dim stride (bytes)
-  std::vector<uint64_t> keys;
-  std::vector<float> sel;                         // top-k selection
-  std::vector<std::pair<float, float>> sel_pairs;  // top-p selection
-};
-
-Scratch& scratch() {
-  static thread_local Scratch s;
-  return s;
-}
-
-template <typename T>
-T* grow(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-  return v.data();
-}
-
-int dtype_index(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kBFloat16: return 1;
-    case at::kHalf: return 2;
-    default: return -1;
-  }
-}
 
 // A pointer to `v` contiguous elements of `es` bytes: `p` itself for a unit stride, else a copy.
 const void* contiguous_row(const char* p, int64_t stride, int64_t v, int64_t es, std::vector<float>& buf) {
@@ -142,29 +114,9 @@ SampleParams make_params(const at::Tensor& logits, const std::optional<at::Tenso
     p.guide_itemsize = guide->element_size();
     p.guide_vstride = guide->stride(-1);
   } else {
-    p.load = p.kernels->load[logits_dtype][logits_dtype];
+    p.load = p.kernels->load_plain[logits_dtype];
   }
   return p;
-}
-
-// First i < v whose running float64 sum of e exceeds thr (e >= 0, bsum = per-block sums), or -1.
-int64_t cdf_search(const float* e, const double* bsum, int64_t nblocks, int64_t v, double thr) {
-  double prefix = 0.0;
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const double next = prefix + bsum[b];
-    if (next > thr) {
-      double c = prefix;
-      const int64_t end = std::min((b + 1) * kBlock, v);
-      for (int64_t i = b * kBlock; i < end; ++i) {
-        c += static_cast<double>(e[i]);
-        if (c > thr) return i;
-      }
-      prefix = c;  // rounding put the crossing past this block after all
-    } else {
-      prefix = next;
-    }
-  }
-  return -1;
 }
 
 struct RowOut {
@@ -235,11 +187,7 @@ RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, 
       double* bsum = grow(s.bsum, vp / kBlock);
       const double z = k.exp_blocks(g, vp, m, p.inv_temperature, e, bsum);
       sum = p.inv_temperature == 1.0f ? z : k.sum_exp(g, vp, m);
-      tok = cdf_search(e, bsum, vp / kBlock, v, uniform * z);
-      if (tok < 0) {  // uniform * Z rounded up to Z: the last token of nonzero weight
-        tok = v - 1;
-        while (tok > 0 && !(e[tok] > 0.0f)) --tok;
-      }
+      tok = cdf_sample(e, bsum, v, uniform * z);
     }
     const double lp = static_cast<double>(g[tok]) - static_cast<double>(m) - std::log(sum);
     return {tok, static_cast<float>(lp), false, static_cast<float>(lp)};
@@ -256,11 +204,7 @@ RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, 
   if (p.argmax) {
     tok = first_max;
   } else {
-    tok = cdf_search(e, bsum, vp / kBlock, v, uniform * z);
-    if (tok < 0) {
-      tok = v - 1;
-      while (tok > 0 && !(e[tok] > 0.0f)) --tok;
-    }
+    tok = cdf_sample(e, bsum, v, uniform * z);
   }
   const double lp = static_cast<double>(g[tok]) - static_cast<double>(m) - std::log(sum);
   const float conf = p.confidence == Confidence::kLogp ? static_cast<float>(lp)
@@ -273,18 +217,20 @@ RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, 
 //   exact k:      the min(n, #keys) smallest keys (ties in conf go to the lower position);
 //   strict below: the keys whose conf is strictly below the conf of rank n (0-based), all of them
 //                 when n >= #keys (so ties at the cut can leave fewer than n chosen).
-void mark_smallest(std::vector<uint64_t>& keys, int64_t n, bool strict_below, bool* out) {
+// A negative n chooses none and returns status::NEGATIVE_NUM_TO_MASK (else 0).
+int mark_smallest(std::vector<uint64_t>& keys, int64_t n, bool strict_below, bool* out) {
   const int64_t cnt = static_cast<int64_t>(keys.size());
-  if (n <= 0) return;
+  if (n <= 0) return n < 0 ? status::NEGATIVE_NUM_TO_MASK : 0;
   if (strict_below && n < cnt) {
     std::nth_element(keys.begin(), keys.begin() + n, keys.end());
     const uint64_t cut = keys[n] >> 32;
     for (int64_t i = 0; i < n; ++i)
       if ((keys[i] >> 32) < cut) out[keys[i] & 0xFFFFFFFFu] = true;
-    return;
+    return 0;
   }
   if (n < cnt) std::nth_element(keys.begin(), keys.begin() + n, keys.end());
   for (int64_t i = 0; i < std::min(n, cnt); ++i) out[keys[i] & 0xFFFFFFFFu] = true;
+  return 0;
 }
 
 // uint32 key with key(a) < key(b) iff a < b as floats; -0 and +0 map to the same key; every NaN
@@ -296,6 +242,11 @@ inline uint32_t order_key(float f) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// The composite key of position n with confidence conf (see mark_smallest).
+inline uint64_t conf_key(float conf, int64_t n) {
+  return static_cast<uint64_t>(order_key(conf)) << 32 | static_cast<uint64_t>(n);
+}
+
 inline float noisy_confidence(float logp, float tau, uint32_t w2, uint32_t w3) {
   float noise = tau * gumbel(w2, w3);
   SGK_NO_CONTRACT(noise);
@@ -305,6 +256,21 @@ inline float noisy_confidence(float logp, float tau, uint32_t w2, uint32_t w3) {
 int num_threads_for(int64_t work) {
   const int nt = at::get_num_threads();
   return work < 32768 ? 1 : std::max(nt, 1);
+}
+
+// body(i, scratch) for i in [0, n) on nt OpenMP threads, in dynamic chunks of `chunk` indices (0: about
+// n / (16 nt)), each thread with its Scratch; returns the OR of the status flags the calls return.
+template <typename Body>
+int parallel_rows(int64_t n, int nt, int64_t chunk, const Body& body) {
+  if (chunk == 0) chunk = std::max<int64_t>(1, n / (static_cast<int64_t>(nt) * 16));
+  int flags = 0;
+#pragma omp parallel num_threads(nt) reduction(| : flags)
+  {
+    Scratch& s = scratch();
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < n; ++i) flags |= body(i, s);
+  }
+  return flags;
 }
 
 // The blend's terms whose coefficient is 0 are dropped: s == 0 reads the logits alone, s == -1
@@ -383,30 +349,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
   float* logp_out = logp.mutable_data_ptr<float>();
   float* conf_out = conf.mutable_data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
-  const int nt = num_threads_for(rows * p.vocab);
-  const int64_t chunk = std::max<int64_t>(1, rows / (static_cast<int64_t>(nt) * 16));
-  int flags = 0;
-#pragma omp parallel num_threads(nt) reduction(| : flags)
-  {
-    Scratch& s = scratch();
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t r = 0; r < rows; ++r) {
-      int64_t rem = r, logits_off = 0, guide_off = 0;
-      for (int d = nd - 1; d >= 0; --d) {
-        const int64_t i = rem % sizes[d];
-        rem /= sizes[d];
-        logits_off += i * logits_bstr[d];
-        guide_off += i * guide_bstr[d];
-      }
-      const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
-      const RowOut o = sample_row(logits_base + logits_off, guide_base == nullptr ? nullptr : guide_base + guide_off, p,
-                                  token_uniform(w.w0, w.w1), s);
-      tok_out[r] = o.token;
-      logp_out[r] = o.logp;
-      conf_out[r] = o.conf;
-      if (o.bad) flags |= status::NONFINITE_LOGITS;
+  const int flags = parallel_rows(rows, num_threads_for(rows * p.vocab), 0, [&](int64_t r, Scratch& s) {
+    int64_t rem = r, logits_off = 0, guide_off = 0;
+    for (int d = nd - 1; d >= 0; --d) {
+      const int64_t i = rem % sizes[d];
+      rem /= sizes[d];
+      logits_off += i * logits_bstr[d];
+      guide_off += i * guide_bstr[d];
     }
-  }
+    const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
+    const RowOut o = sample_row(logits_base + logits_off, guide_base == nullptr ? nullptr : guide_base + guide_off, p,
+                                token_uniform(w.w0, w.w1), s);
+    tok_out[r] = o.token;
+    logp_out[r] = o.logp;
+    conf_out[r] = o.conf;
+    return o.bad ? status::NONFINITE_LOGITS : 0;
+  });
   status::raise_flags(flags);
   return {tokens, logp, conf};
 }
@@ -445,26 +403,17 @@ at::Tensor remask_cpu(const at::Tensor& logp, const at::Tensor& is_masked, const
   const bool has_dec = decoded_confidence.has_value();
   const float dec = has_dec ? static_cast<float>(*decoded_confidence) : 0.0f;
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
-  const int nt = std::min<int64_t>(num_threads_for(batch * n_tok * 16), batch);
-  int flags = 0;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : flags)
-  for (int64_t b = 0; b < batch; ++b) {
-    std::vector<uint64_t>& keys = scratch().keys;
-    keys.clear();
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads_for(batch * n_tok * 16), batch));
+  const int flags = parallel_rows(batch, nt, 1, [&](int64_t b, Scratch& s) {
+    s.keys.clear();
     for (int64_t n = 0; n < n_tok; ++n) {
       const int64_t r = b * n_tok + n;
       if (!mkp[r] && !has_dec) continue;
       const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
-      const float conf = noisy_confidence(mkp[r] ? lpp[r] : dec, tau, w.w2, w.w3);
-      keys.push_back(static_cast<uint64_t>(order_key(conf)) << 32 | static_cast<uint64_t>(n));
+      s.keys.push_back(conf_key(noisy_confidence(mkp[r] ? lpp[r] : dec, tau, w.w2, w.w3), n));
     }
-    int64_t nb = nmp[b];
-    if (nb < 0) {
-      flags |= status::NEGATIVE_NUM_TO_MASK;
-      nb = 0;
-    }
-    mark_smallest(keys, nb, strict_below, outp + b * n_tok);
-  }
+    return mark_smallest(s.keys, nmp[b], strict_below, outp + b * n_tok);
+  });
   status::raise_flags(flags);
   return out;
 }
@@ -539,55 +488,41 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
   const int64_t mask_id = has_mask_id ? *mask_token_id : 0;
   const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
   const int nt = num_threads_for(std::max(n_rows * p.vocab, batch * n_tok * 16));
-  const int64_t chunk = std::max<int64_t>(1, n_rows / (static_cast<int64_t>(nt) * 16));
-  int flags = 0;
-#pragma omp parallel num_threads(nt) reduction(| : flags)
-  {
-    Scratch& s = scratch();
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t i = 0; i < n_rows; ++i) {
-      const int64_t r = rows[i];
-      const int64_t b = r / n_tok, n = r % n_tok;
-      const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
-      const RowOut o = sample_row(logits_base + b * ls0 + n * ls1,
-                                  guide_base == nullptr ? nullptr : guide_base + b * gs0 + n * gs1,
-                                  p, token_uniform(w.w0, w.w1), s);
-      sampled[r] = o.token;
-      conf[r] = noisy_confidence(o.conf, tau, w.w2, w.w3);
-      if (o.bad) flags |= status::NONFINITE_LOGITS;
-    }
-    // (implicit barrier) then the remask, one batch row at a time
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < batch; ++b) {
-      std::vector<uint64_t>& keys = s.keys;
-      keys.clear();
-      const int64_t base = b * n_tok;
-      for (int64_t n = 0; n < n_tok; ++n) {
-        out_mask[base + n] = false;
-        if (mkp[base + n]) {
-          keys.push_back(static_cast<uint64_t>(order_key(conf[base + n])) << 32 | static_cast<uint64_t>(n));
-        } else if (has_dec) {  // a decoded position competes with confidence dec + tau * G
-          const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(base + n));
-          const float c = noisy_confidence(dec, tau, w.w2, w.w3);
-          keys.push_back(static_cast<uint64_t>(order_key(c)) << 32 | static_cast<uint64_t>(n));
-        }
-      }
-      int64_t nb = nmp[b];
-      if (nb < 0) {
-        flags |= status::NEGATIVE_NUM_TO_MASK;
-        nb = 0;
-      }
-      mark_smallest(keys, nb, strict_below, out_mask + base);
-      for (int64_t n = 0; n < n_tok; ++n) {
-        const int64_t r = base + n;
-        if (out_mask[r]) {
-          out_tok[r] = has_mask_id ? mask_id : tkp[r];
-        } else {
-          out_tok[r] = mkp[r] ? sampled[r] : tkp[r];
-        }
+  int flags = parallel_rows(n_rows, nt, 0, [&](int64_t i, Scratch& s) {
+    const int64_t r = rows[i];
+    const int64_t b = r / n_tok, n = r % n_tok;
+    const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
+    const RowOut o = sample_row(logits_base + b * ls0 + n * ls1,
+                                guide_base == nullptr ? nullptr : guide_base + b * gs0 + n * gs1, p,
+                                token_uniform(w.w0, w.w1), s);
+    sampled[r] = o.token;
+    conf[r] = noisy_confidence(o.conf, tau, w.w2, w.w3);
+    return o.bad ? status::NONFINITE_LOGITS : 0;
+  });
+  // then the remask, one batch row at a time
+  flags |= parallel_rows(batch, nt, 1, [&](int64_t b, Scratch& s) {
+    s.keys.clear();
+    const int64_t base = b * n_tok;
+    for (int64_t n = 0; n < n_tok; ++n) {
+      out_mask[base + n] = false;
+      if (mkp[base + n]) {
+        s.keys.push_back(conf_key(conf[base + n], n));
+      } else if (has_dec) {  // a decoded position competes with confidence dec + tau * G
+        const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(base + n));
+        s.keys.push_back(conf_key(noisy_confidence(dec, tau, w.w2, w.w3), n));
       }
     }
-  }
+    const int row_flags = mark_smallest(s.keys, nmp[b], strict_below, out_mask + base);
+    for (int64_t n = 0; n < n_tok; ++n) {
+      const int64_t r = base + n;
+      if (out_mask[r]) {
+        out_tok[r] = has_mask_id ? mask_id : tkp[r];
+      } else {
+        out_tok[r] = mkp[r] ? sampled[r] : tkp[r];
+      }
+    }
+    return row_flags;
+  });
   status::raise_flags(flags);
   return {new_tokens, new_mask};
 }

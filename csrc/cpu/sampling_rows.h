@@ -8,12 +8,14 @@
 //   exp_blocks: e[i] = exp((g[i] - M) * inv_temperature), the float64 sum of each kBlock block and of all;
 //   sum_exp:    sum_i exp(g[i] - M) (float32 inside a block, float64 across blocks).
 // One implementation per ISA (common/isa.h): portable scalar code (vectorised by the compiler),
-// AVX2+FMA+F16C and AVX-512 intrinsics.
+// AVX2+FMA+F16C and AVX-512 intrinsics. Then, the same on every ISA, the token: cdf_sample.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -32,57 +34,67 @@ struct LoadResult {
   bool bad;  // some g[i] is NaN or +inf
 };
 
+// The index of a dtype in SampleKernels::load: 0 float32, 1 bfloat16, 2 float16, -1 any other.
+inline int dtype_index(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return 0;
+    case c10::kBFloat16: return 1;
+    case c10::kHalf: return 2;
+    default: return -1;
+  }
+}
+
 using LoadFn = LoadResult (*)(const void* logits, const void* guide, int64_t v, int64_t vp, float one_plus_s,
                               float* g);
 using ExpBlocksFn = double (*)(const float* g, int64_t vp, float m, float inv_temperature, float* e, double* bsum);
 using SumExpFn = double (*)(const float* g, int64_t vp, float m);
 
 struct SampleKernels {
-  LoadFn load[3][3];  // [logits dtype][guide dtype] (0 float32, 1 bfloat16, 2 float16); no guide: [t][t]
+  LoadFn load[3][3];     // [logits dtype][guide dtype] (dtype_index)
+  LoadFn load_plain[3];  // [logits dtype], no guide (its argument is ignored)
   ExpBlocksFn exp_blocks;
   SumExpFn sum_exp;
 };
 
-// kSampleKernels of one ISA namespace (expanded in each).
-#define SGK_SAMPLE_KERNELS                                                                                   \
-  constexpr SampleKernels kSampleKernels = {                                                                 \
-      {{&load<float, float>, &load<float, c10::BFloat16>, &load<float, c10::Half>},                          \
-       {&load<c10::BFloat16, float>, &load<c10::BFloat16, c10::BFloat16>, &load<c10::BFloat16, c10::Half>}, \
-       {&load<c10::Half, float>, &load<c10::Half, c10::BFloat16>, &load<c10::Half, c10::Half>}},             \
-      &exp_blocks,                                                                                           \
+// kSampleKernels of one ISA namespace (expanded in each, after its load<TLogit, TGuide, kGuide>).
+#define SGK_SAMPLE_KERNELS                                                                          \
+  using BF16 = c10::BFloat16;                                                                       \
+  using F16 = c10::Half;                                                                            \
+  constexpr SampleKernels kSampleKernels = {                                                        \
+      {{&load<float, float, true>, &load<float, BF16, true>, &load<float, F16, true>},              \
+       {&load<BF16, float, true>, &load<BF16, BF16, true>, &load<BF16, F16, true>},                 \
+       {&load<F16, float, true>, &load<F16, BF16, true>, &load<F16, F16, true>}},                   \
+      {&load<float, float, false>, &load<BF16, BF16, false>, &load<F16, F16, false>},               \
+      &exp_blocks,                                                                                  \
       &sum_exp};
 
 // ------------------------------------------------------------------------------------------------
 SGK_BEGIN_GENERIC
 
-template <typename TLogit, typename TGuide>
+// kGuide: blend with the guide (else guide_v is ignored and g = logits).
+template <typename TLogit, typename TGuide, bool kGuide>
 LoadResult load(const void* logits, const void* guide_v, int64_t v, int64_t vp, float one_plus_s, float* g) {
   const TLogit* l = static_cast<const TLogit*>(logits);
   const TGuide* guide = static_cast<const TGuide*>(guide_v);
   constexpr float inf = std::numeric_limits<float>::infinity();
+  constexpr float nan = std::numeric_limits<float>::quiet_NaN();
   float m = -inf;
   bool bad = false;
-  if (guide == nullptr) {
-    for (int64_t i = 0; i < v; ++i) {
-      const float x = static_cast<float>(l[i]);
-      bad |= !(x < inf);
-      m = x > m ? x : m;
-      g[i] = x;
-    }
-  } else {
-    constexpr float nan = std::numeric_limits<float>::quiet_NaN();
-    for (int64_t i = 0; i < v; ++i) {
-      const float li = static_cast<float>(l[i]), gi = static_cast<float>(guide[i]);
+  for (int64_t i = 0; i < v; ++i) {
+    const float li = static_cast<float>(l[i]);
+    float x = li;
+    if constexpr (kGuide) {
+      const float gi = static_cast<float>(guide[i]);
       float p = one_plus_s * (li - gi);
       SGK_NO_CONTRACT(p);
-      float x = gi + p;
+      x = gi + p;
       // the blend rule of non-finite terms (see the header comment)
       x = (li == -inf || gi == -inf) ? -inf : x;
       x = (!(li < inf) || !(gi < inf)) ? nan : x;
-      bad |= !(x < inf);
-      m = x > m ? x : m;
-      g[i] = x;
     }
+    bad |= !(x < inf);
+    m = x > m ? x : m;
+    g[i] = x;
   }
   for (int64_t i = v; i < vp; ++i) g[i] = -inf;
   return {m, bad};
@@ -165,7 +177,9 @@ SGK_INLINE __m256 guided8(const TLogit* l, const TGuide* guide, __m256 one_plus_
 }
 
 template <typename TLogit, typename TGuide, bool kGuide>
-LoadResult load_impl(const TLogit* l, const TGuide* guide, int64_t v, int64_t vp, float one_plus_s, float* g) {
+LoadResult load(const void* logits, const void* guide_v, int64_t v, int64_t vp, float one_plus_s, float* g) {
+  const TLogit* l = static_cast<const TLogit*>(logits);
+  const TGuide* guide = static_cast<const TGuide*>(guide_v);
   const __m256 vc = _mm256_set1_ps(one_plus_s);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const __m256 pinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
@@ -208,14 +222,6 @@ LoadResult load_impl(const TLogit* l, const TGuide* guide, int64_t v, int64_t vp
   float m = mm[0];
   for (int j = 1; j < 8; ++j) m = mm[j] > m ? mm[j] : m;
   return {m, _mm256_movemask_ps(bad) != 0};
-}
-
-template <typename TLogit, typename TGuide>
-LoadResult load(const void* logits, const void* guide_v, int64_t v, int64_t vp, float one_plus_s, float* g) {
-  const TLogit* l = static_cast<const TLogit*>(logits);
-  const TGuide* guide = static_cast<const TGuide*>(guide_v);
-  if (guide == nullptr) return load_impl<TLogit, TGuide, false>(l, guide, v, vp, one_plus_s, g);
-  return load_impl<TLogit, TGuide, true>(l, guide, v, vp, one_plus_s, g);
 }
 
 SGK_INLINE double hsum_pd(__m256d a) {
@@ -318,7 +324,9 @@ SGK_INLINE __m512 guided16(__m512 x, const TGuide* guide, __m512 one_plus_s, __m
 }
 
 template <typename TLogit, typename TGuide, bool kGuide>
-LoadResult load_impl(const TLogit* l, const TGuide* guide, int64_t v, int64_t vp, float one_plus_s, float* g) {
+LoadResult load(const void* logits, const void* guide_v, int64_t v, int64_t vp, float one_plus_s, float* g) {
+  const TLogit* l = static_cast<const TLogit*>(logits);
+  const TGuide* guide = static_cast<const TGuide*>(guide_v);
   const __m512 vc = _mm512_set1_ps(one_plus_s);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 pinf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
@@ -346,14 +354,6 @@ LoadResult load_impl(const TLogit* l, const TGuide* guide, int64_t v, int64_t vp
   }
   for (i = (v + 15) / 16 * 16; i < vp; i += 16) _mm512_storeu_ps(g + i, ninf);
   return {_mm512_reduce_max_ps(_mm512_max_ps(m0, m1)), bad != 0};
-}
-
-template <typename TLogit, typename TGuide>
-LoadResult load(const void* logits, const void* guide_v, int64_t v, int64_t vp, float one_plus_s, float* g) {
-  const TLogit* l = static_cast<const TLogit*>(logits);
-  const TGuide* guide = static_cast<const TGuide*>(guide_v);
-  if (guide == nullptr) return load_impl<TLogit, TGuide, false>(l, guide, v, vp, one_plus_s, g);
-  return load_impl<TLogit, TGuide, true>(l, guide, v, vp, one_plus_s, g);
 }
 
 inline double exp_blocks(const float* g, int64_t vp, float m, float inv_temperature, float* e, double* bsum) {
@@ -401,5 +401,38 @@ SGK_END_AVX512
 #endif  // SGK_X86
 
 #undef SGK_SAMPLE_KERNELS
+
+// ------------------------------------------------------------------------------------------------
+// First i < v whose running float64 sum of e exceeds thr (e >= 0, bsum = per-block sums of exp_blocks),
+// or -1: walks the block sums, then the one block holding the crossing.
+inline int64_t cdf_search(const float* e, const double* bsum, int64_t nblocks, int64_t v, double thr) {
+  double prefix = 0.0;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const double next = prefix + bsum[b];
+    if (next > thr) {
+      double c = prefix;
+      const int64_t end = std::min((b + 1) * kBlock, v);
+      for (int64_t i = b * kBlock; i < end; ++i) {
+        c += static_cast<double>(e[i]);
+        if (c > thr) return i;
+      }
+      prefix = c;  // rounding put the crossing past this block after all
+    } else {
+      prefix = next;
+    }
+  }
+  return -1;
+}
+
+// The sampled index of e[0, v) (e over Vp = padded_len(v) elements, bsum its block sums) at thr =
+// uniform * total: cdf_search, or when thr rounded up to the total, the last index of nonzero weight.
+inline int64_t cdf_sample(const float* e, const double* bsum, int64_t v, double thr) {
+  int64_t i = cdf_search(e, bsum, padded_len(v) / kBlock, v, thr);
+  if (i < 0) {
+    i = v - 1;
+    while (i > 0 && !(e[i] > 0.0f)) --i;
+  }
+  return i;
+}
 
 }  // namespace sgk
