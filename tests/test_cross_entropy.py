@@ -6,19 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import has_cpu_kernel
-from op_contract import (
-    CPU_ISAS,
-    DTYPE_IDS,
-    Bad,
-    Case,
-    OpContract,
-    assert_close,
-    backend_params,
-    bad_list,
-    run_under_isa,
-    shrink_tiles,
-    tolerance,
-)
+from op_contract import (CPU_ISAS, DTYPE_IDS, Bad, Case, OpContract, assert_close, backend_params, bad_list,
+                         run_under_isa, shrink_tiles, tolerance)
 
 import sgkernels as sgk  # noqa: F401  (loads the schemas)
 from sgkernels import _backend, use_backend

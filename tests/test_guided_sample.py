@@ -5,26 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import chi_square_pvalue, has_cpu_kernel
-from op_contract import (
-    CPU_ISAS,
-    DTYPE_IDS,
-    Backend,
-    FLOAT_DTYPES,
-    Bad,
-    Case,
-    OpContract,
-    assert_agree,
-    assert_close,
-    assert_sampled,
-    bad_list,
-    raw_kernel,
-    run_on,
-    run_under_isa,
-    shrink_tiles,
-    kernel_status,
-    status_word,
-    tolerance,
-)
+from op_contract import (CPU_ISAS, DTYPE_IDS, FLOAT_DTYPES, Backend, Bad, Case, OpContract, assert_agree, assert_close,
+                         assert_sampled, bad_list, kernel_status, raw_kernel, run_on, run_under_isa, shrink_tiles,
+                         status_word, tolerance)
 
 import sgkernels as sgk
 from sgkernels import _backend, _rng

@@ -6,21 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import chi_square_pvalue, has_cpu_kernel
-from op_contract import (
-    CPU_ISAS,
-    DTYPE_IDS,
-    FLOAT_DTYPES,
-    Backend,
-    Bad,
-    Case,
-    OpContract,
-    assert_agree,
-    assert_sampled,
-    bad_list,
-    run_on,
-    run_under_isa,
-    tolerance,
-)
+from op_contract import (CPU_ISAS, DTYPE_IDS, FLOAT_DTYPES, Backend, Bad, Case, OpContract, assert_agree,
+                         assert_sampled, bad_list, run_on, run_under_isa, tolerance)
 
 import sgkernels as sgk
 from sgkernels import _backend

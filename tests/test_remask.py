@@ -5,19 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import chi_square_pvalue, has_cpu_kernel
-from op_contract import (
-    CPU_ISAS,
-    DTYPE_IDS,
-    Bad,
-    Case,
-    OpContract,
-    bad_list,
-    raw_kernel,
-    run_on,
-    run_under_isa,
-    kernel_status,
-    status_word,
-)
+from op_contract import (CPU_ISAS, DTYPE_IDS, Bad, Case, OpContract, bad_list, kernel_status, raw_kernel, run_on,
+                         run_under_isa, status_word)
 
 import sgkernels as sgk
 from sgkernels import _rng

@@ -5,22 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import has_cpu_kernel
-from op_contract import (
-    CPU_ISAS,
-    DTYPE_IDS,
-    FLOAT_DTYPES,
-    Backend,
-    Bad,
-    Case,
-    OpContract,
-    assert_agree,
-    bad_list,
-    raw_kernel,
-    run_on,
-    run_under_isa,
-    shrink_tiles,
-    kernel_status,
-)
+from op_contract import (CPU_ISAS, DTYPE_IDS, FLOAT_DTYPES, Backend, Bad, Case, OpContract, assert_agree, bad_list,
+                         kernel_status, raw_kernel, run_on, run_under_isa, shrink_tiles)
 
 import sgkernels as sgk
 from sgkernels import _backend, use_backend

@@ -5,16 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import has_cpu_kernel
-from op_contract import (
-    CPU_ISAS,
-    DTYPE_IDS,
-    Bad,
-    Case,
-    OpContract,
-    bad_list,
-    run_under_isa,
-    tolerance,
-)
+from op_contract import CPU_ISAS, DTYPE_IDS, Bad, Case, OpContract, bad_list, run_under_isa, tolerance
 
 import sgkernels  # noqa: F401  (loads the extension)
 from sgkernels._backend import use_backend

@@ -43,22 +43,37 @@ class ClassifierConfig:
     num_classes: int = 10
 
 
-class Tokenizer(nn.Module):
-    def __init__(self, config: TokenizerConfig = TokenizerConfig()):
+class _DigitsNet(nn.Module):
+    """A net of the digits model: ``KIND`` names it in ``config.json``, ``Config`` is its frozen config
+    dataclass, ``self.config`` the one it was built from (``Config()`` when None)."""
+
+    KIND: str
+    Config: type
+
+    def __init__(self, config=None):
         super().__init__()
-        self.config = config
-        c = config.channels
+        self.config = self.Config() if config is None else config
+
+
+class Tokenizer(_DigitsNet):
+    """Images ``[B, 1, 32, 32]`` <-> 64 tokens (an 8x8 grid) through an EMA vector quantizer."""
+
+    KIND, Config = "tokenizer", TokenizerConfig
+
+    def __init__(self, config: TokenizerConfig | None = None):
+        super().__init__(config)
+        config = self.config
+        c, d = config.channels, config.code_dim
         self.encoder = nn.Sequential(
             nn.Conv2d(1, c // 2, 3, padding=1), nn.GELU(),
             nn.Conv2d(c // 2, c, 4, stride=2, padding=1), nn.GELU(),   # 16x16
             nn.Conv2d(c, c, 4, stride=2, padding=1), nn.GELU(),        # 8x8
             nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
-            nn.Conv2d(c, config.code_dim, 1),
+            nn.Conv2d(c, d, 1),
         )
-        self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, beta=config.beta, ema=True,
-                                         decay=config.decay)
+        self.quantizer = VectorQuantizer(config.codebook_size, d, beta=config.beta, ema=True, decay=config.decay)
         self.decoder = nn.Sequential(
-            nn.Conv2d(config.code_dim, c, 3, padding=1), nn.GELU(),
+            nn.Conv2d(d, c, 3, padding=1), nn.GELU(),
             nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
             nn.ConvTranspose2d(c, c, 4, stride=2, padding=1), nn.GELU(),   # 16x16
             nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), nn.GELU(),  # 32x32
@@ -85,10 +100,15 @@ class Tokenizer(nn.Module):
         return torch.sigmoid(self.decoder(z_q))
 
 
-class Classifier(nn.Module):
-    def __init__(self, config: ClassifierConfig = ClassifierConfig()):
-        super().__init__()
-        self.config = config
+class Classifier(_DigitsNet):
+    """The evaluation CNN of images ``[B, 1, 32, 32]``: ``features`` (penultimate layer, for FID /
+    precision / recall) and ``forward`` (class logits, for the Inception Score)."""
+
+    KIND, Config = "classifier", ClassifierConfig
+
+    def __init__(self, config: ClassifierConfig | None = None):
+        super().__init__(config)
+        config = self.config
         c = config.channels
         self.body = nn.Sequential(
             nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),            # 16
@@ -107,11 +127,11 @@ class Classifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-_KINDS = {"tokenizer": (Tokenizer, TokenizerConfig), "classifier": (Classifier, ClassifierConfig)}
+_KINDS = {cls.KIND: cls for cls in (Tokenizer, Classifier)}
 
 
-def save_net(directory: str, net: nn.Module, *, half: bool = True) -> str:
-    kind = "tokenizer" if isinstance(net, Tokenizer) else "classifier"
+def save_net(directory: str, net: _DigitsNet, *, half: bool = True) -> str:
+    kind = net.KIND
     os.makedirs(directory, exist_ok=True)
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in net.state_dict().items()}
     atomic_write(os.path.join(directory, "weights.safetensors"), serialize(state, "safetensors"))
@@ -129,8 +149,8 @@ def load_net(directory: str, kind: str) -> nn.Module:
         cfg = json.load(f)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or cfg.get("kind") != kind:
         raise ValueError(f"{path}: not an sgkernels.digits {kind} config")
-    cls, cfg_cls = _KINDS[kind]
-    net = cls(cfg_cls(**cfg["config"]))
+    cls = _KINDS[kind]
+    net = cls(cls.Config(**cfg["config"]))
     state = {k: v.float() for k, v in read_weights(os.path.join(directory, "weights.safetensors"),
                                                     "safetensors", "cpu").items()}
     check_state_dict(net, state, f"{directory}/weights.safetensors")

@@ -1,6 +1,8 @@
 """Pick the implementation of an op call from the backend in force and the tensors' device."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .._backend import get_backend, triton_available, triton_interpret
@@ -57,3 +59,20 @@ def call_sampling_kernel(op: str, triton_fn, impl: str, device: torch.device, *a
         return out
     fn = getattr(torch.ops.sgkernels, op) if impl == "op" else triton_fn
     return fn(*args, _status.status_buffer(device), **kwargs)
+
+
+def triton_kernels(module: str):
+    """The Triton kernel module ``sgkernels.kernels.<module>`` (imported on first use: it imports triton)."""
+    return importlib.import_module(f"..kernels.{module}", __package__)
+
+
+def register_triton_cuda(op: str, module: str, fn: str) -> None:
+    """With triton installed, ``sgkernels.kernels.<module>.<fn>`` becomes the CUDA kernel of
+    ``sgkernels::<op>`` (the module is imported at the first CUDA call, not here)."""
+    if not triton_available():
+        return
+
+    def kernel(*args, **kwargs):
+        return getattr(triton_kernels(module), fn)(*args, **kwargs)
+
+    torch.library.register_kernel(f"sgkernels::{op}", "cuda", kernel)

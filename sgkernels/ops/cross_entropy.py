@@ -24,9 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import choose_impl
+from ._dispatch import choose_impl, register_triton_cuda, triton_kernels
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -34,15 +33,9 @@ REDUCTIONS = ("mean", "sum", "none")
 # ----------------------------------------------------------------------------------------------
 # Reference and argument checks
 # ----------------------------------------------------------------------------------------------
-def cross_entropy_reference(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Plain-PyTorch spec of :func:`fused_cross_entropy`: ``F.cross_entropy`` on the flattened rows."""
+def cross_entropy_reference(logits, target, *, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """Plain-PyTorch spec of :func:`fused_cross_entropy` (same arguments but ``inplace_grad``, same output):
+    ``F.cross_entropy`` on the flattened rows."""
     vocab = logits.shape[-1]
     loss = F.cross_entropy(
         logits.reshape(-1, vocab),
@@ -214,7 +207,9 @@ class _TritonCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index, label_smoothing, reduction):
-        loss, grad, flags = _triton().cross_entropy_fwd_triton(logits, target, ignore_index, label_smoothing, reduction)
+        loss, grad, flags = triton_kernels("cross_entropy").cross_entropy_fwd_triton(
+            logits, target, ignore_index, label_smoothing, reduction
+        )
         ctx.reduction = reduction
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(flags)
@@ -239,7 +234,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
                 logits, target, ignore_index, label_smoothing, reduction, status
             )
         else:
-            loss = _triton().cross_entropy_fwd_inplace_triton(
+            loss = triton_kernels("cross_entropy").cross_entropy_fwd_inplace_triton(
                 logits, target, ignore_index, label_smoothing, reduction, status
             )
         ctx.reduction = reduction
@@ -260,20 +255,5 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # CUDA kernels
 # ----------------------------------------------------------------------------------------------
-def _triton():
-    from ..kernels import cross_entropy
-
-    return cross_entropy
-
-
-def _cross_entropy_fwd_cuda(*args):
-    return _triton().cross_entropy_fwd_triton(*args)
-
-
-def _cross_entropy_fwd_inplace_cuda(*args):
-    return _triton().cross_entropy_fwd_inplace_triton(*args)
-
-
-if triton_available():
-    torch.library.register_kernel("sgkernels::cross_entropy_fwd", "cuda", _cross_entropy_fwd_cuda)
-    torch.library.register_kernel("sgkernels::cross_entropy_fwd_inplace", "cuda", _cross_entropy_fwd_inplace_cuda)
+register_triton_cuda("cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd_triton")
+register_triton_cuda("cross_entropy_fwd_inplace", "cross_entropy", "cross_entropy_fwd_inplace_triton")

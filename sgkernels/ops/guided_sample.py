@@ -14,9 +14,8 @@ import math
 import torch
 
 from .. import _rng
-from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import call_sampling_kernel, choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda, triton_kernels
 from .filters import ENTROPY_EPS, filters_active, keep_mask_reference
 
 BLEND_RULE = """The blend ``g = guide + (1 + s) * (logits - guide)``, i.e. ``(1 + s) * logits + (-s) * guide``,
@@ -92,21 +91,13 @@ def bad_rows(g: torch.Tensor) -> torch.Tensor:
 
 
 def guided_sample_reference(
-    logits: torch.Tensor,
-    guide_logits: torch.Tensor | None = None,
-    *,
-    guidance_scale: float = 0.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    confidence: str | None = None,
-    seed,
-    offset=0,
+    logits, guide_logits=None, *, guidance_scale=0.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, confidence=None,
+    seed, offset=0,
 ):
     """Plain-PyTorch spec of :func:`guided_sample` (float64 softmax, sort-based filters, same Philox stream).
 
-    Raises ValueError for a row that cannot be sampled (see :func:`bad_rows`).
+    The arguments and outputs of :func:`guided_sample`, except that ``seed`` is required (an int or a
+    0-dim int64 tensor). Raises ValueError for a row that cannot be sampled (see :func:`bad_rows`).
     """
     top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
     seed, offset = _validate.reference_rng(seed, offset, logits.device)
@@ -128,9 +119,7 @@ def guided_sample(
     *,
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
+    top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,  # the filters (all off by default)
     confidence: str | None = None,
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor = 0,
@@ -200,7 +189,7 @@ def guided_sample(
             offset=offset if offset_t is None else offset_t,
         )
     tokens, logp, conf = call_sampling_kernel(
-        "guided_sample", _triton().guided_sample_triton, impl, logits.device,
+        "guided_sample", triton_kernels("sampling").guided_sample_triton, impl, logits.device,
         logits, guide_logits, guidance_scale, temperature, seed, offset,
         top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence or "logp",
         seed_tensor=seed_t, offset_tensor=offset_t,
@@ -218,18 +207,7 @@ def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, seed,
             logits.new_empty(lead, dtype=torch.float32))
 
 
-def _triton():
-    from ..kernels import sampling
-
-    return sampling
-
-
-def _guided_sample_cuda(*args):
-    return _triton().guided_sample_triton(*args)
-
-
-if triton_available():
-    torch.library.register_kernel("sgkernels::guided_sample", "cuda", _guided_sample_cuda)
+register_triton_cuda("guided_sample", "sampling", "guided_sample_triton")
 
 
 # ----------------------------------------------------------------------------------------------

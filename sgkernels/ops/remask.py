@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 
 from .. import _rng
-from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import call_sampling_kernel, choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda, triton_kernels
 
 
 TIE_RULES = ("exact_k", "strict_below")
@@ -145,7 +144,7 @@ def remask_lowest_confidence(
                                 offset=offset if offset_t is None else offset_t, decoded_confidence=dec,
                                 tie_rule=tie_rule)
     return call_sampling_kernel(
-        "remask_lowest_confidence", _triton().remask_triton, impl, logp.device,
+        "remask_lowest_confidence", triton_kernels("sampling").remask_triton, impl, logp.device,
         logp.float(), is_masked, n, tau, seed, offset, decoded_confidence=dec, strict_below=strict,
         seed_tensor=seed_t, offset_tensor=offset_t,
     )
@@ -157,15 +156,4 @@ def _remask_fake(logp, is_masked, num_to_mask, choice_temperature, seed, offset,
     return torch.empty_like(is_masked)
 
 
-def _triton():
-    from ..kernels import sampling
-
-    return sampling
-
-
-def _remask_cuda(*args, **kwargs):
-    return _triton().remask_triton(*args, **kwargs)
-
-
-if triton_available():
-    torch.library.register_kernel("sgkernels::remask_lowest_confidence", "cuda", _remask_cuda)
+register_triton_cuda("remask_lowest_confidence", "sampling", "remask_triton")

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from .. import _rng
-from .._backend import triton_available
 from . import _status, _validate
-from ._dispatch import call_sampling_kernel, choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda, triton_kernels
 from .guided_sample import _sample_rows_reference, bad_rows, guided_logits
 from .remask import check_remask_options, noisy_confidence_reference, select_lowest_reference
 
@@ -144,7 +143,7 @@ def self_guided_step(
             mask_token_id=mask_token_id, top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence,
         )
     return call_sampling_kernel(
-        "self_guided_step", _triton().self_guided_step_triton, impl, logits.device,
+        "self_guided_step", triton_kernels("sampling").self_guided_step_triton, impl, logits.device,
         tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset,
         decoded_confidence=dec, strict_below=strict, mask_token_id=mask_token_id, top_k=top_k, top_p=top_p,
         min_p=min_p, confidence=confidence, seed_tensor=seed_t, offset_tensor=offset_t,
@@ -158,15 +157,4 @@ def _self_guided_step_fake(tokens, is_masked, logits, guide_logits, num_to_mask,
     return torch.empty_like(tokens), torch.empty_like(is_masked)
 
 
-def _triton():
-    from ..kernels import sampling
-
-    return sampling
-
-
-def _self_guided_step_cuda(*args, **kwargs):
-    return _triton().self_guided_step_triton(*args, **kwargs)
-
-
-if triton_available():
-    torch.library.register_kernel("sgkernels::self_guided_step", "cuda", _self_guided_step_cuda)
+register_triton_cuda("self_guided_step", "sampling", "self_guided_step_triton")
