@@ -9,7 +9,8 @@
 // one block holding the crossing. logp = g_k - M - log(sum_i exp(g_i - M)).
 // remask_lowest_confidence: per batch row, composite keys (order_key(conf) << 32 | n) of the
 // candidates and std::nth_element.
-// self_guided_step: both, in one parallel region; known rows never touch their logits.
+// self_guided_step: both (the masked rows, then the remask per batch row); known rows never touch their
+// logits.
 //
 // Sampling method: exact inverse CDF, one Philox call per row (Gumbel-max would need a Philox call
 // per 4 elements and two logs per element; python -m benchmarks.sampling_method compares the two).
