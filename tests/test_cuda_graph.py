@@ -3,13 +3,19 @@
 On CPU the CUDA-graph calls (``sgkernels.sampler._GRAPH_API``) are replaced by a stand-in that
 records each captured callable and replays it by calling it again on the static buffers, so the
 mechanism (static buffers, the seed tensor, one graph per step, replay order, no recapture for a new
-seed) is checked against the eager loop without a GPU. The ``cuda`` tests run the real capture.
+seed) is checked against the eager loop without a GPU. A second stand-in runs the capture on fake
+CUDA tensors (``FakeTensorMode``): the CUDA code path of the captured step must never read a device
+value on the host (a sync, which a real capture rejects). The ``cuda`` tests run the real capture.
 """
+import threading
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sgkernels as sgk
 from sgkernels import sampler as sampler_module
+from sgkernels.ops import _status
 from sgkernels.models import TOAST, MaskTransformer, MaskTransformerConfig
 from sgkernels.sampler import SelfGuidedSampler
 
@@ -150,6 +156,45 @@ def test_tensor_seed_step_matches_int_seed():
             a = s.step(*a, labels, k, 11)
             b = s.step(*b, labels, k, torch.tensor(11))
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+class _NoRerun(_Graph):
+    def replay(self):
+        self.api.replayed.append(self)  # a replay runs no Python
+
+
+class _FakeCudaGraphs(_RecordingGraphs):
+    """Stand-in on fake CUDA tensors: Python runs at warm-up and capture only, as with real graphs."""
+
+    device_type = "cuda"
+
+    def capture(self, fn, pool, device):
+        fn()  # a capture runs the Python once (on fake tensors: a host read of a value raises)
+        self.captured.append(_NoRerun(self, fn, pool))
+        return self.captured[-1]
+
+
+@pytest.mark.parametrize("preset,cfg_scale,guidance", [("unlockmgm", 0.0, 1.0), ("maskgit", 1.5, 1.0),
+                                                       ("unlockmgm", 1.5, 0.0)])
+def test_captured_step_has_no_host_sync_on_the_cuda_path(monkeypatch, preset, cfg_scale, guidance):
+    """The whole graphed loop on fake CUDA tensors (no GPU needed): the model's and the ops' CUDA
+    branches, the mask counts, the seed tensor; any ``.item()`` / ``bool(tensor)`` on a device value
+    raises there (DataDependentOutputException), as a sync would abort a real capture."""
+    api = _FakeCudaGraphs()
+    monkeypatch.setattr(sampler_module, "_GRAPH_API", api)
+    monkeypatch.setattr(_status, "_local", threading.local())  # the fake status word stays here
+    model, guide = _models()  # fresh modules: moving them under the fake mode makes their parameters fake
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, guide = model.to("cuda"), guide.to("cuda")
+        assert isinstance(next(model.parameters()), torch._subclasses.FakeTensor)
+        s = SelfGuidedSampler(model, guide, steps=STEPS, preset=preset, cfg_scale=cfg_scale,
+                              guidance_scale=guidance, cuda_graph=True)
+        labels = torch.tensor([0, 3, 4], device="cuda")
+        with torch.no_grad():
+            for seed in (5, 6):
+                out = s._graphed_loop(labels, seed, range(STEPS), None)
+    assert out.shape == (3, model.config.num_tokens) and out.device.type == "cuda"
+    assert len(api.captured) == STEPS and api.warmed_up == STEPS and len(api.replayed) == 2 * STEPS
 
 
 @pytest.mark.cuda
