@@ -41,12 +41,14 @@ tensor the kernels read): a sample is T graph launches.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from . import _rng
 from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
-from .ops import _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
+from .ops import _status, _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
 from .ops.remask import TIE_RULES
 from .schedule import ROUNDINGS, TEMPERATURE_DECAYS, choice_temperature, mask_len
 
@@ -115,8 +117,30 @@ class _CudaGraphAPI:
             fn()
         return graph
 
+    def after(self, previous, device: torch.device):
+        """Order the current stream after ``previous`` (the stream of the last use of the static
+        buffers, or None) and return it: a call from a thread on another stream must not overwrite
+        them while the last one's work is queued."""
+        stream = torch.cuda.current_stream(device)
+        if previous is not None and previous != stream:
+            stream.wait_stream(previous)
+        return stream
+
+    def status_word(self, device: torch.device) -> torch.Tensor:
+        """The status word the captured kernels write: this thread's (the warm-up created it)."""
+        return _status.status_buffer(device)
+
+    def raise_flagged(self, word: torch.Tensor) -> None:
+        """Raise the errors the graphs' kernels flagged in ``word`` (and clear it), as :func:`check_errors`."""
+        torch.cuda.synchronize(word.device)
+        flags = int(word.item())
+        if flags:
+            word.zero_()
+            _status._raise_flags(word.device, flags)
+
 
 _GRAPH_API = _CudaGraphAPI()
+_CAPTURE_LOCK = threading.Lock()
 
 
 class _StepGraphs:
@@ -128,6 +152,10 @@ class _StepGraphs:
     the kernels read at replay) and ends by copying the new tokens and mask into ``tokens`` /
     ``is_masked``, where graph ``k + 1`` reads them. The T graphs share one memory pool; they are
     captured in step order and must be replayed in that order (:meth:`replay` checks it).
+
+    The kernels flag bad input in the status word of the thread that captured them (the graphs
+    keep it alive): :meth:`raise_flagged` reads that one, whichever thread replays. One sample at a
+    time uses the buffers (:attr:`lock`; across streams, :meth:`_CudaGraphAPI.after`).
     """
 
     def __init__(self, sampler: SelfGuidedSampler, batch: int, device: torch.device):
@@ -138,6 +166,9 @@ class _StepGraphs:
         self.seed = torch.zeros((), dtype=torch.int64, device=device)
         self.mask_token_id = cfg.mask_token_id
         self.graphs: list = []
+        self.status = None  # the status word the captured kernels write
+        self.lock = threading.Lock()
+        self._stream = None  # the stream of the last sample
         self._next = 0
 
     @classmethod
@@ -159,12 +190,14 @@ class _StepGraphs:
             return fn
 
         _GRAPH_API.warmup([lambda k=k: body(k) for k in range(sampler.steps)], device)
+        self.status = _GRAPH_API.status_word(device)
         pool = _GRAPH_API.pool(device)
         self.graphs = [_GRAPH_API.capture(graphed(k), pool, device) for k in range(sampler.steps)]
         return self
 
     def reset(self, labels: torch.Tensor, seed: int) -> None:
         """Start a sample: all positions masked, ``labels`` and ``seed`` copied in (no host sync, no capture)."""
+        self._stream = _GRAPH_API.after(self._stream, self.tokens.device)
         self.tokens.fill_(self.mask_token_id)
         self.is_masked.fill_(True)
         self.labels.copy_(labels)
@@ -177,6 +210,10 @@ class _StepGraphs:
             raise RuntimeError(f"step graphs replay in order: expected step {self._next}, got {step}")
         self.graphs[step].replay()
         self._next = step + 1
+
+    def raise_flagged(self) -> None:
+        """Raise what the graphs' kernels flagged (a host sync: once, after the loop)."""
+        _GRAPH_API.raise_flagged(self.status)
 
 
 class SelfGuidedSampler:
@@ -209,6 +246,8 @@ class SelfGuidedSampler:
             warming every step up on a side stream; the graphs share one memory pool. They read the
             parameters' memory: call :meth:`reset_graphs` after moving the model or replacing (not
             updating in place) its parameters. Same tokens as ``cuda_graph=False, fused_head=False``.
+            Calls sharing a set of graphs run one at a time (any thread, any stream); errors the
+            kernels flag are raised after the loop, as without graphs.
         fused_head: project only the masked positions, once, with :func:`sgkernels.head_sample`:
             the passes stop before the head's last linear, CFG and the guide are blended on its input
             features (the blend commutes with a linear map: one GEMM for guide + base), and the
@@ -370,20 +409,24 @@ class SelfGuidedSampler:
         """The captured step graphs for ``labels``' batch size (captured on first use)."""
         b, device = labels.shape[0], labels.device
         key = self._graph_key(b, device)
-        graphs = self._graphs.get(key)
-        if graphs is None:
-            graphs = self._graphs[key] = _StepGraphs.capture(self, b, device)
+        with _CAPTURE_LOCK:  # one capture at a time in the process (a capture forbids others' CUDA calls)
+            graphs = self._graphs.get(key)
+            if graphs is None:
+                graphs = self._graphs[key] = _StepGraphs.capture(self, b, device)
         return graphs
 
-    def _graphed_loop(self, labels: torch.Tensor, seed: int, steps, callback) -> torch.Tensor:
-        """The sampling loop as replays of the captured step graphs: no host work per step but a launch."""
+    def _graphed_loop(self, labels: torch.Tensor, seed: int, steps, callback) -> tuple[torch.Tensor, _StepGraphs]:
+        """The sampling loop as replays of the captured step graphs: no host work per step but a launch.
+
+        Returns the tokens and the graphs (whose :meth:`_StepGraphs.raise_flagged` the caller calls)."""
         graphs = self._step_graphs(labels)
-        graphs.reset(labels, seed)
-        for step in steps:
-            graphs.replay(step)
-            if callback is not None:  # the static buffers are overwritten by the next replay
-                callback(step, graphs.tokens.clone(), graphs.is_masked.clone())
-        return graphs.tokens.clone()
+        with graphs.lock:
+            graphs.reset(labels, seed)
+            for step in steps:
+                graphs.replay(step)
+                if callback is not None:  # the static buffers are overwritten by the next replay
+                    callback(step, graphs.tokens.clone(), graphs.is_masked.clone())
+            return graphs.tokens.clone(), graphs
 
     # -- sampling -----------------------------------------------------------------------------
     def step(self, tokens: torch.Tensor, is_masked: torch.Tensor, labels: torch.Tensor, step: int, seed):
@@ -454,8 +497,9 @@ class SelfGuidedSampler:
 
                 steps = tqdm(steps, desc="self-guided sampling" if self.guided else "MaskGIT sampling", unit="step")
             with torch.no_grad():
+                graphs = None
                 if self.cuda_graph:
-                    tokens = self._graphed_loop(labels, seed, steps, callback)
+                    tokens, graphs = self._graphed_loop(labels, seed, steps, callback)
                 else:
                     b, n = labels.shape[0], cfg.num_tokens
                     tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=device)
@@ -468,5 +512,7 @@ class SelfGuidedSampler:
             for m, mode in zip(modules, modes):
                 m.train(mode)
         check_errors(device)
+        if graphs is not None:
+            graphs.raise_flagged()
         return tokens
 

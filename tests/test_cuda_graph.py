@@ -61,6 +61,7 @@ class _RecordingGraphs:
 
     def __init__(self):
         self.captured, self.replayed, self.pools, self.warmed_up = [], [], [], 0
+        self.streams, self.checked = [], []
 
     def pool(self, device):
         self.pools.append(object())
@@ -74,6 +75,16 @@ class _RecordingGraphs:
     def capture(self, fn, pool, device):
         self.captured.append(_Graph(self, fn, pool))
         return self.captured[-1]
+
+    def after(self, previous, device):
+        self.streams.append(previous)
+        return f"stream {len(self.streams)}"
+
+    def status_word(self, device):
+        return torch.zeros(1, dtype=torch.int32)
+
+    def raise_flagged(self, word):
+        self.checked.append(word)
 
 
 @pytest.fixture
@@ -102,6 +113,9 @@ def test_graphed_loop_matches_eager(recording, cfg_scale):
         assert not torch.equal(results[7], results[8])
         assert torch.equal(results[7], eager(labels, seed=7))  # the result is no view of a static buffer
     assert recording.warmed_up == 2 * STEPS
+    # after each call, the status word of the graphs that ran is checked
+    words = [g.status for g in graphed._graphs.values()]
+    assert [id(w) for w in recording.checked] == [id(words[0])] * 2 + [id(words[1])] * 2
     assert len(recording.pools) == 2  # one pool per key, shared by its T graphs
     for i, g in enumerate(recording.captured):
         assert g.pool is recording.pools[i // STEPS]
@@ -173,6 +187,9 @@ class _FakeCudaGraphs(_RecordingGraphs):
         self.captured.append(_NoRerun(self, fn, pool))
         return self.captured[-1]
 
+    def status_word(self, device):
+        return _status.status_buffer(device)
+
 
 @pytest.mark.parametrize("preset,cfg_scale,guidance", [("unlockmgm", 0.0, 1.0), ("maskgit", 1.5, 1.0),
                                                        ("unlockmgm", 1.5, 0.0)])
@@ -192,9 +209,12 @@ def test_captured_step_has_no_host_sync_on_the_cuda_path(monkeypatch, preset, cf
         labels = torch.tensor([0, 3, 4], device="cuda")
         with torch.no_grad():
             for seed in (5, 6):
-                out = s._graphed_loop(labels, seed, range(STEPS), None)
+                out, _ = s._graphed_loop(labels, seed, range(STEPS), None)
     assert out.shape == (3, model.config.num_tokens) and out.device.type == "cuda"
     assert len(api.captured) == STEPS and api.warmed_up == STEPS and len(api.replayed) == 2 * STEPS
+    assert api.streams == [None, "stream 1"]  # the second sample is ordered after the first
+    (graphs,) = s._graphs.values()
+    assert graphs.status is not None and graphs.status.device.type == "cuda"  # the word the kernels write
 
 
 @pytest.mark.cuda
@@ -220,3 +240,31 @@ def test_cuda_graph_matches_eager_on_gpu(size, cfg_scale):
     assert not torch.equal(results[0], results[1])
     assert torch.equal(graphed(labels[:2], seed=0), eager(labels[:2], seed=0))
     assert len(graphed._graphs) == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_raises_flagged_errors_in_any_thread():
+    """NaN logits flagged by the graphed kernels are raised after the loop, also when the graphs
+    (captured by this thread, writing its status word) are replayed by another thread."""
+    model, guide = _models("cuda")
+    graphed = SelfGuidedSampler(model, guide, steps=3, cuda_graph=True)
+    labels = torch.tensor([0, 3], device="cuda")
+    graphed(labels, seed=0)  # captured here, no error
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")  # in place: the graphs read it
+    with pytest.raises(ValueError, match="NaN"):
+        graphed(labels, seed=1)
+    errors = []
+
+    def worker():
+        try:
+            graphed(labels, seed=2)
+        except ValueError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "NaN" in str(errors[0])
+    sgk.check_errors()
