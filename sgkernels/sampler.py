@@ -49,6 +49,7 @@ from . import _rng
 from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
 from .ops import _status, _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
+from .ops._dispatch import choose_impl
 from .ops.remask import TIE_RULES
 from .schedule import ROUNDINGS, TEMPERATURE_DECAYS, choice_temperature, mask_len
 
@@ -479,6 +480,9 @@ class SelfGuidedSampler:
         device = next(model.parameters()).device
         if self.cuda_graph and device.type != _GRAPH_API.device_type:
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        if self.cuda_graph and device.type == "cuda" and choose_impl(device) == "torch":
+            raise ValueError("cuda_graph=True needs the sampling op's CUDA kernels (Triton), not the torch "
+                             "backend: the reference reads the seed tensor on the host, which a capture forbids")
         if self.guided:
             gdev = next(guide.parameters()).device
             if gdev != device:

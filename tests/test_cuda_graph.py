@@ -15,6 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sgkernels as sgk
 from sgkernels import sampler as sampler_module
+from sgkernels._backend import triton_available
 from sgkernels.ops import _status
 from sgkernels.models import TOAST, MaskTransformer, MaskTransformerConfig
 from sgkernels.sampler import SelfGuidedSampler
@@ -191,6 +192,7 @@ class _FakeCudaGraphs(_RecordingGraphs):
         return _status.status_buffer(device)
 
 
+@pytest.mark.skipif(not triton_available(), reason="the op's CUDA kernel is Triton's")
 @pytest.mark.parametrize("preset,cfg_scale,guidance", [("unlockmgm", 0.0, 1.0), ("maskgit", 1.5, 1.0),
                                                        ("unlockmgm", 1.5, 0.0)])
 def test_captured_step_has_no_host_sync_on_the_cuda_path(monkeypatch, preset, cfg_scale, guidance):
@@ -201,7 +203,7 @@ def test_captured_step_has_no_host_sync_on_the_cuda_path(monkeypatch, preset, cf
     monkeypatch.setattr(sampler_module, "_GRAPH_API", api)
     monkeypatch.setattr(_status, "_local", threading.local())  # the fake status word stays here
     model, guide = _models()  # fresh modules: moving them under the fake mode makes their parameters fake
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), sgk.use_backend("auto"):  # CUDA tensors: the Triton op
         model, guide = model.to("cuda"), guide.to("cuda")
         assert isinstance(next(model.parameters()), torch._subclasses.FakeTensor)
         s = SelfGuidedSampler(model, guide, steps=STEPS, preset=preset, cfg_scale=cfg_scale,
@@ -240,6 +242,8 @@ def test_cuda_graph_matches_eager_on_gpu(size, cfg_scale):
     assert not torch.equal(results[0], results[1])
     assert torch.equal(graphed(labels[:2], seed=0), eager(labels[:2], seed=0))
     assert len(graphed._graphs) == 2
+    with sgk.use_backend("torch"), pytest.raises(ValueError, match="cuda_graph=True needs the sampling op's CUDA"):
+        SelfGuidedSampler(model, guide, cuda_graph=True, **kw)(labels, seed=0)
 
 
 @pytest.mark.cuda
