@@ -440,7 +440,8 @@ class SelfGuidedSampler:
         kernels: a graph replays with the value it holds). Returns the new ``(tokens, is_masked)``;
         it never syncs the host (on CUDA). Traceable by ``torch.compile(fullgraph=True)``: a tensor
         ``seed`` is an input, so a new seed does not recompile; ``step`` is specialised on (its
-        choice temperature is a Python float the kernels take), so each step index compiles once.
+        choice temperature is a Python float the kernels take), so each step index compiles once
+        (raise ``torch._dynamo.config.recompile_limit``, 8 by default, to at least ``steps``).
         With ``cuda_graph=True`` this is the function :meth:`__call__` captures, once per step index.
         """
         num_to_mask = mask_len(step, self.steps, tokens.shape[1], is_masked.sum(dim=1), rounding=self.mask_rounding,
