@@ -27,9 +27,11 @@ pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 
 
 @pytest.fixture(autouse=True)
-def _sampling_backend():
-    """The fused C++ CPU kernel when this build has it, else the PyTorch reference (same semantics)."""
-    if torch._C._dispatch_has_kernel_for_dispatch_key("sgkernels::self_guided_step", "CPU"):
+def _sampling_backend(request):
+    """The fused C++ CPU kernel when this build has it, else the PyTorch reference (same semantics);
+    the ``cuda`` tests keep the default (the Triton kernels)."""
+    if request.node.get_closest_marker("cuda") is not None or torch._C._dispatch_has_kernel_for_dispatch_key(
+            "sgkernels::self_guided_step", "CPU"):
         yield
     else:
         with sgk.use_backend("torch"):
