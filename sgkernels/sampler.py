@@ -35,16 +35,21 @@ conditional pass's hidden states, so a CFG + self-guidance step costs 3 backbone
 
 The loop has no host sync: mask counts stay on the device (``mask_len`` takes tensors), the
 choice temperature is a Python float of the step index, and errors flagged by the kernels on CUDA
-are raised by one :func:`sgkernels.check_errors` at the end.
+are raised by one :func:`sgkernels.check_errors` at the end. With ``cuda_graph=True`` the whole
+step, sampling op included, is captured once per step index and replayed (the seed is a device
+tensor the kernels read): a sample is T graph launches.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 
 from . import _rng
 from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
-from .ops import _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
+from .ops import _status, _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
+from .ops._dispatch import choose_impl
 from .ops.remask import TIE_RULES
 from .schedule import ROUNDINGS, TEMPERATURE_DECAYS, choice_temperature, mask_len
 
@@ -80,6 +85,138 @@ def guidance_active(guide: TOAST | None, guidance_scale: float) -> bool:
     return guide is not None and guidance_requested(guidance_scale)
 
 
+class _CudaGraphAPI:
+    """The CUDA-graph calls of :class:`SelfGuidedSampler` (``cuda_graph=True``), in one place.
+
+    A seam: the CPU tests swap :data:`_GRAPH_API` for a stand-in that records the captured
+    callables and replays them by calling them again, so the capture logic (static buffers, the seed
+    tensor, one graph per step, replay order) is exercised without a GPU.
+    """
+
+    device_type = "cuda"
+
+    def pool(self, device: torch.device):
+        """A memory pool shared by the graphs of one key (they replay one after the other)."""
+        with torch.cuda.device(device):
+            return torch.cuda.graph_pool_handle()
+
+    def warmup(self, fns, device: torch.device) -> None:
+        """Run each of ``fns`` once on a side stream, outside any capture: Triton JIT compiles,
+        cuBLAS handles and workspaces, the ops' status word are created here, not inside a capture."""
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for fn in fns:
+                fn()
+        current.wait_stream(side)
+
+    def capture(self, fn, pool, device: torch.device):
+        """``fn()`` captured into a new graph allocating from ``pool``: an object with ``replay()``."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool):
+            fn()
+        return graph
+
+    def after(self, previous, device: torch.device):
+        """Order the current stream after ``previous`` (the stream of the last use of the static
+        buffers, or None) and return it: a call from a thread on another stream must not overwrite
+        them while the last one's work is queued."""
+        stream = torch.cuda.current_stream(device)
+        if previous is not None and previous != stream:
+            stream.wait_stream(previous)
+        return stream
+
+    def status_word(self, device: torch.device) -> torch.Tensor:
+        """The status word the captured kernels write: this thread's (the warm-up created it)."""
+        return _status.status_buffer(device)
+
+    def raise_flagged(self, word: torch.Tensor) -> None:
+        """Raise the errors the graphs' kernels flagged in ``word`` (and clear it), as :func:`check_errors`."""
+        torch.cuda.synchronize(word.device)
+        flags = int(word.item())
+        if flags:
+            word.zero_()
+            _status._raise_flags(word.device, flags)
+
+
+_GRAPH_API = _CudaGraphAPI()
+_CAPTURE_LOCK = threading.Lock()
+
+
+class _StepGraphs:
+    """One graph per step index of a :class:`SelfGuidedSampler`, for one batch size and device.
+
+    Graph ``k`` is :meth:`SelfGuidedSampler.step` at step ``k`` (model passes and sampling op: its
+    choice temperature, mask count rule and offset ``k`` are baked in as Python scalars) on the
+    static buffers: it reads ``tokens`` / ``is_masked`` / ``labels`` / ``seed`` (a 0-dim int64 tensor
+    the kernels read at replay) and ends by copying the new tokens and mask into ``tokens`` /
+    ``is_masked``, where graph ``k + 1`` reads them. The T graphs share one memory pool; they are
+    captured in step order and must be replayed in that order (:meth:`replay` checks it).
+
+    The kernels flag bad input in the status word of the thread that captured them (the graphs
+    keep it alive): :meth:`raise_flagged` reads that one, whichever thread replays. One sample at a
+    time uses the buffers (:attr:`lock`; across streams, :meth:`_CudaGraphAPI.after`).
+    """
+
+    def __init__(self, sampler: SelfGuidedSampler, batch: int, device: torch.device):
+        cfg = sampler.model.config
+        self.tokens = torch.full((batch, cfg.num_tokens), cfg.mask_token_id, dtype=torch.int64, device=device)
+        self.is_masked = torch.ones((batch, cfg.num_tokens), dtype=torch.bool, device=device)
+        self.labels = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.seed = torch.zeros((), dtype=torch.int64, device=device)
+        self.mask_token_id = cfg.mask_token_id
+        self.graphs: list = []
+        self.status = None  # the status word the captured kernels write
+        self.lock = threading.Lock()
+        self._stream = None  # the stream of the last sample
+        self._next = 0
+
+    @classmethod
+    def capture(cls, sampler: SelfGuidedSampler, batch: int, device: torch.device) -> _StepGraphs:
+        """Warm up every step on the static buffers, then capture steps 0 .. T-1 in order.
+
+        The caller holds ``torch.no_grad()`` and the modules in eval mode (both are baked in).
+        """
+        self = cls(sampler, batch, device)
+
+        def body(k):  # pure: reads the static buffers, writes nothing of theirs
+            return sampler.step(self.tokens, self.is_masked, self.labels, k, self.seed)
+
+        def graphed(k):
+            def fn():
+                tokens, is_masked = body(k)
+                self.tokens.copy_(tokens)
+                self.is_masked.copy_(is_masked)
+            return fn
+
+        _GRAPH_API.warmup([lambda k=k: body(k) for k in range(sampler.steps)], device)
+        self.status = _GRAPH_API.status_word(device)
+        pool = _GRAPH_API.pool(device)
+        self.graphs = [_GRAPH_API.capture(graphed(k), pool, device) for k in range(sampler.steps)]
+        return self
+
+    def reset(self, labels: torch.Tensor, seed: int) -> None:
+        """Start a sample: all positions masked, ``labels`` and ``seed`` copied in (no host sync, no capture)."""
+        self._stream = _GRAPH_API.after(self._stream, self.tokens.device)
+        self.tokens.fill_(self.mask_token_id)
+        self.is_masked.fill_(True)
+        self.labels.copy_(labels)
+        self.seed.fill_(seed)
+        self._next = 0
+
+    def replay(self, step: int) -> None:
+        """Replay graph ``step``: the static buffers advance by one step."""
+        if step != self._next:
+            raise RuntimeError(f"step graphs replay in order: expected step {self._next}, got {step}")
+        self.graphs[step].replay()
+        self._next = step + 1
+
+    def raise_flagged(self) -> None:
+        """Raise what the graphs' kernels flagged (a host sync: once, after the loop)."""
+        _GRAPH_API.raise_flagged(self.status)
+
+
 class SelfGuidedSampler:
     """Samples token grids from a :class:`MaskTransformer`, optionally self-guided by a :class:`TOAST` guide.
 
@@ -100,22 +237,31 @@ class SelfGuidedSampler:
         tie_rule: ``"strict_below"`` or ``"exact_k"`` (:func:`sgkernels.remask_lowest_confidence`).
         temperature: token temperature t_tok (1 in the paper).
         cfg_scale: classifier-free guidance weight w (0 = off); see the module docstring.
-        cuda_graph: capture the model passes of a step in a CUDA graph and replay it each step
-            (CUDA only; the sampling op runs outside the graph, so per-step scalars stay exact).
-            A graph is captured once per batch size and reads the parameters' memory: call
-            :meth:`reset_graphs` after moving the model or replacing (not updating in place) its
-            parameters.
+        cuda_graph: run the whole loop as CUDA graph replays (CUDA only): one graph per step index,
+            each the whole of :meth:`step` (model passes and the sampling op, its step's choice
+            temperature, mask count rule and stream offset baked in) on static token / mask / label
+            buffers, the seed read by the kernels from a 0-dim int64 device tensor. So a call costs
+            ``steps`` graph launches and no other host work per step, and a new ``seed`` is an
+            in-place fill, not a recapture. Captured on the first call per batch size and device
+            (and settings: changing an attribute such as ``guidance_scale`` captures a new set), after
+            warming every step up on a side stream; the graphs share one memory pool. They read the
+            parameters' memory: call :meth:`reset_graphs` after moving the model or replacing (not
+            updating in place) its parameters. Same tokens as ``cuda_graph=False, fused_head=False``.
+            Calls sharing a set of graphs run one at a time (any thread, any stream); errors the
+            kernels flag are raised after the loop, as without graphs.
         fused_head: project only the masked positions, once, with :func:`sgkernels.head_sample`:
             the passes stop before the head's last linear, CFG and the guide are blended on its input
             features (the blend commutes with a linear map: one GEMM for guide + base), and the
             ``[B, N, K]`` logits never exist. Same tokens as the logits path up to float rounding.
-            On CUDA it costs one host sync per step (the masked rows' count). Off with
-            ``cuda_graph=True`` (the graphed passes return logits).
+            On CUDA every row is projected (selecting the masked ones would sync the host). Off with
+            ``cuda_graph=True``, under ``torch.compile`` and with a tensor seed passed to
+            :meth:`step` (it selects rows on CPU, a data-dependent shape, and takes int seeds).
 
     ``sampler(class_labels, *, seed=None, progress=False, callback=None)`` returns int64 tokens
     ``[B, N]`` (codebook ids). ``seed`` fixes every random number (``None``: drawn from torch's
     default generator); ``progress`` shows a tqdm bar; ``callback(step, tokens, is_masked)`` is called
-    after each step (it must not sync if you care about speed).
+    after each step (it must not sync if you care about speed; with ``cuda_graph`` it gets copies of
+    the static buffers).
     """
 
     def __init__(
@@ -184,7 +330,7 @@ class SelfGuidedSampler:
         return rules
 
     def reset_graphs(self) -> None:
-        """Drop the captured CUDA graphs (they are captured again on the next call)."""
+        """Drop the captured CUDA graphs, every batch size's (they are captured again on the next call)."""
         self._graphs.clear()
 
     @property
@@ -252,48 +398,62 @@ class SelfGuidedSampler:
         reset = tokens if mask_token_id is None else torch.full_like(tokens, mask_token_id)
         return torch.where(remask, reset, new_tokens), remask
 
-    def _graphed(self, tokens: torch.Tensor, labels: torch.Tensor):
-        """The step's passes as a CUDA graph over static ``tokens``/``labels`` buffers (captured once per batch size)."""
-        key = (tokens.shape[0], tokens.device, self.guided, self.cfg_scale > 0)
-        entry = self._graphs.get(key)
-        if entry is None:
-            static_tokens, static_labels = tokens.clone(), labels.clone()
-            side = torch.cuda.Stream(device=tokens.device)
-            side.wait_stream(torch.cuda.current_stream(tokens.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up (cuBLAS handles, autotuning) outside the capture
-                    self._logits(static_tokens, static_labels)
-            torch.cuda.current_stream(tokens.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._logits(static_tokens, static_labels)
-            entry = self._graphs[key] = (graph, static_tokens, static_labels, static_out)
-        graph, static_tokens, static_labels, static_out = entry
-        static_tokens.copy_(tokens)
-        static_labels.copy_(labels)
-        graph.replay()
-        return static_out
+    # -- CUDA graphs ---------------------------------------------------------------------------
+    def _graph_key(self, batch: int, device: torch.device) -> tuple:
+        """What a captured set of step graphs depends on besides the weights' memory: the batch size,
+        the device and every setting baked into the graphs as a Python scalar."""
+        return (batch, device, self.guided, self.cfg_scale, self.steps, self.guidance_scale, self.temperature,
+                self.choice_temperature, self.temperature_decay, self.mask_rounding, self.at_least_one,
+                self.decoded_confidence, self.tie_rule)
+
+    def _step_graphs(self, labels: torch.Tensor) -> _StepGraphs:
+        """The captured step graphs for ``labels``' batch size (captured on first use)."""
+        b, device = labels.shape[0], labels.device
+        key = self._graph_key(b, device)
+        with _CAPTURE_LOCK:  # one capture at a time in the process (a capture forbids others' CUDA calls)
+            graphs = self._graphs.get(key)
+            if graphs is None:
+                graphs = self._graphs[key] = _StepGraphs.capture(self, b, device)
+        return graphs
+
+    def _graphed_loop(self, labels: torch.Tensor, seed: int, steps, callback) -> tuple[torch.Tensor, _StepGraphs]:
+        """The sampling loop as replays of the captured step graphs: no host work per step but a launch.
+
+        Returns the tokens and the graphs (whose :meth:`_StepGraphs.raise_flagged` the caller calls)."""
+        graphs = self._step_graphs(labels)
+        with graphs.lock:
+            graphs.reset(labels, seed)
+            for step in steps:
+                graphs.replay(step)
+                if callback is not None:  # the static buffers are overwritten by the next replay
+                    callback(step, graphs.tokens.clone(), graphs.is_masked.clone())
+            return graphs.tokens.clone(), graphs
 
     # -- sampling -----------------------------------------------------------------------------
-    def step(self, tokens: torch.Tensor, is_masked: torch.Tensor, labels: torch.Tensor, step: int, seed: int):
+    def step(self, tokens: torch.Tensor, is_masked: torch.Tensor, labels: torch.Tensor, step: int, seed):
         """Step ``step`` of the loop: the network passes and one fused :func:`self_guided_step`
-        (or, with ``fused_head``, :func:`head_sample` on the masked rows + the remask).
+        (or, with ``fused_head`` and an int ``seed``, :func:`head_sample` on the masked rows + the remask).
 
         ``tokens`` int64 ``[B, N]``, ``is_masked`` bool ``[B, N]``, ``labels`` int64 ``[B]`` (checked),
-        ``seed`` an int. Returns the new ``(tokens, is_masked)``. Traceable by
-        ``torch.compile(fullgraph=True)`` (without ``cuda_graph``).
+        ``step`` an int in ``[0, steps)`` (the stream offset; it fixes the step's mask count and choice
+        temperature), ``seed`` an int or a 0-dim int64 tensor on the tokens' device (read by the
+        kernels: a graph replays with the value it holds). Returns the new ``(tokens, is_masked)``;
+        it never syncs the host (on CUDA). Traceable by ``torch.compile(fullgraph=True)``: a tensor
+        ``seed`` is an input, so a new seed does not recompile; ``step`` is specialised on (its
+        choice temperature is a Python float the kernels take), so each step index compiles once
+        (raise ``torch._dynamo.config.recompile_limit``, 8 by default, to at least ``steps``).
+        With ``cuda_graph=True`` this is the function :meth:`__call__` captures, once per step index.
         """
         num_to_mask = mask_len(step, self.steps, tokens.shape[1], is_masked.sum(dim=1), rounding=self.mask_rounding,
                                at_least_one=self.at_least_one)
         tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
-        # The fused head selects the masked rows (a data-dependent shape): eager only. Under
-        # torch.compile and in a CUDA graph the step projects every position (same streams).
-        if self.fused_head and not self.cuda_graph and not torch.compiler.is_compiling():
+        # The fused head selects the masked rows on CPU (a data-dependent shape) and takes int seeds:
+        # eager only. Under torch.compile, in a CUDA graph and with a tensor seed the step projects
+        # every position through the model's head (same streams, same tokens up to float rounding).
+        if (self.fused_head and not self.cuda_graph and not torch.compiler.is_compiling()
+                and not isinstance(seed, torch.Tensor)):
             return self._fused_step(tokens, is_masked, labels, num_to_mask, tau, seed, step)
-        if self.cuda_graph:
-            logits, guide_logits = self._graphed(tokens, labels)
-        else:
-            logits, guide_logits = self._logits(tokens, labels)
+        logits, guide_logits = self._logits(tokens, labels)
         return self_guided_step(
             tokens, is_masked, logits, guide_logits, num_to_mask,
             guidance_scale=self.guidance_scale,
@@ -319,17 +479,17 @@ class SelfGuidedSampler:
         if guide is not None:
             guide.check_backbone(model)
         device = next(model.parameters()).device
-        if self.cuda_graph and device.type != "cuda":
+        if self.cuda_graph and device.type != _GRAPH_API.device_type:
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        if self.cuda_graph and device.type == "cuda" and choose_impl(device) == "torch":
+            raise ValueError("cuda_graph=True needs the sampling op's CUDA kernels (Triton), not the torch "
+                             "backend: the reference reads the seed tensor on the host, which a capture forbids")
         if self.guided:
             gdev = next(guide.parameters()).device
             if gdev != device:
                 raise ValueError(f"guide is on {gdev} but the model is on {device}")
         labels = self._check_labels(class_labels, device)
         seed = _rng.resolve_seed(seed)
-        b, n = labels.shape[0], cfg.num_tokens
-        tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=device)
-        is_masked = torch.ones((b, n), dtype=torch.bool, device=device)
 
         modules = [m for m in (model, guide) if m is not None]
         modes = [m.training for m in modules]
@@ -342,13 +502,22 @@ class SelfGuidedSampler:
 
                 steps = tqdm(steps, desc="self-guided sampling" if self.guided else "MaskGIT sampling", unit="step")
             with torch.no_grad():
-                for step in steps:
-                    tokens, is_masked = self.step(tokens, is_masked, labels, step, seed)
-                    if callback is not None:
-                        callback(step, tokens, is_masked)
+                graphs = None
+                if self.cuda_graph:
+                    tokens, graphs = self._graphed_loop(labels, seed, steps, callback)
+                else:
+                    b, n = labels.shape[0], cfg.num_tokens
+                    tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=device)
+                    is_masked = torch.ones((b, n), dtype=torch.bool, device=device)
+                    for step in steps:
+                        tokens, is_masked = self.step(tokens, is_masked, labels, step, seed)
+                        if callback is not None:
+                            callback(step, tokens, is_masked)
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
         check_errors(device)
+        if graphs is not None:
+            graphs.raise_flagged()
         return tokens
 

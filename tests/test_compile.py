@@ -7,6 +7,10 @@ with inductor, the default: the C++ op with seed=None, and the reference guided_
 [4, 8, 50] input, whose Philox rounds used to make inductor's compile run for many minutes.
 (The Triton kernels under the CPU interpreter are not compiled: on CUDA they run as the ops'
 registered kernels, opaque to the compiler.)
+
+Seeds and offsets as 0-dim int64 tensors: ``mode="reduce-overhead"`` (inductor; cudagraphs on CUDA,
+the ``cuda`` test) of a sampling step compiles once for every step and seed, and the sampler's step
+compiles once per step index, not again for a new seed.
 """
 from __future__ import annotations
 
@@ -169,3 +173,71 @@ def test_inductor_reference_guided_sample():
     """The reference's Philox rounds, behind an opaque op under compile, no longer blow up inductor."""
     logits, guide, _ = _inputs(6)
     _check("torch", lambda l, u: guided_sample(l, u, guidance_scale=1.0, seed=3), logits, guide, compiler="inductor")
+
+
+def _step_fn(tokens, is_masked, logits, guide, num_to_mask, seed, offset):
+    return self_guided_step(tokens, is_masked, logits, guide, num_to_mask, guidance_scale=1.0, choice_temperature=2.0,
+                            seed=seed, offset=offset)
+
+
+def _reduce_overhead_steps(device):
+    """mode="reduce-overhead" (cudagraphs on CUDA; on CPU plain inductor) of a sampling step whose
+    seed and offset are 0-dim int64 tensors: 4 steps for each of 2 seeds, one compile in all, the
+    tokens of the eager step with int seed and offset."""
+    logits, guide, _ = _inputs(7)
+    logits, guide = logits.to(device), guide.to(device)
+    tokens0 = torch.full((4, 8), 50, dtype=torch.int64, device=device)
+    compiled = torch.compile(_step_fn, fullgraph=True, mode="reduce-overhead")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (3, 4):
+            tokens, is_masked = tokens0, torch.ones(4, 8, dtype=torch.bool, device=device)
+            seed_t = torch.tensor(seed, device=device)
+            for k in range(4):
+                n = sgk.mask_len(k, 4, 8, is_masked.sum(1))
+                eager = _step_fn(tokens, is_masked, logits, guide, n, seed, k)
+                got = compiled(tokens, is_masked, logits, guide, n, seed_t, torch.tensor(k, device=device))
+                _same(got, eager)  # before the next call: cudagraph outputs are overwritten by it
+                tokens, is_masked = eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    assert bool(is_masked.logical_not().all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduce_overhead_tensor_seed_offset_no_recompile(backend):
+    with sgk.use_backend(backend):
+        _reduce_overhead_steps("cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reduce_overhead_tensor_seed_offset_no_recompile_cuda():
+    """On CUDA reduce-overhead records a CUDA graph: the op's kernels read the seed / offset tensors
+    (copied into the graph's static inputs each call), and inductor must not skip the graph."""
+    torch._dynamo.utils.counters.clear()
+    _reduce_overhead_steps("cuda")
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+
+
+def test_sampler_step_tensor_seed_compiles_once_per_step():
+    """SelfGuidedSampler.step with a tensor seed: one compile per step index (the step's choice
+    temperature is a Python float the kernels take), none for a new seed; the eager tokens."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    cfg = MaskTransformerConfig(codebook_size=16, num_classes=5, grid_size=4, width=32, depth=2, heads=4, mlp_dim=48)
+    model, guide = MaskTransformer(cfg).eval(), TOAST(cfg, num_factors=4).eval()
+    sampler = SelfGuidedSampler(model, guide, steps=3, cfg_scale=1.0, fused_head=False)
+    labels = torch.tensor([0, 3])
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(sampler.step, fullgraph=True, backend=counter, dynamic=False)
+    with torch.no_grad():
+        for seed in (1, 2):
+            tokens = torch.full((2, cfg.num_tokens), cfg.mask_token_id, dtype=torch.int64)
+            is_masked = torch.ones_like(tokens, dtype=torch.bool)
+            seed_t = torch.tensor(seed)
+            for step in range(3):
+                eager = sampler.step(tokens, is_masked, labels, step, seed)
+                _same(compiled(tokens, is_masked, labels, step, seed_t), eager)
+                tokens, is_masked = eager
+            assert counter.frame_count == 3
