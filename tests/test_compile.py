@@ -241,3 +241,26 @@ def test_sampler_step_tensor_seed_compiles_once_per_step():
                 _same(compiled(tokens, is_masked, labels, step, seed_t), eager)
                 tokens, is_masked = eager
             assert counter.frame_count == 3
+
+
+@pytest.mark.skipif(not has_cpu_kernel("self_guided_step"), reason="no C++ kernel")
+def test_status_word_is_a_static_input_under_compile():
+    """The status word the op mutates is a static graph input, or reduce-overhead skips its CUDA graph."""
+    seen = {}
+
+    def backend(gm, inputs):
+        for node in gm.graph.find_nodes(op="placeholder"):
+            if "_status" in node.name:
+                seen[node.name] = node.meta["tensor_dict"].get("_dynamo_static_input_type")
+        return gm
+
+    logits, _, is_masked = _inputs()
+    tokens = torch.full((4, 8), 50, dtype=torch.int64)
+
+    def f(t, m, l):
+        return self_guided_step(t, m, l, None, 1, choice_temperature=1.0, seed=1)
+
+    with sgk.use_backend("cpp"):
+        f(tokens, is_masked, logits)  # the word exists before the trace
+        torch.compile(f, fullgraph=True, backend=backend)(tokens, is_masked, logits)
+    assert seen and all(v is not None for v in seen.values()), seen

@@ -35,9 +35,11 @@ def choose_impl(device: torch.device, *, has_cpp_cuda: bool = False) -> str:
     return "torch"
 
 
-def call_sampling_kernel(op: str, triton_fn, impl: str, device: torch.device, *args, **kwargs):
+def call_sampling_kernel(op: str, triton_fn: str, impl: str, device: torch.device, *args, **kwargs):
     """Run a sampling op's kernel (``impl`` "op" or "triton") with its bad-input report.
 
+    ``triton_fn``: ``"<module>.<function>"`` in ``sgkernels.kernels``, imported only when
+    ``impl == "triton"`` (so a compiled graph of the "op" path never traces an import).
     ``args``: the op's arguments before the status word, ``kwargs`` those after it.
 
     * C++ CPU kernels (``impl == "op"`` on CPU) raise ``ValueError`` themselves, per call: the status
@@ -49,6 +51,9 @@ def call_sampling_kernel(op: str, triton_fn, impl: str, device: torch.device, *a
     """
     from . import _status
 
+    if impl != "op":
+        module, name = triton_fn.split(".")
+        triton_fn = getattr(triton_kernels(module), name)
     if device.type == "cpu" and impl != "op":
         status = torch.zeros(1, dtype=torch.int32)
         out = triton_fn(*args, status, **kwargs)

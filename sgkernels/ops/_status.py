@@ -54,6 +54,10 @@ def status_buffer(device: torch.device) -> torch.Tensor:
     buf = words.get(device)
     if buf is None:
         buf = words[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        if not torch.compiler.is_compiling():
+            # A fixed address: torch.compile(mode="reduce-overhead") then keeps the op in its CUDA
+            # graph (inductor skips the graph when a graph input that is not static is mutated).
+            torch._dynamo.mark_static_address(buf, guard=False)
     return buf
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .. import _rng
 from . import _status, _validate
-from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda, triton_kernels
+from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda
 from .filters import ENTROPY_EPS, filters_active, keep_mask_reference
 
 BLEND_RULE = """The blend ``g = guide + (1 + s) * (logits - guide)``, i.e. ``(1 + s) * logits + (-s) * guide``,
@@ -189,7 +189,7 @@ def guided_sample(
             offset=offset if offset_t is None else offset_t,
         )
     tokens, logp, conf = call_sampling_kernel(
-        "guided_sample", triton_kernels("sampling").guided_sample_triton, impl, logits.device,
+        "guided_sample", "sampling.guided_sample_triton", impl, logits.device,
         logits, guide_logits, guidance_scale, temperature, seed, offset,
         top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence or "logp",
         seed_tensor=seed_t, offset_tensor=offset_t,

@@ -167,7 +167,7 @@ def head_sample(
         h2 = h2.index_select(0, ids)
         g2 = None if g2 is None else g2.index_select(0, ids)
     tokens, logp = call_sampling_kernel(
-        "head_sample", _triton().head_sample_triton if impl == "triton" else None, impl, hidden.device,
+        "head_sample", "head_sample.head_sample_triton", impl, hidden.device,
         h2, weight, bias, g2, ids, guidance_scale, temperature, seed, offset,
     )
     return _expand(kind, lead, ids, tokens, logp)

@@ -27,7 +27,7 @@ import torch
 
 from .. import _rng
 from . import _status, _validate
-from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda, triton_kernels
+from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda
 
 
 TIE_RULES = ("exact_k", "strict_below")
@@ -144,7 +144,7 @@ def remask_lowest_confidence(
                                 offset=offset if offset_t is None else offset_t, decoded_confidence=dec,
                                 tie_rule=tie_rule)
     return call_sampling_kernel(
-        "remask_lowest_confidence", triton_kernels("sampling").remask_triton, impl, logp.device,
+        "remask_lowest_confidence", "sampling.remask_triton", impl, logp.device,
         logp.float(), is_masked, n, tau, seed, offset, decoded_confidence=dec, strict_below=strict,
         seed_tensor=seed_t, offset_tensor=offset_t,
     )

@@ -14,7 +14,7 @@ import torch
 
 from .. import _rng
 from . import _status, _validate
-from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda, triton_kernels
+from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda
 from .guided_sample import _sample_rows_reference, bad_rows, guided_logits
 from .remask import check_remask_options, noisy_confidence_reference, select_lowest_reference
 
@@ -143,7 +143,7 @@ def self_guided_step(
             mask_token_id=mask_token_id, top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence,
         )
     return call_sampling_kernel(
-        "self_guided_step", triton_kernels("sampling").self_guided_step_triton, impl, logits.device,
+        "self_guided_step", "sampling.self_guided_step_triton", impl, logits.device,
         tokens, is_masked, logits, guide_logits, n, guidance_scale, temperature, tau, seed, offset,
         decoded_confidence=dec, strict_below=strict, mask_token_id=mask_token_id, top_k=top_k, top_p=top_p,
         min_p=min_p, confidence=confidence, seed_tensor=seed_t, offset_tensor=offset_t,
