@@ -34,8 +34,8 @@ def _setup(device, rows_total, d, vocab, dtype, seed=0):
     return h, hu, w, b
 
 
-def _cases(device):
-    big_d = 1024 if device == "cpu" else 4096
+def _cases(device, d=None):
+    big_d = d if d is not None else (1024 if device == "cpu" else 4096)
     dt = torch.float32 if device == "cpu" else torch.bfloat16
     return [
         # name, rows_total, decoded rows, d, V, dtype, cfg
@@ -127,10 +127,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--e2e", action="store_true", help="also the end-to-end generate row")
     p.add_argument("--only", nargs="*", help="case names (llada_step, llada_step_cfg, all_rows)")
+    p.add_argument("--d", type=int, default=None,
+                   help="hidden size of the llada_step cases (default: 1024 on CPU, 4096 on CUDA)")
     a = p.parse_args(argv)
     print("| case | impl | ms | speed-up | peak extra MB | % of logits tensor |")
     print("|---|---|---:|---:|---:|---:|")
-    for name, rows_total, n_dec, d, vocab, dtype, cfg in _cases(a.device):
+    for name, rows_total, n_dec, d, vocab, dtype, cfg in _cases(a.device, a.d):
         if a.only and name not in a.only:
             continue
         h, hu, w, b = _setup(a.device, rows_total, d, vocab, dtype)
