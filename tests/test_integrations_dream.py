@@ -325,7 +325,8 @@ class TinyDreamHF(torch.nn.Module):
         return self.model
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
-        return MaskedLMOutput(logits=self.lm_head(self.model(input_ids, attention_mask, position_ids).last_hidden_state))
+        hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
+        return MaskedLMOutput(logits=self.lm_head(hidden))
 
 
 def _masked_prompt(ids):

@@ -21,16 +21,17 @@ across the uniform (a difference of ~1 float32 ulp in a logit; tests/op_contract
 Filters and confidences (``top_k`` / ``top_p`` / ``min_p``, ``confidence="prob" | "margin" |
 "entropy"``, guided_sample's semantics, :mod:`sgkernels.ops.filters`): a filter needs order statistics
 of the whole row, which the fused kernels do not keep. So a call that needs them (a filter at
-``temperature > 0``, or a filter with a confidence, or a Dream confidence) takes the *row-chunk path*
+``temperature > 0``, or a Dream confidence) takes the *row-chunk path*
 on every backend: the selected rows are projected ``_CHUNK_BYTES // (4 V)`` rows at a time (float32
 logits of at most 8 MiB per chunk: 16 rows at V = 126464), and each chunk is sampled by guided_sample's
-reference sampler (float64, sort-based filters) in sub-chunks of ``_SAMPLE_BYTES`` of float32 logits
-(1 MiB on CPU: 2 rows at V = 126464, whose float64 temporaries are ~10x that; the whole chunk on CUDA),
-with each row's Philox uniform keyed by its row id as above. So the tokens equal
-``guided_sample(hidden @ W.T + b, ..., same filters)``'s up to the logits' rounding. The guided_sample
-kernels key a row by its position in their input, and cannot take row ids, hence the reference sampler
-here. At ``temperature == 0`` without a Dream confidence the filters cannot change the argmax (the top
-token is always kept) and ``logp`` is unfiltered, so such calls stay on the fused kernels.
+reference sampler (float64, sort-based filters; its float64 temporaries peak at ~15x the chunk's
+float32 logits: benchmarks/RESULTS.md), with each row's Philox uniform keyed by its row id as above.
+So the tokens equal ``guided_sample(hidden @ W.T + b, ..., same filters)``'s up to the logits'
+rounding. The guided_sample kernels key a row by its position in their input and take no row ids,
+hence the reference sampler here: it is exact but many times slower than those kernels (the place
+to swap in a kernel that takes row ids is :func:`_sample_chunked`). At ``temperature == 0`` without a
+Dream confidence the filters cannot change the argmax (the top token is always kept) and ``logp`` is
+unfiltered, so such calls stay on the fused kernels.
 """
 from __future__ import annotations
 
@@ -38,16 +39,17 @@ import torch
 
 from .. import _rng
 from .._backend import triton_available
-from . import _status, _validate
 from .._status_bits import NONFINITE_LOGITS
+from . import _status, _validate
 from ._dispatch import call_sampling_kernel, choose_impl
 from .filters import DREAM_CONFIDENCES, filters_active
 from .guided_sample import _sample_rows_reference, bad_rows
 
-# The row-chunk path (filters, Dream confidences): float32 logits per projected chunk, and per
-# sampled sub-chunk on CPU (the reference sampler's float64 temporaries are ~10x that).
+# The row-chunk path (filters, Dream confidences): float32 logits per projected chunk, and per call
+# of the reference sampler (each of its ~30 torch ops is a parallel region: fewer, larger calls are
+# much faster on a shared CPU; tests shrink both).
 _CHUNK_BYTES = 8 << 20
-_SAMPLE_BYTES = 1 << 20
+_SAMPLE_BYTES = 8 << 20
 _W_TILE_BYTES = 16 << 20  # a 16-bit weight is upcast to float32 this many bytes at a time
 _BAD_ROW = "logits: a sampled row had NaN or +inf logits (hidden @ weight.T + bias), or all -inf"
 
@@ -123,7 +125,7 @@ def _sample_chunked(h2, g2, ids, weight, bias, guidance_scale, temperature, top_
     logp = torch.empty(k, dtype=torch.float32, device=device)
     conf = torch.empty(k, dtype=torch.float32, device=device)
     chunk = max(1, _CHUNK_BYTES // (4 * vocab))
-    sub = max(1, _SAMPLE_BYTES // (4 * vocab)) if device.type == "cpu" else chunk
+    sub = max(1, _SAMPLE_BYTES // (4 * vocab))
     for s in range(0, k, chunk):
         e = min(k, s + chunk)
         logits = project(blend_hidden(h2[s:e], None if g2 is None else g2[s:e], guidance_scale), weight, bias)
