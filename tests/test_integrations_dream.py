@@ -394,3 +394,41 @@ def test_fused_head_explicit_head_patch_and_hooks():
     assert out.shape == plain.shape and not bool((out == MASK).any())
     with pytest.raises(ValueError, match="mask_token_id"):
         dream.diffusion_generate(model.model, ids, head=torch.nn.Linear(32, 8), **dict(kw, mask_token_id=9))
+
+
+def _upstream_dream():
+    """Dream's published ``generation_utils.py`` (Dream-org's Hugging Face repos, or NVlabs/Fast-dLLM
+    ``dream/model/generation_utils.py``) when ``SGK_DREAM_GENERATION_UTILS`` names a local copy."""
+    import importlib.util
+    import os
+
+    path = os.environ.get("SGK_DREAM_GENERATION_UTILS")
+    if not path or not os.path.exists(path):
+        pytest.skip("set SGK_DREAM_GENERATION_UTILS to a local copy of Dream's generation_utils.py")
+    spec = importlib.util.spec_from_file_location("dream_generation_utils_upstream", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("alg,filt,steps", [
+    ("origin", {}, 1), ("origin", dict(top_p=0.9), 1), ("maskgit_plus", {}, 4), ("maskgit_plus", dict(top_p=0.9), 10),
+    ("topk_margin", dict(top_k=4), 4), ("entropy", dict(top_p=0.95, top_k=4), 10), ("entropy", {}, 4),
+])
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_greedy_matches_upstream(alg, filt, steps, left_padded):
+    """Greedy: upstream Dream's ``_sample`` (origin with 1 step: its reveal draws do not matter), the
+    logits path and the fused-head path give the same tokens."""
+    up = _upstream_dream()
+    model = TinyDreamHF(sharpness=1.0 if filt else 3.0)
+    ids, am = _batch(left_padded)
+    cfg = up.DreamGenerationConfig(max_length=16, mask_token_id=MASK, steps=steps, eps=1e-3, alg=alg, alg_temp=None,
+                                   temperature=0.0, top_p=filt.get("top_p"), top_k=filt.get("top_k"),
+                                   output_history=False, return_dict_in_generate=False)
+    model.device = torch.device("cpu")  # what _sample reads of its ``self`` besides calling it
+    with torch.no_grad():
+        ref = up.DreamGenerationMixin._sample(model, ids.clone(), am, cfg, lambda s, x, lg: x, lambda s, x, lg: lg)
+    kw = dict(attention_mask=am, max_new_tokens=10, steps=steps, alg=alg, temperature=0.0, mask_token_id=MASK, seed=0,
+              **filt)
+    torch.testing.assert_close(dream.diffusion_generate(model, ids, **kw), ref, rtol=0, atol=0)
+    torch.testing.assert_close(dream.diffusion_generate(model, ids, fused_head=False, **kw), ref, rtol=0, atol=0)
