@@ -8,6 +8,7 @@ Greedy decoding must match token for token; ``origin`` and ``alg_temp`` are comp
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -274,3 +275,160 @@ def test_filter_argument_errors():
         check_confidence("logp", DREAM_CONFIDENCES)
     with pytest.raises(ValueError, match="confidence"):
         check_confidence("negentropy")
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused-head path (sgkernels.head_sample on the sampled rows; no [B, N, V] logits)
+
+
+class _TinyDreamBase(torch.nn.Module):
+    """TinyDream's backbone: ``forward(input_ids, attention_mask, position_ids)`` -> ``.last_hidden_state``."""
+
+    def __init__(self, d=32, seed=0, max_len=64):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Parameter(torch.randn(V, d, generator=gen))
+        self.pos = torch.nn.Parameter(torch.randn(max_len, d, generator=gen) * 0.5)
+        self.qkv = torch.nn.Parameter(torch.randn(d, 3 * d, generator=gen) / d**0.5)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        pos = torch.arange(input_ids.shape[1]) if position_ids is None else position_ids
+        h = self.emb[input_ids] + self.pos[pos]
+        q, k, v = (h @ self.qkv).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+        if isinstance(attention_mask, torch.Tensor):
+            scores = scores.masked_fill(~attention_mask[:, 0], -1e9)
+        return SimpleNamespace(last_hidden_state=h + torch.softmax(scores, -1) @ v)
+
+
+class TinyDreamHF(torch.nn.Module):
+    """Shaped like Dream's HF ``DreamModel``: ``.model`` (the base, ``get_decoder()``) and an ``lm_head``
+    beside it (``get_output_embeddings()``); ``forward(input_ids, attention_mask, position_ids)``."""
+
+    def __init__(self, seed=0, sharpness=3.0):
+        super().__init__()
+        self.model = _TinyDreamBase(seed=seed)
+        self.lm_head = torch.nn.Linear(32, V)
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.randn(V, 32, generator=gen) * sharpness / 32**0.5)
+            self.lm_head.bias.copy_(torch.randn(V, generator=gen))
+            self.lm_head.bias[MASK] = -1e4  # (practically) never predicts the mask
+        self.config = SimpleNamespace(vocab_size=V, mask_token_id=MASK, pad_token_id=PAD)
+        self.head_calls = 0
+        self.lm_head.register_forward_hook(lambda *a: setattr(self, "head_calls", self.head_calls + 1))
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_decoder(self):
+        return self.model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
+        return MaskedLMOutput(logits=self.lm_head(hidden))
+
+
+def _masked_prompt(ids):
+    """A prompt with a mask token at position 0 of one row (the logits path then materialises the shift)."""
+    ids = ids.clone()
+    ids[1, 0] = MASK
+    return ids
+
+
+@pytest.mark.parametrize("alg", dream.ALGS)
+@pytest.mark.parametrize("temperature,filt,alg_temp", [
+    (0.0, {}, None), (0.0, dict(top_p=0.9, top_k=4), None), (0.8, dict(top_p=0.9), None), (1.0, dict(top_k=3), 0.5),
+])
+@pytest.mark.parametrize("prompt", ["plain", "left_padded", "mask_at_0"])
+def test_fused_head_matches_logits_path(alg, temperature, filt, alg_temp, prompt):
+    """fused_head: the head is never called, head_sample projects the sampled rows of the shifted hidden
+    states with the logits path's row keys: the same tokens, greedy and sampled (same seed)."""
+    model = TinyDreamHF(sharpness=1.0 if filt else 3.0)
+    ids, am = _batch(prompt == "left_padded")
+    if prompt == "mask_at_0":
+        ids = _masked_prompt(ids)
+    kw = dict(attention_mask=am, max_new_tokens=8, steps=5, alg=alg, temperature=temperature, alg_temp=alg_temp,
+              mask_token_id=MASK, seed=11, **filt)
+    fused = dream.diffusion_generate(model, ids, **kw)
+    assert model.head_calls == 0
+    plain = dream.diffusion_generate(model, ids, fused_head=False, **kw)
+    assert model.head_calls > 0
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+    if prompt != "mask_at_0":  # (with a mask in a prompt, k is the batch mean: a row may keep masks, as in Dream)
+        assert not bool((fused[:, 6:] == MASK).any())
+
+
+@pytest.mark.parametrize("alg,filt", [("maskgit_plus", {}), ("topk_margin", dict(top_k=3)),
+                                      ("entropy", dict(top_p=0.95, top_k=4)), ("maskgit_plus", dict(top_p=0.9))])
+def test_fused_head_greedy_matches_reference(alg, filt):
+    """Left-padded batch, greedy: the fused path gives Dream's published sampler's tokens."""
+    model = TinyDreamHF(sharpness=1.0 if filt else 3.0)
+    ids, am = _batch(True)
+    ref = reference_generate(model, ids.clone(), am, max_new_tokens=10, steps=5, alg=alg, **filt)
+    out = dream.diffusion_generate(model, ids, attention_mask=am, max_new_tokens=10, steps=5, alg=alg, temperature=0.0,
+                                   mask_token_id=MASK, seed=0, **filt)
+    assert model.head_calls == 1 * 5  # the reference's calls only
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_fused_head_explicit_head_patch_and_hooks():
+    """head= with a backbone; patch() forwards head/fused_head; a hook forces the logits path."""
+    model = TinyDreamHF()
+    ids, am = _batch(True)
+    kw = dict(attention_mask=am, max_new_tokens=6, steps=6, alg="entropy", temperature=0.7, top_p=0.95,
+              mask_token_id=MASK, seed=4)
+    plain = dream.diffusion_generate(model, ids, fused_head=False, **kw)
+    calls = model.head_calls
+    assert torch.equal(dream.diffusion_generate(model.model, ids, head=model.lm_head, **kw), plain)
+    assert torch.equal(dream.diffusion_generate(model.model, ids, head=(model.lm_head.weight, model.lm_head.bias),
+                                                **kw), plain)
+    dream.patch(model)
+    assert torch.equal(model.diffusion_generate(ids, **kw), plain) and model.head_calls == calls
+    seen = []
+    out = model.diffusion_generate(ids, generation_tokens_hook_func=lambda step, x, logits: seen.append(logits) or x,
+                                   **kw)
+    # the hook gets the logits: the logits path ran (its materialised shift keys rows over all N positions, so
+    # the sampled tokens are another draw)
+    assert model.head_calls == calls + 6 and seen[0] is None and seen[1].shape == (3, 12, V)
+    assert out.shape == plain.shape and not bool((out == MASK).any())
+    with pytest.raises(ValueError, match="mask_token_id"):
+        dream.diffusion_generate(model.model, ids, head=torch.nn.Linear(32, 8), **dict(kw, mask_token_id=9))
+
+
+def _upstream_dream():
+    """Dream's published ``generation_utils.py`` (Dream-org's Hugging Face repos, or NVlabs/Fast-dLLM
+    ``dream/model/generation_utils.py``) when ``SGK_DREAM_GENERATION_UTILS`` names a local copy."""
+    import importlib.util
+    import os
+
+    path = os.environ.get("SGK_DREAM_GENERATION_UTILS")
+    if not path or not os.path.exists(path):
+        pytest.skip("set SGK_DREAM_GENERATION_UTILS to a local copy of Dream's generation_utils.py")
+    spec = importlib.util.spec_from_file_location("dream_generation_utils_upstream", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("alg,filt,steps", [
+    ("origin", {}, 1), ("origin", dict(top_p=0.9), 1), ("maskgit_plus", {}, 4), ("maskgit_plus", dict(top_p=0.9), 10),
+    ("topk_margin", dict(top_k=4), 4), ("entropy", dict(top_p=0.95, top_k=4), 10), ("entropy", {}, 4),
+])
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_greedy_matches_upstream(alg, filt, steps, left_padded):
+    """Greedy: upstream Dream's ``_sample`` (origin with 1 step: its reveal draws do not matter), the
+    logits path and the fused-head path give the same tokens."""
+    up = _upstream_dream()
+    model = TinyDreamHF(sharpness=1.0 if filt else 3.0)
+    ids, am = _batch(left_padded)
+    cfg = up.DreamGenerationConfig(max_length=16, mask_token_id=MASK, steps=steps, eps=1e-3, alg=alg, alg_temp=None,
+                                   temperature=0.0, top_p=filt.get("top_p"), top_k=filt.get("top_k"),
+                                   output_history=False, return_dict_in_generate=False)
+    model.device = torch.device("cpu")  # what _sample reads of its ``self`` besides calling it
+    with torch.no_grad():
+        ref = up.DreamGenerationMixin._sample(model, ids.clone(), am, cfg, lambda s, x, lg: x, lambda s, x, lg: lg)
+    kw = dict(attention_mask=am, max_new_tokens=10, steps=steps, alg=alg, temperature=0.0, mask_token_id=MASK, seed=0,
+              **filt)
+    torch.testing.assert_close(dream.diffusion_generate(model, ids, **kw), ref, rtol=0, atol=0)
+    torch.testing.assert_close(dream.diffusion_generate(model, ids, fused_head=False, **kw), ref, rtol=0, atol=0)

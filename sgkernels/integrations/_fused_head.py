@@ -32,17 +32,18 @@ _NONLINEAR_LOGIT_FLAGS = ("scale_logits", "final_logit_softcapping", "logit_scal
 
 @dataclasses.dataclass
 class FusedHead:
-    """How to get a model's last hidden states and its head: ``hidden(x, **kw)`` -> ``[B, L, d]``."""
+    """How to get a model's last hidden states and its head: ``hidden(x, *args, **kw)`` -> ``[B, L, d]``."""
 
-    run: object  # callable(x, **kw) -> output (tensor / .last_hidden_state / .logits holding the hidden)
+    run: object  # callable(x, *args, **kw) -> output (tensor / .last_hidden_state / .logits holding the hidden)
     weight: torch.Tensor
     bias: torch.Tensor | None
     swap: object = None  # (model, head module) for shape 3
 
-    def hidden(self, x, **kw) -> torch.Tensor:
+    def hidden(self, x, *args, **kw) -> torch.Tensor:
+        """The backbone's last hidden states ``[B, L, d]`` for ``x`` (``args``/``kw``: the model's other inputs)."""
         ctx = _swapped(*self.swap) if self.swap is not None else contextlib.nullcontext()
         with ctx:
-            out = self.run(x, **kw)
+            out = self.run(x, *args, **kw)
         if isinstance(out, torch.Tensor):
             h = out
         elif getattr(out, "last_hidden_state", None) is not None:

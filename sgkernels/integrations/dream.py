@@ -53,6 +53,18 @@ masked positions from the tempered, filtered distribution, computes Dream's conf
 pass (``confidence="prob" | "margin" | "entropy"``) and re-masks the least confident (with
 ``choice_temperature=alg_temp``). For ``origin``, one :func:`sgkernels.guided_sample` with the
 filters on the masked rows.
+
+Fused head (``fused_head=True``, the default, when the head is known: Dream's HF ``lm_head`` beside
+its base model, or ``head=``; see sgkernels/integrations/_fused_head.py): the backbone runs without
+its head and :func:`sgkernels.head_sample` projects only the rows that are sampled, so no
+``[B, N, V]`` logits exist. The shift moves to the hidden states (position j reads hidden state
+j - 1, position 0 its own), and the rows keep the logits path's Philox keys, so the tokens are the
+logits path's (greedy: exactly, up to near-ties of the GEMM's rounding; sampled: the same for the
+same seed, up to that rounding). Per step: ``origin`` projects the revealed masked rows only; the
+other algs sample every masked row with the confidence (head_sample's row-chunk path: filters and
+Dream's confidences need the whole row) and re-mask with :func:`sgkernels.remask_lowest_confidence`,
+as self_guided_step does. With a ``generation_tokens_hook_func`` or ``generation_logits_hook_func``
+(they receive the logits) the logits path is used.
 """
 from __future__ import annotations
 
@@ -65,15 +77,16 @@ from dataclasses import dataclass
 import torch
 
 from .. import _rng
-from ..ops import guided_sample, self_guided_step
+from ..ops import guided_sample, head_sample, remask_lowest_confidence, self_guided_step
 from ..ops._validate import check_filters
+from . import _fused_head
 
 try:
     from transformers.utils import ModelOutput
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("sgkernels.integrations.dream needs transformers: pip install transformers") from e
 
-__all__ = ["ALGS", "DreamModelOutput", "diffusion_generate", "dream_step", "patch"]
+__all__ = ["ALGS", "DreamModelOutput", "diffusion_generate", "dream_step", "fused_dream_step", "patch"]
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 _CONFIDENCE = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "entropy"}
@@ -176,6 +189,19 @@ def transfer_count(num_masked: torch.Tensor, batch: int, t: torch.Tensor, s: tor
     return int(mean) if last else int(mean * (1 - s / t))
 
 
+def _filters(top_k, top_p) -> dict:
+    top_k_, top_p_, _ = check_filters(0 if top_k is None else top_k, 1.0 if top_p is None else top_p)
+    return dict(top_k=top_k_, top_p=top_p_)
+
+
+def _revealed(x, masked, p_transfer, seed, offset):
+    """``origin``: the masked positions revealed this step, each with probability ``p_transfer``
+    (uniforms from stream offset ``2 * offset + 1``, keyed by the position in ``x``)."""
+    w = _rng.row_words(seed, 2 * offset + 1, torch.arange(x.numel(), device=x.device))
+    u = _rng.token_uniform(w[2], w[3]).reshape(x.shape)
+    return masked & (u < float(p_transfer))
+
+
 def dream_step(
     x: torch.Tensor,
     masked: torch.Tensor,
@@ -192,14 +218,10 @@ def dream_step(
     offset: int,
 ) -> torch.Tensor:
     """One Dream step on ``x`` ``[B, N]`` with the (already shifted) ``logits`` ``[B, N, V]``; returns the new x."""
-    top_k_, top_p_, _ = check_filters(0 if top_k is None else top_k, 1.0 if top_p is None else top_p)
-    filt = dict(top_k=top_k_, top_p=top_p_)
+    filt = _filters(top_k, top_p)
     alg_temp = float(alg_temp or 0.0)
     if alg == "origin":
-        # reveal each masked position with probability p_transfer (uniforms from stream offset 2*offset+1)
-        w = _rng.row_words(seed, 2 * offset + 1, torch.arange(x.numel(), device=x.device))
-        u = _rng.token_uniform(w[2], w[3]).reshape(x.shape)
-        masked = masked & (u < float(p_transfer))
+        masked = _revealed(x, masked, p_transfer, seed, offset)
         if not bool(masked.any()):
             return x
         tokens_m, _ = guided_sample(logits[masked], temperature=temperature, seed=seed, offset=2 * offset, **filt)
@@ -214,16 +236,57 @@ def dream_step(
     return new_x
 
 
+def fused_dream_step(
+    x: torch.Tensor,
+    masked: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    *,
+    alg: str,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    alg_temp: float | None,
+    p_transfer: float | torch.Tensor,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
+    """:func:`dream_step` with ``logits = hidden @ weight.T + bias`` never formed: ``hidden`` ``[B, N, d]``
+    (already shifted like the logits), only the sampled rows projected, with the same row keys."""
+    filt = _filters(top_k, top_p)
+    if alg == "origin":
+        masked = _revealed(x, masked, p_transfer, seed, offset)
+        if not bool(masked.any()):
+            return x
+        tokens_m, _ = head_sample(hidden[masked], weight, bias, temperature=temperature, seed=seed, offset=2 * offset,
+                                  **filt)
+        tokens = x.clone()
+        tokens[masked] = tokens_m
+        return tokens
+    tokens, _, conf = head_sample(hidden, weight, bias, temperature=temperature, confidence=_CONFIDENCE[alg],
+                                  seed=seed, offset=2 * offset, rows=masked, **filt)
+    n_remask = (masked.sum(-1) - k).clamp_min(0)
+    remask = remask_lowest_confidence(conf, masked, n_remask, choice_temperature=float(alg_temp or 0.0), seed=seed,
+                                      offset=2 * offset)
+    return torch.where(masked & ~remask, tokens, x)
+
+
 @torch.no_grad()
 def diffusion_generate(model, inputs: torch.Tensor | None = None, generation_config=None, *, seed: int | None = None,
-                       **kwargs):
+                       head=None, fused_head: bool = True, **kwargs):
     """Dream's ``model.diffusion_generate(inputs, generation_config=None, **kwargs)`` (see the module docstring).
 
     Keyword arguments: ``attention_mask``, ``generation_tokens_hook_func``,
     ``generation_logits_hook_func``, and any field of Dream's generation config (``max_new_tokens``,
     ``max_length``, ``steps``, ``eps``, ``temperature``, ``top_p``, ``top_k``, ``alg``, ``alg_temp``,
     ``output_history``, ``return_dict_in_generate``, ``num_return_sequences``, ``mask_token_id`` ...);
-    ``seed``: the sgkernels RNG seed. Raises ValueError naming the argument on bad input (``top_p``
+    ``seed``: the sgkernels RNG seed. ``head``: the LM head (``nn.Linear`` or ``(weight, bias)``) when
+    ``model`` is a backbone returning hidden states (called ``model(x, attention_mask, position_ids)``);
+    None: found on HF models (Dream's ``lm_head``). ``fused_head``: with a known head and no hooks, run
+    the backbone without its head and sample with :func:`sgkernels.head_sample` on the sampled rows only
+    (module docstring); False: always the logits path. Raises ValueError naming the argument on bad input (``top_p``
     outside (0, 1], ``top_k`` < 0, unknown ``alg``, ``attention_mask`` not shaped like ``inputs``,
     ``mask_token_id`` outside the vocabulary ...), TypeError on unknown keywords.
     """
@@ -264,8 +327,17 @@ def diffusion_generate(model, inputs: torch.Tensor | None = None, generation_con
         x = tokens_hook(None, x, None)
     step_kw = dict(alg=c.alg, temperature=float(c.temperature), top_p=c.top_p, top_k=c.top_k, alg_temp=c.alg_temp,
                    seed=seed)
+    hooked = tokens_hook is not None or logits_hook is not None
+    fh = None if hooked else _fused_head.resolve(model, head, fused_head)
+    if fh is not None and mask_id >= fh.weight.shape[0]:
+        raise ValueError(f"mask_token_id: {mask_id} is outside the model's vocabulary (V = {fh.weight.shape[0]})")
     for i in range(c.steps):
         masked = x == mask_id
+        if fh is not None:
+            x = _fused_step(fh, x, masked, attn, tok_idx, c, timesteps, i, step_kw)
+            if histories is not None:
+                histories.append(x.clone())
+            continue
         out = model(x, attn, tok_idx).logits
         if i == 0 and mask_id >= out.shape[-1]:
             raise ValueError(f"mask_token_id: {mask_id} is outside the model's vocabulary (V = {out.shape[-1]})")
@@ -273,7 +345,6 @@ def diffusion_generate(model, inputs: torch.Tensor | None = None, generation_con
         last = i == c.steps - 1
         k = None if c.alg == "origin" else transfer_count(masked.sum(), x.shape[0], t, s, last)
         p_transfer = 1.0 if last else 1 - s / t
-        hooked = tokens_hook is not None or logits_hook is not None
         if hooked or bool(masked[:, 0].any()):
             logits = torch.cat([out[:, :1], out[:, :-1]], dim=1)
             if logits_hook is not None:
@@ -290,6 +361,25 @@ def diffusion_generate(model, inputs: torch.Tensor | None = None, generation_con
     if c.return_dict_in_generate:
         return DreamModelOutput(sequences=x, history=histories)
     return x
+
+
+def _fused_step(fh, x, masked, attn, tok_idx, c, timesteps, i, step_kw):
+    """One step of :func:`diffusion_generate` on the fused-head path: the same shift, row keys and
+    schedule as the logits path, with the shift applied to the hidden states."""
+    t, s = timesteps[i], timesteps[i + 1]
+    last = i == c.steps - 1
+    k = None if c.alg == "origin" else transfer_count(masked.sum(), x.shape[0], t, s, last)
+    if k == 0:  # the step changes nothing (no hook to call): skip the model
+        return x
+    hid = fh.hidden(x, attn, tok_idx)
+    p_transfer = 1.0 if last else 1 - s / t
+    kw = dict(p_transfer=p_transfer, offset=i, **step_kw)
+    if bool(masked[:, 0].any()):  # the logits path's materialised shift: rows keyed over all N positions
+        shifted = torch.cat([hid[:, :1], hid[:, :-1]], dim=1)
+        return fused_dream_step(x, masked, shifted, fh.weight, fh.bias, k, **kw)
+    # the logits path's view: positions 1.. are predicted by hidden states 0..
+    tail = fused_dream_step(x[:, 1:], masked[:, 1:], hid[:, :-1], fh.weight, fh.bias, k, **kw)
+    return torch.cat([x[:, :1], tail], dim=1)
 
 
 def patch(model):

@@ -18,10 +18,20 @@ and only that tile's logits are computed again. So with the same seed/offset the
 guided_sample's on the materialised logits, except where the GEMM's rounding moves a CDF step
 across the uniform (a difference of ~1 float32 ulp in a logit; tests/op_contract.py TOLERANCES).
 
-Filters (top_k / top_p / min_p) are not part of this op yet. Their extension point is pass 1: a
-filter needs order statistics of the whole row, which the per-tile statistics can carry (per-tile
-top-k candidates merged across tiles, then the filter and the inverse CDF on the candidates);
-``head_sample`` takes no filter arguments until its kernels do that.
+Filters and confidences (``top_k`` / ``top_p`` / ``min_p``, ``confidence="prob" | "margin" |
+"entropy"``, guided_sample's semantics, :mod:`sgkernels.ops.filters`): a filter needs order statistics
+of the whole row, which the fused kernels do not keep. So a call that needs them (a filter at
+``temperature > 0``, or a Dream confidence) takes the *row-chunk path*
+on every backend: the selected rows are projected ``_CHUNK_BYTES // (4 V)`` rows at a time (float32
+logits of at most 8 MiB per chunk: 16 rows at V = 126464), and each chunk is sampled by guided_sample's
+reference sampler (float64, sort-based filters; its float64 temporaries peak at ~15x the chunk's
+float32 logits: benchmarks/RESULTS.md), with each row's Philox uniform keyed by its row id as above.
+So the tokens equal ``guided_sample(hidden @ W.T + b, ..., same filters)``'s up to the logits'
+rounding. The guided_sample kernels key a row by its position in their input and take no row ids,
+hence the reference sampler here: it is exact but many times slower than those kernels (the place
+to swap in a kernel that takes row ids is :func:`_sample_chunked`). At ``temperature == 0`` without a
+Dream confidence the filters cannot change the argmax (the top token is always kept) and ``logp`` is
+unfiltered, so such calls stay on the fused kernels.
 """
 from __future__ import annotations
 
@@ -29,9 +39,19 @@ import torch
 
 from .. import _rng
 from .._backend import triton_available
+from .._status_bits import NONFINITE_LOGITS
 from . import _status, _validate
 from ._dispatch import call_sampling_kernel, choose_impl
+from .filters import DREAM_CONFIDENCES, filters_active
 from .guided_sample import _sample_rows_reference, bad_rows
+
+# The row-chunk path (filters, Dream confidences): float32 logits per projected chunk, and per call
+# of the reference sampler (each of its ~30 torch ops is a parallel region: fewer, larger calls are
+# much faster on a shared CPU; tests shrink both).
+_CHUNK_BYTES = 8 << 20
+_SAMPLE_BYTES = 8 << 20
+_W_TILE_BYTES = 16 << 20  # a 16-bit weight is upcast to float32 this many bytes at a time
+_BAD_ROW = "logits: a sampled row had NaN or +inf logits (hidden @ weight.T + bias), or all -inf"
 
 
 def blend_hidden(hidden: torch.Tensor, guide_hidden: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
@@ -52,18 +72,78 @@ def _row_ids(rows, lead: torch.Size, n: int, device: torch.device):
     return "index", rows.to(torch.int64)
 
 
-def _expand(kind: str, lead: torch.Size, ids, tokens: torch.Tensor, logp: torch.Tensor):
-    """The outputs of the selected rows in the documented layout of ``rows``'s kind."""
+def _expand(kind: str, lead: torch.Size, ids, tokens: torch.Tensor, logp: torch.Tensor, conf=None):
+    """The outputs of the selected rows in the documented layout of ``rows``'s kind (``conf``: also
+    the confidences, as a third output)."""
+    outs = (tokens, logp) if conf is None else (tokens, logp, conf)
     if kind == "all":
-        return tokens.reshape(lead), logp.reshape(lead)
+        return tuple(o.reshape(lead) for o in outs)
     if kind == "index":
-        return tokens, logp
+        return outs
     n = lead.numel()
-    full_t = torch.full((n,), -1, dtype=torch.int64, device=tokens.device)
-    full_l = torch.zeros((n,), dtype=torch.float32, device=tokens.device)
-    full_t[ids] = tokens
-    full_l[ids] = logp
-    return full_t.reshape(lead), full_l.reshape(lead)
+    full = []
+    for i, o in enumerate(outs):
+        f = (torch.full((n,), -1, dtype=torch.int64, device=o.device) if i == 0
+             else torch.zeros((n,), dtype=torch.float32, device=o.device))
+        f[ids] = o
+        full.append(f.reshape(lead))
+    return tuple(full)
+
+
+def _needs_chunks(temperature: float, top_k: int, top_p: float, min_p: float, confidence: str | None) -> bool:
+    """Whether a call needs whole-row order statistics: the row-chunk path (module docstring)."""
+    if confidence in DREAM_CONFIDENCES:
+        return True
+    return filters_active(top_k, top_p, min_p) and temperature != 0.0
+
+
+def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``h @ weight.T + bias`` [R, V] of float32 ``h`` [R, d], as the reference computes it
+    (``weight`` upcast to float32; a 16-bit weight in vocabulary tiles of ``_W_TILE_BYTES``, so no
+    float32 copy of the whole head is made)."""
+    if weight.dtype == torch.float32:
+        logits = h @ weight.T
+    else:
+        vocab, d = weight.shape
+        logits = torch.empty((h.shape[0], vocab), dtype=torch.float32, device=h.device)
+        tile = max(1, _W_TILE_BYTES // (4 * d))
+        for t in range(0, vocab, tile):
+            torch.matmul(h, weight[t:t + tile].float().T, out=logits[:, t:t + tile])
+    if bias is not None:
+        logits += bias.float()
+    return logits
+
+
+def _sample_chunked(h2, g2, ids, weight, bias, guidance_scale, temperature, top_k, top_p, min_p, confidence,
+                    seed, offset):
+    """The row-chunk path: ``(tokens [K], logp [K], conf [K])`` of the selected rows ``h2``/``g2``
+    ``[K, d]`` with Philox row keys ``ids`` [K] (module docstring). Bad rows: ValueError on CPU; on
+    CUDA the status flag (token 0, logp NaN), as the kernels."""
+    k, vocab = h2.shape[0], weight.shape[0]
+    device = h2.device
+    tokens = torch.empty(k, dtype=torch.int64, device=device)
+    logp = torch.empty(k, dtype=torch.float32, device=device)
+    conf = torch.empty(k, dtype=torch.float32, device=device)
+    chunk = max(1, _CHUNK_BYTES // (4 * vocab))
+    sub = max(1, _SAMPLE_BYTES // (4 * vocab))
+    for s in range(0, k, chunk):
+        e = min(k, s + chunk)
+        logits = project(blend_hidden(h2[s:e], None if g2 is None else g2[s:e], guidance_scale), weight, bias)
+        bad = bad_rows(logits)
+        if device.type == "cpu":
+            _status.raise_if(bad.any(), _BAD_ROW)
+        else:  # no host sync: flag it, as the kernels do
+            _status.status_buffer(device).bitwise_or_(bad.any().to(torch.int32) * NONFINITE_LOGITS)
+        for a in range(s, e, sub):
+            b = min(e, a + sub)
+            w0, w1, _, _ = _rng.row_words(seed, offset, ids[a:b])
+            t, lp, cf = _sample_rows_reference(logits[a - s:b - s], temperature, _rng.token_uniform(w0, w1),
+                                               top_k, top_p, min_p, confidence or "logp")
+            tokens[a:b], logp[a:b], conf[a:b] = t, lp, cf
+        if device.type != "cpu":
+            tokens[s:e].masked_fill_(bad, 0)
+            logp[s:e].masked_fill_(bad, float("nan"))
+    return tokens, logp, conf
 
 
 def head_sample_reference(
@@ -74,12 +154,17 @@ def head_sample_reference(
     *,
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    confidence: str | None = None,
     seed: int,
     offset: int = 0,
     rows: torch.Tensor | None = None,
 ):
     """Plain-PyTorch spec of :func:`head_sample`: float32 ``blend(hidden) @ weight.T + bias`` of the
-    selected rows, then guided_sample's float64 inverse-CDF sampler with each row's Philox uniform.
+    selected rows, then guided_sample's float64 inverse-CDF sampler (and its filters and confidence)
+    with each row's Philox uniform.
 
     Raises ValueError for a selected row that cannot be sampled (NaN/+inf logits, or all -inf).
     """
@@ -93,11 +178,11 @@ def head_sample_reference(
     logits = h @ weight.float().T
     if bias is not None:
         logits = logits + bias.float()
-    _status.raise_if(bad_rows(logits).any(),
-                     "logits: a sampled row had NaN or +inf logits (hidden @ weight.T + bias), or all -inf")
+    _status.raise_if(bad_rows(logits).any(), _BAD_ROW)
     w0, w1, _, _ = _rng.row_words(seed, offset, sel)
-    tokens, logp, _ = _sample_rows_reference(logits, temperature, _rng.token_uniform(w0, w1))
-    return _expand(kind, lead, ids, tokens, logp)
+    tokens, logp, conf = _sample_rows_reference(logits, temperature, _rng.token_uniform(w0, w1), top_k, top_p, min_p,
+                                                confidence or "logp")
+    return _expand(kind, lead, ids, tokens, logp, None if confidence is None else conf)
 
 
 def head_sample(
@@ -108,6 +193,10 @@ def head_sample(
     *,
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    confidence: str | None = None,
     seed: int | None = None,
     offset: int = 0,
     rows: torch.Tensor | None = None,
@@ -127,6 +216,11 @@ def head_sample(
         guide_hidden: ``[..., d]`` like ``hidden`` (guide / unconditional branch), or None.
         guidance_scale: s, any finite float.
         temperature: >= 0.
+        top_k: int >= 0, 0 = off. top_p: float in (0, 1], 1 = off. min_p: float in [0, 1], 0 = off.
+            guided_sample's filters of ``softmax(logits / temperature)`` (:mod:`sgkernels.ops.filters`).
+        confidence: None (two outputs), or ``"logp" | "prob" | "margin" | "entropy"``: also return
+            that confidence of each row, as guided_sample does. Filters at ``temperature > 0`` and
+            the Dream confidences run the row-chunk path (module docstring).
         seed: int in [0, 2**63), or None to draw one from torch's default generator.
         offset: stream offset. A row's uniform is keyed by its index in ``hidden``'s flattened
             leading dims, whatever ``rows`` selects.
@@ -135,7 +229,8 @@ def head_sample(
             outside (on CUDA the mask costs one host sync, ``nonzero``). An integer index tensor
             ``[K]`` into the flattened leading dims (no sync): outputs are ``[K]``, in its order.
     Returns:
-        ``tokens`` int64 and ``logp`` float32, shaped as described under ``rows``.
+        ``tokens`` int64 and ``logp`` float32 (untempered, unfiltered), and with ``confidence`` given
+        ``conf`` float32, shaped as described under ``rows`` (conf 0 on the rows a mask leaves out).
     Raises:
         TypeError/ValueError on bad arguments. A selected row whose logits have NaN/+inf (non-finite
         hidden states or weights) or are all -inf raises ValueError at once on CPU; on CUDA it sets the
@@ -149,6 +244,9 @@ def head_sample(
         _validate.check_same("guide_hidden", guide_hidden, "hidden", hidden)
     guidance_scale = _validate.check_guidance_scale(guidance_scale)
     temperature = _validate.check_float("temperature", temperature)
+    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    if confidence is not None:
+        _validate.check_confidence(confidence)
     seed = _rng.resolve_seed(seed)
     offset = _rng.check_offset(offset)
     lead = hidden.shape[:-1]
@@ -157,8 +255,8 @@ def head_sample(
     impl = choose_impl(hidden.device)
     if impl == "torch":
         return head_sample_reference(
-            hidden, weight, bias, guide_hidden, guidance_scale=guidance_scale, temperature=temperature,
-            seed=seed, offset=offset, rows=rows,
+            hidden, weight, bias, guide_hidden, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+            top_p=top_p, min_p=min_p, confidence=confidence, seed=seed, offset=offset, rows=rows,
         )
     kind, ids = _row_ids(rows, lead, n, hidden.device)
     h2 = hidden.reshape(n, d)
@@ -166,11 +264,17 @@ def head_sample(
     if ids is not None:
         h2 = h2.index_select(0, ids)
         g2 = None if g2 is None else g2.index_select(0, ids)
+    if _needs_chunks(temperature, top_k, top_p, min_p, confidence):
+        keys = torch.arange(n, device=hidden.device) if ids is None else ids
+        tokens, logp, conf = _sample_chunked(h2, g2, keys, weight, bias, guidance_scale, temperature, top_k, top_p,
+                                             min_p, confidence, seed, offset)
+        return _expand(kind, lead, ids, tokens, logp, None if confidence is None else conf)
     tokens, logp = call_sampling_kernel(
         "head_sample", "head_sample.head_sample_triton", impl, hidden.device,
         h2, weight, bias, g2, ids, guidance_scale, temperature, seed, offset,
     )
-    return _expand(kind, lead, ids, tokens, logp)
+    # here the confidence is "logp" (a Dream confidence takes the chunk path)
+    return _expand(kind, lead, ids, tokens, logp, None if confidence is None else logp)
 
 
 @torch.library.register_fake("sgkernels::head_sample")
