@@ -38,10 +38,9 @@ from __future__ import annotations
 import torch
 
 from .. import _rng
-from .._backend import triton_available
 from .._status_bits import NONFINITE_LOGITS
 from . import _status, _validate
-from ._dispatch import call_sampling_kernel, choose_impl
+from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda
 from .filters import DREAM_CONFIDENCES, filters_active
 from .guided_sample import _sample_rows_reference, bad_rows
 
@@ -283,15 +282,4 @@ def _head_sample_fake(hidden, weight, bias, guide_hidden, row_ids, guidance_scal
     return hidden.new_empty((r,), dtype=torch.int64), hidden.new_empty((r,), dtype=torch.float32)
 
 
-def _triton():
-    from ..kernels import head_sample
-
-    return head_sample
-
-
-def _head_sample_cuda(*args):
-    return _triton().head_sample_triton(*args)
-
-
-if triton_available():
-    torch.library.register_kernel("sgkernels::head_sample", "cuda", _head_sample_cuda)
+register_triton_cuda("head_sample", "head_sample", "head_sample_triton")
