@@ -137,3 +137,14 @@ def measure(fn, device: str, quick: bool, **row) -> dict:
     row["ms"] = median_ms(fn, device, repeats=repeats, warmup=1 if quick else 3)
     row["peak_mb"] = peak_mb(fn, device)
     return row
+
+
+def measure_interleaved(impls: list[tuple], device: str, quick: bool, **common) -> list[dict]:
+    """Rows of several implementations of one op, timed interleaved (:func:`median_ms_interleaved`).
+
+    ``impls``: ``(fn, row)`` pairs, ``row`` the keys of that implementation's row (``impl=...``);
+    ``common``: the keys every row shares. Peak memory is measured after the timings, one call each.
+    """
+    fns = {i: fn for i, (fn, _) in enumerate(impls)}
+    ms = median_ms_interleaved(fns, device, repeats=3 if quick else 10, warmup=1 if quick else 3)
+    return [dict(common, **row, ms=ms[i], peak_mb=peak_mb(fn, device)) for i, (fn, row) in enumerate(impls)]

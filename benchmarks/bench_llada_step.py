@@ -10,6 +10,9 @@
   against :func:`sgkernels.integrations.dream.dream_step` (top_p still through the sort-based
   reference filter until the fused ops take it).
 
+Each op's implementations are timed interleaved (one call of each per round), so load from other
+processes hits them alike.
+
 Shapes: GPU B = 1 and 8, L = 1024, V = 126464 (LLaDA-8B's vocabulary), bfloat16 logits. CPU: B = 1,
 L = 256 only: the anchor holds ~5 float64 copies of [B, L, V] (B = 8, L = 1024 would need ~40 GB).
 """
@@ -21,7 +24,7 @@ from sgkernels.integrations.dream import dream_step
 from sgkernels.integrations.llada import llada_step
 
 from . import anchors
-from ._timing import measure
+from ._timing import measure_interleaved
 
 VOCAB, MASK_ID, CFG = 126464, 126336, 1.0
 
@@ -34,15 +37,15 @@ def llada_rows(batch, length, device, quick, dtype=torch.float32, temperature=1.
     candidates = torch.ones(batch, length, dtype=torch.bool, device=device)
     k = torch.full((batch,), length // 8, device=device)
     common = dict(op="llada_step", shape=f"B={batch} L={length} V={VOCAB} cfg", dtype=str(dtype).replace("torch.", ""))
-    return [
-        measure(lambda: llada_step(x, candidates, cond, uncond, k, cfg_scale=CFG, temperature=temperature, seed=0),
-                device, quick, impl="sgkernels", bytes=cond.numel() * cond.element_size() * 2, **common),
-        measure(lambda: anchors.llada_step(x, candidates, cond, uncond, k, cfg_scale=CFG, temperature=temperature),
-                device, quick, impl="LLaDA step", **common),
-        measure(lambda: anchors.llada_step(x, candidates, cond, uncond, k, cfg_scale=CFG, temperature=temperature,
-                                           softmax_dtype=torch.float64),
-                device, quick, impl="LLaDA step (float64 softmax, before 2025-06-02)", **common),
-    ]
+    return measure_interleaved([
+        (lambda: llada_step(x, candidates, cond, uncond, k, cfg_scale=CFG, temperature=temperature, seed=0),
+         dict(impl="sgkernels", bytes=cond.numel() * cond.element_size() * 2)),
+        (lambda: anchors.llada_step(x, candidates, cond, uncond, k, cfg_scale=CFG, temperature=temperature),
+         dict(impl="LLaDA step")),
+        (lambda: anchors.llada_step(x, candidates, cond, uncond, k, cfg_scale=CFG, temperature=temperature,
+                                    softmax_dtype=torch.float64),
+         dict(impl="LLaDA step (float64 softmax, before 2025-06-02)")),
+    ], device, quick, **common)
 
 
 def fast_dllm_rows(batch, length, device, quick, dtype=torch.float32, temperature=0.0):
@@ -52,12 +55,12 @@ def fast_dllm_rows(batch, length, device, quick, dtype=torch.float32, temperatur
     candidates = torch.ones(batch, length, dtype=torch.bool, device=device)
     common = dict(op="fast_dllm_threshold_step", shape=f"B={batch} L={length} V={VOCAB} thr=0.9",
                   dtype=str(dtype).replace("torch.", ""))
-    return [
-        measure(lambda: llada_step(x, candidates, logits, None, None, temperature=temperature, threshold=0.9, seed=0),
-                device, quick, impl="sgkernels", bytes=logits.numel() * logits.element_size(), **common),
-        measure(lambda: anchors.fast_dllm_threshold_step(x, candidates, logits, threshold=0.9, temperature=temperature),
-                device, quick, impl="Fast-dLLM threshold step", **common),
-    ]
+    return measure_interleaved([
+        (lambda: llada_step(x, candidates, logits, None, None, temperature=temperature, threshold=0.9, seed=0),
+         dict(impl="sgkernels", bytes=logits.numel() * logits.element_size())),
+        (lambda: anchors.fast_dllm_threshold_step(x, candidates, logits, threshold=0.9, temperature=temperature),
+         dict(impl="Fast-dLLM threshold step")),
+    ], device, quick, **common)
 
 
 def dream_rows(batch, length, device, quick, dtype=torch.float32):
@@ -68,13 +71,12 @@ def dream_rows(batch, length, device, quick, dtype=torch.float32):
     k = length // 8
     common = dict(op="dream_step", shape=f"B={batch} L={length} V={VOCAB} top_p=0.95", dtype=str(dtype).replace("torch.", ""))
     kw = dict(temperature=0.2, top_p=0.95)
-    return [
-        measure(lambda: dream_step(x, masked, logits, k, alg="maskgit_plus", top_k=None, alg_temp=None, p_transfer=1.0,
-                                   seed=0, offset=0, **kw),
-                device, quick, impl="sgkernels", bytes=logits.numel() * logits.element_size(), **common),
-        measure(lambda: anchors.dream_step(x, masked, logits, k, mask_id=MASK_ID, **kw),
-                device, quick, impl="Dream sampler step", **common),
-    ]
+    return measure_interleaved([
+        (lambda: dream_step(x, masked, logits, k, alg="maskgit_plus", top_k=None, alg_temp=None, p_transfer=1.0,
+                            seed=0, offset=0, **kw),
+         dict(impl="sgkernels", bytes=logits.numel() * logits.element_size())),
+        (lambda: anchors.dream_step(x, masked, logits, k, mask_id=MASK_ID, **kw), dict(impl="Dream sampler step")),
+    ], device, quick, **common)
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:

@@ -170,6 +170,31 @@ def test_greedy_is_first_argmax(backend):
     torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0])
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=DTYPE_IDS.get)
+def test_greedy_max_across_chunks(backend, dtype):
+    """Greedy rows whose max moves along the row (the C++ kernel keeps the sum of exps against a running
+    max over 1024-element chunks): the first argmax and the reference's logp, with and without a guide."""
+    v = 3000
+    ar = torch.arange(v, dtype=torch.float32)
+    rows = torch.stack([
+        ar / 100,                                    # the max grows in every chunk
+        -ar / 100,                                   # the max is the first entry
+        torch.where((ar == 1500) | (ar == 2500), 1.0, 0.0),  # tied maxima in two chunks: the first wins
+        torch.where(ar < 2100, float("-inf"), ar / 1000),  # two chunks of -inf, then the max in the tail
+        torch.where(ar == 2999, 1e3, 0.0),           # the max at the last entry, far above the rest
+        200 * torch.randn(v, generator=torch.Generator().manual_seed(4)),  # wide range: exps underflow
+    ]).to(dtype)
+    guide = _logits(rows.shape, dtype, torch.Generator().manual_seed(5), scale=0.01)
+    for g in (None, guide):
+        kw = dict(guidance_scale=0.5 if g is not None else 0.0, temperature=0.0, seed=1)
+        tokens, logp = run(backend, rows, g, **kw)
+        ref_tokens, ref_logp = sgk.guided_sample_reference(rows, g, **kw)
+        assert torch.equal(tokens, ref_tokens)
+        if g is None and dtype == torch.float32:  # (bfloat16 rounds rows 0 and 3 into ties at their top)
+            assert tokens.tolist()[:5] == [2999, 0, 1500, 2999, 2999]
+        assert_close(logp, ref_logp, tolerance(OP, dtype))
+
+
 def test_extreme_temperatures(backend):
     logits = _logits((200, 64), torch.float32, torch.Generator().manual_seed(3), scale=3.0)
     argmax, _ = run(backend, logits, temperature=0.0, seed=5)

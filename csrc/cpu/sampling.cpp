@@ -6,7 +6,9 @@
 // gathered), with its max and a NaN/+inf check in the same pass. Then e_i = exp((g_i - M) / T)
 // (a vectorised polynomial exp) with the float64 sum of every 64-element block, and the token is
 // the first i whose float64 running sum exceeds uniform * Z: found by walking the block sums, then the
-// one block holding the crossing. logp = g_k - M - log(sum_i exp(g_i - M)).
+// one block holding the crossing. logp = g_k - M - log(sum_i exp(g_i - M)). Greedy rows (temperature
+// 0, no filter, logp confidence) take one pass instead: 1024-element chunks loaded into an L1 buffer,
+// the first argmax and the sum of exps kept against the running max (greedy_row).
 // remask_lowest_confidence: per batch row, composite keys (order_key(conf) << 32 | n) of the
 // candidates and std::nth_element.
 // self_guided_step: both (the masked rows, then the remask per batch row); known rows never touch their
@@ -166,11 +168,55 @@ float row_confidence(Confidence kind, const float* e, int64_t v, double z, int64
   return static_cast<float>(acc);
 }
 
+// A greedy row (temperature 0, no filter, logp confidence) in one pass over the logits: chunks of
+// kGreedyChunk elements are loaded (blended) into a buffer that stays in L1; a chunk is searched for
+// the first index of its max only when that max exceeds the running one (so the token is the first
+// argmax of the row), and sum exp(g - M) is kept relative to the running max M, rescaled by
+// exp(M_old - M_new) in float64 when M grows.
+constexpr int64_t kGreedyChunk = 1024;  // a multiple of kBlock
+
+struct GreedyRow {
+  int64_t token;
+  float max;
+  double sum;
+  bool bad;  // some g[i] is NaN or +inf, or every g[i] is -inf
+};
+
+GreedyRow greedy_row(const SampleParams& p, const char* logits, const char* guide, float* buf) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t v = p.vocab;
+  float m = ninf;
+  double z = 0.0;
+  int64_t tok = 0;
+  for (int64_t c = 0; c < v; c += kGreedyChunk) {
+    const int64_t n = std::min(kGreedyChunk, v - c), np = padded_len(n);
+    const LoadResult lr = p.load(logits + c * p.logits_itemsize, guide == nullptr ? nullptr : guide + c * p.guide_itemsize,
+                                 n, np, p.one_plus_s, buf);
+    if (lr.bad) return {0, ninf, 0.0, true};
+    if (lr.max > m) {
+      int64_t i = 0;
+      while (buf[i] != lr.max) ++i;
+      tok = c + i;
+      if (m != ninf) z *= std::exp(static_cast<double>(m) - static_cast<double>(lr.max));
+      m = lr.max;
+    }
+    if (m != ninf) z += p.kernels->sum_exp(buf, np, m);
+  }
+  return {tok, m, z, m == ninf};
+}
+
 RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, double uniform, Scratch& s) {
   const SampleKernels& k = *p.kernels;
   const int64_t v = p.vocab, vp = padded_len(v);
   const void* logits_row = contiguous_row(logits, p.logits_vstride, v, p.logits_itemsize, s.raw_logits);
   const void* guide_row = guide == nullptr ? nullptr : contiguous_row(guide, p.guide_vstride, v, p.guide_itemsize, s.raw_guide);
+  if (p.argmax && !p.filtered && p.confidence == Confidence::kLogp) {
+    const GreedyRow gr = greedy_row(p, static_cast<const char*>(logits_row), static_cast<const char*>(guide_row),
+                                    grow(s.g, kGreedyChunk));
+    if (gr.bad) return {0, std::numeric_limits<float>::quiet_NaN(), true, std::numeric_limits<float>::quiet_NaN()};
+    const float lp = static_cast<float>(-std::log(gr.sum));  // g[token] == max
+    return {gr.token, lp, false, lp};
+  }
   float* g = grow(s.g, vp);
   const LoadResult lr = p.load(logits_row, guide_row, v, vp, p.one_plus_s, g);
   const float m = lr.max;
@@ -179,17 +225,12 @@ RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, 
   }
   int64_t tok = 0;
   double sum;
-  if (!p.filtered && p.confidence == Confidence::kLogp) {
-    if (p.argmax) {
-      while (g[tok] != m) ++tok;
-      sum = k.sum_exp(g, vp, m);
-    } else {
-      float* e = grow(s.e, vp);
-      double* bsum = grow(s.bsum, vp / kBlock);
-      const double z = k.exp_blocks(g, vp, m, p.inv_temperature, e, bsum);
-      sum = p.inv_temperature == 1.0f ? z : k.sum_exp(g, vp, m);
-      tok = cdf_sample(e, bsum, v, uniform * z);
-    }
+  if (!p.filtered && p.confidence == Confidence::kLogp) {  // sampling (greedy rows took greedy_row)
+    float* e = grow(s.e, vp);
+    double* bsum = grow(s.bsum, vp / kBlock);
+    const double z = k.exp_blocks(g, vp, m, p.inv_temperature, e, bsum);
+    sum = p.inv_temperature == 1.0f ? z : k.sum_exp(g, vp, m);
+    tok = cdf_sample(e, bsum, v, uniform * z);
     const double lp = static_cast<double>(g[tok]) - static_cast<double>(m) - std::log(sum);
     return {tok, static_cast<float>(lp), false, static_cast<float>(lp)};
   }
