@@ -13,12 +13,14 @@ TORCH_LIBRARY(sgkernels, m) {
   // (1 = off), min_p (0 = off): filters of softmax(g / temperature) (sgkernels/ops/filters.py);
   // confidence: "logp" | "prob" | "margin" | "entropy". seed_tensor / offset_tensor: 0-dim int64
   // tensors on the logits' device that replace the int seed / offset when given (read by the kernel).
+  // row_ids: int64 [rows] on the logits' device, each row's Philox row key (None: its flat index).
   // -> tokens int64 [...], logp float32 [...] (untempered, unfiltered guided log-softmax at the
   //    token), conf float32 [...] (the confidence of each row).
   m.def(
       "guided_sample(Tensor logits, Tensor? guide_logits, float guidance_scale, float temperature, "
       "SymInt seed, SymInt offset, Tensor(a!) status, int top_k=0, float top_p=1.0, float min_p=0.0, "
-      "str confidence=\"logp\", Tensor? seed_tensor=None, Tensor? offset_tensor=None) -> (Tensor, Tensor, Tensor)");
+      "str confidence=\"logp\", Tensor? seed_tensor=None, Tensor? offset_tensor=None, Tensor? row_ids=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // head_sample: the LM head fused with guided_sample. hidden, guide_hidden [R, d], weight [V, d],
   // bias [V] (float32/bfloat16/float16), row_ids int64 [R] (each row's Philox row index; None = 0..R-1).
   // -> tokens int64 [R], logp float32 [R] of guided_sample(blend(hidden) @ weight^T + bias).

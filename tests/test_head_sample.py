@@ -222,13 +222,12 @@ def test_filtered_distribution_is_exact(backend):
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_chunks_and_weight_tiles(backend, monkeypatch, wdtype):
-    """Tiny chunk, sample and weight-tile budgets (many chunks, sub-chunks and 16-bit weight tiles):
+    """Tiny chunk and weight-tile budgets (many chunks and 16-bit weight tiles):
     the same outputs as the reference in one piece."""
     if backend.name == "torch":
         pytest.skip("the reference projects all rows at once")
     H = sys.modules["sgkernels.ops.head_sample"]
     monkeypatch.setattr(H, "_CHUNK_BYTES", 3 * 4 * 50)  # 3 rows of V = 50
-    monkeypatch.setattr(H, "_SAMPLE_BYTES", 2 * 4 * 50)  # 2 rows
     monkeypatch.setattr(H, "_W_TILE_BYTES", 7 * 4 * 16)  # 7 weight rows of d = 16
     gen = torch.Generator().manual_seed(13)
     hidden = torch.randn(3, 5, 16, generator=gen)

@@ -362,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& guide_in, double guidance_scale, double temperature,
     int64_t seed, int64_t offset, const at::Tensor& status, int64_t top_k, double top_p, double min_p,
     c10::string_view confidence, const std::optional<at::Tensor>& seed_tensor,
-    const std::optional<at::Tensor>& offset_tensor) {
+    const std::optional<at::Tensor>& offset_tensor, const std::optional<at::Tensor>& row_ids) {
   seed = rng_value("seed", seed, seed_tensor);
   offset = rng_value("offset", offset, offset_tensor);
   check_common(logits_in, guide_in, temperature, seed, offset);
@@ -378,6 +378,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
   SampleParams p = make_params(logits, guide, guidance_scale, temperature);
   set_filters(p, top_k, top_p, min_p, confidence);
   const int64_t rows = tokens.numel();
+  at::Tensor ids_c;
+  if (row_ids.has_value()) {
+    TORCH_CHECK(row_ids->scalar_type() == at::kLong && row_ids->dim() == 1 && row_ids->numel() == rows &&
+                    row_ids->device().is_cpu(),
+                "row_ids: expected an int64 CPU tensor [", rows, "] (one key per row)");
+    ids_c = row_ids->contiguous();
+    TORCH_CHECK(rows == 0 || ids_c.min().item<int64_t>() >= 0, "row_ids: expected values >= 0");
+  }
+  const int64_t* ids = ids_c.defined() ? ids_c.const_data_ptr<int64_t>() : nullptr;
   if (rows == 0) return {tokens, logp, conf};
   const int nd = static_cast<int>(lead.size());
   std::vector<int64_t> sizes(lead.begin(), lead.end()), logits_bstr(nd), guide_bstr(nd, 0);
@@ -399,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
       logits_off += i * logits_bstr[d];
       guide_off += i * guide_bstr[d];
     }
-    const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(r));
+    const PhiloxWords w = philox_row(useed, uoff, static_cast<uint64_t>(ids == nullptr ? r : ids[r]));
     const RowOut o = sample_row(logits_base + logits_off, guide_base == nullptr ? nullptr : guide_base + guide_off, p,
                                 token_uniform(w.w0, w.w1), s);
     tok_out[r] = o.token;

@@ -201,7 +201,7 @@ def guided_sample(
 
 @torch.library.register_fake("sgkernels::guided_sample")
 def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, seed, offset, status, top_k=0, top_p=1.0,
-                        min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None):
+                        min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None, row_ids=None):
     lead = logits.shape[:-1]
     return (logits.new_empty(lead, dtype=torch.int64), logits.new_empty(lead, dtype=torch.float32),
             logits.new_empty(lead, dtype=torch.float32))

@@ -21,34 +21,26 @@ across the uniform (a difference of ~1 float32 ulp in a logit; tests/op_contract
 Filters and confidences (``top_k`` / ``top_p`` / ``min_p``, ``confidence="prob" | "margin" |
 "entropy"``, guided_sample's semantics, :mod:`sgkernels.ops.filters`): a filter needs order statistics
 of the whole row, which the fused kernels do not keep. So a call that needs them (a filter at
-``temperature > 0``, or a Dream confidence) takes the *row-chunk path*
-on every backend: the selected rows are projected ``_CHUNK_BYTES // (4 V)`` rows at a time (float32
-logits of at most 8 MiB per chunk: 16 rows at V = 126464), and each chunk is sampled by guided_sample's
-reference sampler (float64, sort-based filters; its float64 temporaries peak at ~15x the chunk's
-float32 logits: benchmarks/RESULTS.md), with each row's Philox uniform keyed by its row id as above.
-So the tokens equal ``guided_sample(hidden @ W.T + b, ..., same filters)``'s up to the logits'
-rounding. The guided_sample kernels key a row by its position in their input and take no row ids,
-hence the reference sampler here: it is exact but many times slower than those kernels (the place
-to swap in a kernel that takes row ids is :func:`_sample_chunked`). At ``temperature == 0`` without a
-Dream confidence the filters cannot change the argmax (the top token is always kept) and ``logp`` is
-unfiltered, so such calls stay on the fused kernels.
+``temperature > 0``, or a Dream confidence) takes the *row-chunk path*: the selected rows are
+projected ``_CHUNK_BYTES // (4 V)`` rows at a time (float32 logits of at most 8 MiB per chunk: 16 rows
+at V = 126464), and each chunk is sampled by guided_sample's kernel of the same backend, each row's
+Philox key its row id as above (the op's ``row_ids``). So the tokens equal
+``guided_sample(hidden @ W.T + b, ..., same filters)``'s up to the logits' rounding. At
+``temperature == 0`` without a Dream confidence the filters cannot change the argmax (the top token is
+always kept) and ``logp`` is unfiltered, so such calls stay on the fused kernels.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _rng
-from .._status_bits import NONFINITE_LOGITS
 from . import _status, _validate
 from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda
 from .filters import DREAM_CONFIDENCES, filters_active
 from .guided_sample import _sample_rows_reference, bad_rows
 
-# The row-chunk path (filters, Dream confidences): float32 logits per projected chunk, and per call
-# of the reference sampler (each of its ~30 torch ops is a parallel region: fewer, larger calls are
-# much faster on a shared CPU; tests shrink both).
+# The row-chunk path (filters, Dream confidences): float32 logits per projected chunk (tests shrink it).
 _CHUNK_BYTES = 8 << 20
-_SAMPLE_BYTES = 8 << 20
 _W_TILE_BYTES = 16 << 20  # a 16-bit weight is upcast to float32 this many bytes at a time
 _BAD_ROW = "logits: a sampled row had NaN or +inf logits (hidden @ weight.T + bias), or all -inf"
 
@@ -114,34 +106,22 @@ def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _sample_chunked(h2, g2, ids, weight, bias, guidance_scale, temperature, top_k, top_p, min_p, confidence,
-                    seed, offset):
+                    seed, offset, impl):
     """The row-chunk path: ``(tokens [K], logp [K], conf [K])`` of the selected rows ``h2``/``g2``
-    ``[K, d]`` with Philox row keys ``ids`` [K] (module docstring). Bad rows: ValueError on CPU; on
-    CUDA the status flag (token 0, logp NaN), as the kernels."""
+    ``[K, d]`` with Philox row keys ``ids`` [K] (module docstring), on guided_sample's kernel ``impl``
+    ("op" or "triton"). Bad rows: ValueError on CPU; on CUDA the status flag, as the kernels."""
     k, vocab = h2.shape[0], weight.shape[0]
     device = h2.device
     tokens = torch.empty(k, dtype=torch.int64, device=device)
     logp = torch.empty(k, dtype=torch.float32, device=device)
     conf = torch.empty(k, dtype=torch.float32, device=device)
     chunk = max(1, _CHUNK_BYTES // (4 * vocab))
-    sub = max(1, _SAMPLE_BYTES // (4 * vocab))
     for s in range(0, k, chunk):
         e = min(k, s + chunk)
         logits = project(blend_hidden(h2[s:e], None if g2 is None else g2[s:e], guidance_scale), weight, bias)
-        bad = bad_rows(logits)
-        if device.type == "cpu":
-            _status.raise_if(bad.any(), _BAD_ROW)
-        else:  # no host sync: flag it, as the kernels do
-            _status.status_buffer(device).bitwise_or_(bad.any().to(torch.int32) * NONFINITE_LOGITS)
-        for a in range(s, e, sub):
-            b = min(e, a + sub)
-            w0, w1, _, _ = _rng.row_words(seed, offset, ids[a:b])
-            t, lp, cf = _sample_rows_reference(logits[a - s:b - s], temperature, _rng.token_uniform(w0, w1),
-                                               top_k, top_p, min_p, confidence or "logp")
-            tokens[a:b], logp[a:b], conf[a:b] = t, lp, cf
-        if device.type != "cpu":
-            tokens[s:e].masked_fill_(bad, 0)
-            logp[s:e].masked_fill_(bad, float("nan"))
+        tokens[s:e], logp[s:e], conf[s:e] = call_sampling_kernel(
+            "guided_sample", "sampling.guided_sample_triton", impl, device, logits, None, 0.0, temperature, seed, offset, top_k=top_k,
+            top_p=top_p, min_p=min_p, confidence=confidence or "logp", row_ids=ids[s:e])
     return tokens, logp, conf
 
 
@@ -266,7 +246,7 @@ def head_sample(
     if _needs_chunks(temperature, top_k, top_p, min_p, confidence):
         keys = torch.arange(n, device=hidden.device) if ids is None else ids
         tokens, logp, conf = _sample_chunked(h2, g2, keys, weight, bias, guidance_scale, temperature, top_k, top_p,
-                                             min_p, confidence, seed, offset)
+                                             min_p, confidence, seed, offset, impl)
         return _expand(kind, lead, ids, tokens, logp, None if confidence is None else conf)
     tokens, logp = call_sampling_kernel(
         "head_sample", "head_sample.head_sample_triton", impl, hidden.device,
