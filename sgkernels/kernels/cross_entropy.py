@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreted
+from ._launch import interpreted, row_tiles
 from ._launch import launch as _launch
 
 from .._status_bits import BAD_TARGET
@@ -30,9 +30,6 @@ from .._status_bits import BAD_TARGET
 # Tests shrink both (monkeypatch) to exercise the multi-tile path on small V.
 _MAX_SINGLE_TILE_V = 8192
 _TILE_V = 4096
-# Rows of small vocabularies are packed into one program up to this many elements.
-_ROW_ELEMS = 2048
-_ELEMS_PER_THREAD = 8
 
 
 @triton.jit
@@ -170,16 +167,8 @@ def _interpreted() -> bool:
 
 def _config(n_rows: int, vocab: int):
     """(BLOCK_R, BLOCK_V, SINGLE_TILE, num_warps)."""
-    if vocab <= _MAX_SINGLE_TILE_V:
-        block_v = triton.next_power_of_2(vocab)
-        single = True
-        block_r = max(1, min(_ROW_ELEMS // block_v, triton.next_power_of_2(max(n_rows, 1))))
-    else:
-        block_v = triton.next_power_of_2(_TILE_V)
-        single = False
-        block_r = 1
-    num_warps = max(1, min(16, block_r * block_v // (32 * _ELEMS_PER_THREAD)))
-    return block_r, block_v, single, num_warps
+    block_r, block_v, _num_tiles, num_warps = row_tiles(n_rows, vocab, _MAX_SINGLE_TILE_V, _TILE_V)
+    return block_r, block_v, vocab <= _MAX_SINGLE_TILE_V, num_warps
 
 
 def _target_rows(target: torch.Tensor) -> torch.Tensor:
@@ -199,27 +188,9 @@ def _run(x, t, grad, flags, ignore_index, label_smoothing, reduction):
     block_r, block_v, single, num_warps = _config(n_rows, vocab)
     eps = float(label_smoothing)
     _launch(_xent_rows_kernel)[(triton.cdiv(n_rows, block_r),)](
-        x,
-        t,
-        nvalid,
-        loss_rows,
-        grad,
-        flags,
-        n_rows,
-        vocab,
-        x.stride(0),
-        x.stride(1),
-        grad.stride(0),
-        grad.stride(1),
-        int(ignore_index),
-        eps,
-        MEAN=reduction == "mean",
-        SMOOTH=eps != 0.0,
-        BAD_BIT=BAD_TARGET,
-        BLOCK_R=block_r,
-        BLOCK_V=block_v,
-        SINGLE_TILE=single,
-        num_warps=num_warps,
+        x, t, nvalid, loss_rows, grad, flags, n_rows, vocab, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
+        int(ignore_index), eps, MEAN=reduction == "mean", SMOOTH=eps != 0.0, BAD_BIT=BAD_TARGET, BLOCK_R=block_r,
+        BLOCK_V=block_v, SINGLE_TILE=single, num_warps=num_warps,
     )
     return loss_rows, nvalid
 

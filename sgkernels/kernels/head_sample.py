@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .._status_bits import NONFINITE_LOGITS
+from ._device import row_words, token_uniform
 from ._launch import interpreted
 from ._launch import launch as _launch
 
@@ -38,41 +39,12 @@ _NONFINITE_LOGITS = tl.constexpr(NONFINITE_LOGITS)
 
 
 @triton.jit
-def _row_words(seed, offset, r):
-    """The four Philox4x32-10 words of row indices ``r`` (int64), as ``sgkernels._rng.row_words``."""
-    off = offset.to(tl.uint64)
-    c0 = (r & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (r >> 32).to(tl.uint32)
-    zero = tl.zeros_like(c0)
-    c2 = zero + (off & 0xFFFFFFFF).to(tl.uint32)
-    c3 = zero + (off >> 32).to(tl.uint32)
-    return tl.philox(seed, c0, c1, c2, c3)
-
-
-@triton.jit
 def _head_stats_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    tmax_ptr,
-    usum_ptr,
-    tsum_ptr,
-    targ_ptr,
-    tbad_ptr,
-    R,
-    V,
-    D,
-    stride_hr,
-    stride_wv,
-    n_tiles,
-    inv_temperature,
-    HAS_BIAS: tl.constexpr,
-    GREEDY: tl.constexpr,
-    TEMP_ONE: tl.constexpr,
-    F32_DOT: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    h_ptr, w_ptr, b_ptr,  # hidden [R, d], weight [V, d], bias [V]
+    tmax_ptr, usum_ptr, tsum_ptr, targ_ptr, tbad_ptr,  # tile statistics [R, n_tiles]
+    R, V, D, stride_hr, stride_wv, n_tiles, inv_temperature,
+    HAS_BIAS: tl.constexpr, GREEDY: tl.constexpr, TEMP_ONE: tl.constexpr, F32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Logits tile ``h[rows] @ W[cols]^T + b[cols]`` -> per-(row, tile) statistics.
 
@@ -127,33 +99,12 @@ def _head_stats_kernel(
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _head_pick_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    tmax_ptr,
-    usum_ptr,
-    tsum_ptr,
-    targ_ptr,
-    tbad_ptr,
-    ids_ptr,
-    tokens_ptr,
-    logp_ptr,
-    status_ptr,
-    V,
-    D,
-    stride_hr,
-    stride_wv,
-    n_tiles,
-    inv_temperature,
-    seed,
-    offset,
-    HAS_BIAS: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    GREEDY: tl.constexpr,
-    TEMP_ONE: tl.constexpr,
-    NUM_TILES: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    h_ptr, w_ptr, b_ptr,  # hidden [R, d], weight [V, d], bias [V]
+    tmax_ptr, usum_ptr, tsum_ptr, targ_ptr, tbad_ptr,  # tile statistics [R, n_tiles]
+    ids_ptr, tokens_ptr, logp_ptr, status_ptr,
+    V, D, stride_hr, stride_wv, n_tiles, inv_temperature, seed, offset,
+    HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, GREEDY: tl.constexpr, TEMP_ONE: tl.constexpr,
+    NUM_TILES: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One row: tile statistics -> tile (inverse CDF) -> that tile's logits again -> token, logp.
 
@@ -190,9 +141,8 @@ def _head_pick_kernel(
             row_id = tl.load(ids_ptr + r64)
         else:
             row_id = r64
-        w0, w1, _w2, _w3 = _row_words(seed, offset, row_id)
-        u52 = (w0.to(tl.uint64) << 20) | (w1 >> 12).to(tl.uint64)
-        uniform = (u52.to(tl.float64) + 0.5) * 2.220446049250313e-16
+        w0, w1, _w2, _w3 = row_words(seed, offset, row_id)
+        uniform = token_uniform(w0, w1)
         if TEMP_ONE:
             t_scale = scale_u
             w = tu * scale_u

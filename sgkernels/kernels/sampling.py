@@ -34,7 +34,9 @@ import triton
 import triton.language as tl
 
 from .._status_bits import NEGATIVE_NUM_TO_MASK, NONFINITE_LOGITS
-from ._launch import interpreted
+from ._device import row_words as _row_words
+from ._device import token_uniform as _token_uniform
+from ._launch import interpreted, row_tiles
 from ._launch import launch as _launch
 
 # V up to this: the whole row sits in registers (single-tile path). Above: tiles of _TILE_V.
@@ -43,9 +45,6 @@ from ._launch import launch as _launch
 # tile with 16 warps -> 128 registers; the multi-tile loop with 2048-wide tiles, 8 warps -> 64.
 _MAX_SINGLE_TILE_V = 8192
 _TILE_V = 2048
-# Rows of small vocabularies are packed into one program up to this many elements.
-_ROW_ELEMS = 2048
-_ELEMS_PER_THREAD = 8
 # remask: one program per batch row; up to this N the row's keys stay in registers, above it
 # the row is read in tiles of _REMASK_TILE (keys in an int64 scratch buffer). Tests shrink both.
 _MAX_SINGLE_TILE_N = 4096
@@ -58,25 +57,6 @@ _NEGATIVE_NUM_TO_MASK = tl.constexpr(NEGATIVE_NUM_TO_MASK)
 # ----------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _row_words(seed, offset, r):
-    """The four Philox4x32-10 words (uint32) of row/position indices ``r`` (int64 tensor)."""
-    off = offset.to(tl.uint64)
-    c0 = (r & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (r >> 32).to(tl.uint32)
-    zero = tl.zeros_like(c0)
-    c2 = zero + (off & 0xFFFFFFFF).to(tl.uint32)
-    c3 = zero + (off >> 32).to(tl.uint32)
-    return tl.philox(seed, c0, c1, c2, c3)
-
-
-@triton.jit
-def _token_uniform(w0, w1):
-    """float64 uniform strictly inside (0, 1) from words w0, w1 (as ``_rng.token_uniform``)."""
-    u52 = (w0.to(tl.uint64) << 20) | (w1 >> 12).to(tl.uint64)
-    return (u52.to(tl.float64) + 0.5) * 2.220446049250313e-16
-
-
 @triton.jit
 def _gumbel(w2, w3):
     """float32 Gumbel(0, 1) noise from words w2, w3 (as ``_rng.gumbel``: fp32 v, fp64 logs)."""
@@ -128,53 +108,102 @@ def _rng_scalars(seed, offset, seed_ptr, offset_ptr, SEED_PTR: tl.constexpr, OFF
 
 
 @triton.jit
-def _search_1tile(key, w, target):
-    """Per row: the largest key value t with sum_{key >= t} w >= target (a 32-step bitwise search).
-
-    ``key`` int64 [R, C] (0 for lanes that never count), ``w`` float64 [R, C] weights, ``target`` [R].
-    """
-    thr = tl.zeros_like(target).to(tl.int64)
-    for i in range(0, 32):
-        trial = thr | (tl.full([], 1, tl.int64) << (31 - i))
-        mass = tl.sum(tl.where(key >= trial[:, None], w, 0.0), axis=1)
-        thr = tl.where(mass >= target, trial, thr)
-    return thr
+def _at(x, idx, i):
+    """Per row: ``x[r, c]`` at the column c with ``idx[c] == i[r]`` (0 where none); x [R, C], idx [C], i [R]."""
+    return tl.sum(tl.where(idx[None, :] == i[:, None], x, 0.0), axis=1)
 
 
 @triton.jit
-def _tile_e(l_row, guide_row, t, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE: tl.constexpr,
-            BLOCK_V: tl.constexpr):
-    """Tile ``t`` of the rows: (g, valid, key, e = exp((g - Mz) * inv_t), 0 where not valid)."""
-    c = t * BLOCK_V + cols
+def _cdf_pick(cdf, w, r, idx):
+    """Per row: the inverse CDF at ``r`` [R]: the first column whose float64 ``cdf`` [R, C] exceeds r,
+    clamped to the last column with weight ``w > 0``; returned as ``idx`` [C] of that column."""
+    n = tl.sum((cdf <= r[:, None]).to(tl.int32), axis=1)
+    last = tl.max(tl.where(w > 0.0, idx[None, :], 0), axis=1)
+    return tl.minimum(n, last)
+
+
+@triton.jit
+def _load_cols(l_row, guide_row, c, live, V, stride_lv, stride_guide_v, one_plus_s, HAS_GUIDE: tl.constexpr):
+    """The guided logits of the rows at columns ``c`` (int32 [1, C], or [R, C]: per row):
+    (g float32 [R, C], -inf outside the ``live`` rows and past V; m2, where g was read)."""
     c64 = c.to(tl.int64)
-    m2 = live[:, None] & (c[None, :] < V)
-    g = _load_guided(l_row[:, None] + c64[None, :] * stride_lv, guide_row[:, None] + c64[None, :] * stride_guide_v, m2,
-                     one_plus_s, HAS_GUIDE)
+    m2 = live[:, None] & (c < V)
+    g = _load_guided(l_row[:, None] + c64 * stride_lv, guide_row[:, None] + c64 * stride_guide_v, m2, one_plus_s,
+                     HAS_GUIDE)
+    return g, m2
+
+
+@triton.jit
+def _tile_e(l_row, guide_row, c, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE: tl.constexpr):
+    """Columns ``c`` of the rows (:func:`_load_cols`): (g, valid, key, e = exp((g - Mz) * inv_t), 0 where not valid)."""
+    g, m2 = _load_cols(l_row, guide_row, c, live, V, stride_lv, stride_guide_v, one_plus_s, HAS_GUIDE)
     e = tl.where(m2, tl.exp((g - Mz[:, None]) * inv_t), 0.0)
     key = tl.where(m2, _order_key(g), 0)
     return g, m2, key, e
 
 
 @triton.jit
-def _search_tiles(l_row, guide_row, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, target,
-                  BY_MASS: tl.constexpr, HAS_GUIDE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """As :func:`_search_1tile` over the tiles of the rows (weights: 1, or e if BY_MASS): 32 passes."""
+def _keep(e, key, thr_k, thr_p, min_p):
+    """``e`` where the filters keep it (key >= both thresholds and e >= min_p), 0 elsewhere."""
+    return tl.where((key >= thr_k[:, None]) & (key >= thr_p[:, None]) & (e >= min_p), e, 0.0)
+
+
+@triton.jit
+def _weights(e, m2, BY_MASS: tl.constexpr):
+    """float64 weights of the threshold search: ``e`` (BY_MASS, top-p), else 1 where ``m2`` (top-k)."""
+    if BY_MASS:
+        w = e.to(tl.float64)
+    else:
+        w = tl.where(m2, 1.0, 0.0).to(tl.float64)
+    return w
+
+
+@triton.jit
+def _threshold(target, key, e, m2, l_row, guide_row, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz,
+               BY_MASS: tl.constexpr, IN_REGS: tl.constexpr, HAS_GUIDE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Per row: the largest key value t with sum_{key >= t} w >= target [R] (a 32-step bitwise search),
+    w the :func:`_weights` of the row's entries.
+
+    IN_REGS: the rows' ``key`` (int64 [R, C], 0 for lanes that never count), ``e`` and valid mask
+    ``m2`` are given. Otherwise (key, e, m2 unused) every step reads the rows' tiles again
+    (:func:`_tile_e`): 32 passes.
+    """
     thr = tl.zeros_like(target).to(tl.int64)
-    n_tiles = tl.cdiv(V, BLOCK_V)
-    n_iter = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, n_tiles, 0)
+    if IN_REGS:
+        w = _weights(e, m2, BY_MASS)
+    else:
+        n_tiles = tl.cdiv(V, BLOCK_V)
+        n_iter = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, n_tiles, 0)
     for i in range(0, 32):
         trial = thr | (tl.full([], 1, tl.int64) << (31 - i))
-        mass = tl.zeros_like(target)
-        for t in range(0, n_iter):
-            g, m2, key, e = _tile_e(l_row, guide_row, t, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t,
-                                    Mz, HAS_GUIDE, BLOCK_V)
-            if BY_MASS:
-                w = e.to(tl.float64)
-            else:
-                w = tl.where(m2, 1.0, 0.0).to(tl.float64)
-            mass += tl.sum(tl.where(key >= trial[:, None], w, 0.0), axis=1)
+        if IN_REGS:
+            mass = tl.sum(tl.where(key >= trial[:, None], w, 0.0), axis=1)
+        else:
+            mass = tl.zeros_like(target)
+            for t in range(0, n_iter):
+                _g, m2_t, key_t, e_t = _tile_e(l_row, guide_row, (t * BLOCK_V + cols)[None, :], live, V, stride_lv,
+                                               stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE)
+                mass += tl.sum(tl.where(key_t >= trial[:, None], _weights(e_t, m2_t, BY_MASS), 0.0), axis=1)
         thr = tl.where(mass >= target, trial, thr)
     return thr
+
+
+@triton.jit
+def _filter_thresholds(top_k, top_p, z_all, key, e, m2, l_row, guide_row, cols, live, V, stride_lv, stride_guide_v,
+                       one_plus_s, inv_t, Mz, IN_REGS: tl.constexpr, HAS_GUIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
+    """(thr_k, thr_p) int64 [R]: the order keys that top-k and top-p keep (key >= thr; 0, all, for a
+    filter that is off). top-p: the largest entries whose mass reaches ``top_p * z_all``.
+    The rows in registers or in tiles: see :func:`_threshold`."""
+    thr_k = tl.zeros([BLOCK_R], tl.int64)
+    thr_p = tl.zeros([BLOCK_R], tl.int64)
+    if top_k > 0:
+        thr_k = _threshold(tl.zeros([BLOCK_R], tl.float64) + top_k, key, e, m2, l_row, guide_row, cols, live, V,
+                           stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, False, IN_REGS, HAS_GUIDE, BLOCK_V)
+    if top_p < 1.0:
+        thr_p = _threshold(z_all * top_p, key, e, m2, l_row, guide_row, cols, live, V, stride_lv, stride_guide_v,
+                           one_plus_s, inv_t, Mz, True, IN_REGS, HAS_GUIDE, BLOCK_V)
+    return thr_k, thr_p
 
 
 @triton.jit
@@ -191,24 +220,21 @@ def _multi_tile_filtered(l_row, guide_row, live, V, stride_lv, stride_guide_v, o
     thr_k = tl.zeros([BLOCK_R], tl.int64)
     thr_p = tl.zeros([BLOCK_R], tl.int64)
     if FILTER:
-        if top_k > 0:
-            thr_k = _search_tiles(l_row, guide_row, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz,
-                                  tl.zeros([BLOCK_R], tl.float64) + top_k, False, HAS_GUIDE, BLOCK_V)
-        if top_p < 1.0:
-            if GREEDY or TEMP_ONE:
-                z_all = tl.sum(t_usum * tl.exp(dm), axis=1)
-            else:
-                z_all = tl.sum(t_sum * tl.exp(dm * inv_t), axis=1)
-            thr_p = _search_tiles(l_row, guide_row, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz,
-                                  z_all * top_p, True, HAS_GUIDE, BLOCK_V)
+        if GREEDY or TEMP_ONE:
+            z_all = tl.sum(t_usum * tl.exp(dm), axis=1)
+        else:
+            z_all = tl.sum(t_sum * tl.exp(dm * inv_t), axis=1)
+        # key, e, m2: not used when the rows are read in tiles
+        thr_k, thr_p = _filter_thresholds(top_k, top_p, z_all, Mz, Mz, Mz, l_row, guide_row, cols, live, V, stride_lv,
+                                          stride_guide_v, one_plus_s, inv_t, Mz, False, HAS_GUIDE, BLOCK_R, BLOCK_V)
     # kept tile sums (and the margin's e_2 / tie count at the max)
     t_w = tl.zeros([BLOCK_R, NUM_TILES], tl.float64)
     e2 = tl.zeros([BLOCK_R], tl.float32)
     n_top = tl.zeros([BLOCK_R], tl.int32)
     for t in range(0, n_iter):
-        g, m2, key, e = _tile_e(l_row, guide_row, t, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz,
-                                HAS_GUIDE, BLOCK_V)
-        e = tl.where((key >= thr_k[:, None]) & (key >= thr_p[:, None]) & (e >= min_p), e, 0.0)
+        g, m2, key, e = _tile_e(l_row, guide_row, (t * BLOCK_V + cols)[None, :], live, V, stride_lv, stride_guide_v,
+                                one_plus_s, inv_t, Mz, HAS_GUIDE)
+        e = _keep(e, key, thr_k, thr_p, min_p)
         t_w = tl.where(tids[None, :] == t, tl.sum(e.to(tl.float64), axis=1)[:, None], t_w)
         if CONF == 2:
             n_top += tl.sum((m2 & (g == M[:, None])).to(tl.int32), axis=1)
@@ -221,10 +247,9 @@ def _multi_tile_filtered(l_row, guide_row, live, V, stride_lv, stride_guide_v, o
         inv_z = (1.0 / zs).to(tl.float32)
         acc = tl.zeros([BLOCK_R], tl.float64)
         for t in range(0, n_iter):
-            g, m2, key, e = _tile_e(l_row, guide_row, t, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t,
-                                    Mz, HAS_GUIDE, BLOCK_V)
-            e = tl.where((key >= thr_k[:, None]) & (key >= thr_p[:, None]) & (e >= min_p), e, 0.0)
-            q = e * inv_z[:, None]
+            g, m2, key, e = _tile_e(l_row, guide_row, (t * BLOCK_V + cols)[None, :], live, V, stride_lv,
+                                    stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE)
+            q = _keep(e, key, thr_k, thr_p, min_p) * inv_z[:, None]
             acc += tl.sum(tl.where(q > 0.0, q * tl.log(q + 1e-10), 0.0).to(tl.float64), axis=1)
         conf = acc.to(tl.float32)
     if CONF == 2:
@@ -236,25 +261,15 @@ def _multi_tile_filtered(l_row, guide_row, live, V, stride_lv, stride_guide_v, o
         e_tok = tl.zeros([BLOCK_R], tl.float32) + 1.0
     else:
         r = uniform * z
-        j = tl.sum((cdf_t <= r[:, None]).to(tl.int32), axis=1)
-        last_t = tl.max(tl.where(t_w > 0.0, tids[None, :], 0), axis=1)
-        j = tl.minimum(j, last_t)
-        before = tl.sum(tl.where(tids[None, :] == (j - 1)[:, None], cdf_t, 0.0), axis=1)
-        c = j[:, None] * BLOCK_V + cols[None, :]
-        c64 = c.to(tl.int64)
-        m2 = live[:, None] & (c < V)
-        g = _load_guided(l_row[:, None] + c64 * stride_lv, guide_row[:, None] + c64 * stride_guide_v, m2, one_plus_s,
-                         HAS_GUIDE)
-        e = tl.where(m2, tl.exp((g - Mz[:, None]) * inv_t), 0.0)
-        key = tl.where(m2, _order_key(g), 0)
-        e = tl.where((key >= thr_k[:, None]) & (key >= thr_p[:, None]) & (e >= min_p), e, 0.0)
-        cdf = tl.cumsum(e.to(tl.float64), axis=1)
-        k = tl.sum((cdf <= (r - before)[:, None]).to(tl.int32), axis=1)
-        last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
-        k = tl.minimum(k, last_nz)
+        j = _cdf_pick(cdf_t, t_w, r, tids)
+        before = _at(cdf_t, tids, j - 1)
+        g, m2, key, e = _tile_e(l_row, guide_row, j[:, None] * BLOCK_V + cols[None, :], live, V, stride_lv,
+                                stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE)
+        e = _keep(e, key, thr_k, thr_p, min_p)
+        k = _cdf_pick(tl.cumsum(e.to(tl.float64), axis=1), e, r - before, cols)
         tok = j * BLOCK_V + k
-        gk = tl.sum(tl.where(cols[None, :] == k[:, None], g, 0.0), axis=1)
-        e_tok = tl.sum(tl.where(cols[None, :] == k[:, None], e, 0.0), axis=1)
+        gk = _at(g, cols, k)
+        e_tok = _at(e, cols, k)
     if CONF == 1:
         conf = (e_tok.to(tl.float64) / zs).to(tl.float32)
     return tok, gk, conf
@@ -347,15 +362,7 @@ def _sample_rows_kernel(
 
     if NUM_TILES == 1:
         # ---------------- single tile: whole rows in registers ----------------
-        c64 = cols.to(tl.int64)
-        m2 = active[:, None] & (cols[None, :] < V)
-        g = _load_guided(
-            l_row[:, None] + c64[None, :] * stride_lv,
-            guide_row[:, None] + c64[None, :] * stride_guide_v,
-            m2,
-            one_plus_s,
-            HAS_GUIDE,
-        )
+        g, m2 = _load_cols(l_row, guide_row, cols[None, :], active, V, stride_lv, stride_guide_v, one_plus_s, HAS_GUIDE)
         M = tl.max(g, axis=1)
         n_bad = tl.sum(((g != g) | (g == POS_INF)).to(tl.int32), axis=1)
         bad = active & ((n_bad > 0) | (M == NEG_INF) | (M != M))
@@ -363,38 +370,33 @@ def _sample_rows_kernel(
         d = g - Mz[:, None]
         eu = tl.exp(d)
         z_u = tl.sum(eu.to(tl.float64), axis=1)
-        if FILT_OR_CONF:
+        NEEDS_CDF: tl.constexpr = FILT_OR_CONF or not GREEDY
+        if NEEDS_CDF:
             if TEMP_ONE or GREEDY:
                 e = eu
             else:
                 e = tl.exp(d * inv_t)
-            e = tl.where(m2, e, 0.0)
+            if FILT_OR_CONF:
+                e = tl.where(m2, e, 0.0)
             if FILTER:
                 key = tl.where(m2, _order_key(g), 0)
-                z_all = tl.sum(e.to(tl.float64), axis=1)
-                keep = m2
-                if top_k > 0:
-                    kt = tl.zeros([BLOCK_R], tl.float64) + top_k
-                    keep = keep & (key >= _search_1tile(key, tl.where(m2, 1.0, 0.0).to(tl.float64), kt)[:, None])
-                if top_p < 1.0:
-                    keep = keep & (key >= _search_1tile(key, e.to(tl.float64), z_all * top_p)[:, None])
-                keep = keep & (e >= min_p)
-                e = tl.where(keep, e, 0.0)
+                thr_k, thr_p = _filter_thresholds(top_k, top_p, tl.sum(e.to(tl.float64), axis=1), key, e, m2, l_row,
+                                                  guide_row, cols, active, V, stride_lv, stride_guide_v, one_plus_s,
+                                                  inv_t, Mz, True, HAS_GUIDE, BLOCK_R, BLOCK_V)
+                e = _keep(e, key, thr_k, thr_p, min_p)
             cdf = tl.cumsum(e.to(tl.float64), axis=1)
             z = tl.max(cdf, axis=1)
-            if GREEDY:
-                tok = tl.argmax(tl.where(g != g, NEG_INF, g), axis=1).to(tl.int32)
-                gk = M
-            else:
-                r = uniform * z
-                cnt = tl.sum((cdf <= r[:, None]).to(tl.int32), axis=1)
-                last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
-                tok = tl.minimum(cnt, last_nz)
-                gk = tl.sum(tl.where(cols[None, :] == tok[:, None], g, 0.0), axis=1)
+        if GREEDY:
+            # NaN rows are flagged bad; keep them out of argmax (the interpreter rejects all-NaN)
+            tok = tl.argmax(tl.where(g != g, NEG_INF, g), axis=1).to(tl.int32)
+            gk = M
+        else:
+            tok = _cdf_pick(cdf, e, uniform * z, cols)
+            gk = _at(g, cols, tok)
+        if FILT_OR_CONF:
             zs = tl.where(z > 0.0, z, 1.0)
             if CONF == 1:
-                e_tok = tl.sum(tl.where(cols[None, :] == tok[:, None], e, 0.0), axis=1)
-                conf = (e_tok.to(tl.float64) / zs).to(tl.float32)
+                conf = (_at(e, cols, tok).to(tl.float64) / zs).to(tl.float32)
             if CONF == 2:
                 n_top = tl.sum((g == M[:, None]).to(tl.int32), axis=1)
                 e2 = tl.max(tl.where(g < M[:, None], e, 0.0), axis=1)
@@ -403,22 +405,6 @@ def _sample_rows_kernel(
             if CONF == 3:
                 q = e * (1.0 / zs).to(tl.float32)[:, None]
                 conf = tl.sum(tl.where(q > 0.0, q * tl.log(q + 1e-10), 0.0).to(tl.float64), axis=1).to(tl.float32)
-        elif GREEDY:
-            # NaN rows are flagged bad; keep them out of argmax (the interpreter rejects all-NaN)
-            tok = tl.argmax(tl.where(g != g, NEG_INF, g), axis=1).to(tl.int32)
-            gk = M
-        else:
-            if TEMP_ONE:
-                e = eu
-            else:
-                e = tl.exp(d * inv_temperature)
-            cdf = tl.cumsum(e.to(tl.float64), axis=1)
-            z = tl.max(cdf, axis=1)
-            r = uniform * z
-            cnt = tl.sum((cdf <= r[:, None]).to(tl.int32), axis=1)
-            last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
-            tok = tl.minimum(cnt, last_nz)
-            gk = tl.sum(tl.where(cols[None, :] == tok[:, None], g, 0.0), axis=1)
     else:
         # ---------------- multi-tile: one pass over the tiles, then one tile again ----------------
         tids = tl.arange(0, NUM_TILES)
@@ -432,16 +418,8 @@ def _sample_rows_kernel(
         # programs whose rows are all known (step) do not loop at all
         n_iter = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, n_tiles, 0)
         for t in range(0, n_iter):
-            c = t * BLOCK_V + cols
-            c64 = c.to(tl.int64)
-            m2 = active[:, None] & (c[None, :] < V)
-            g = _load_guided(
-                l_row[:, None] + c64[None, :] * stride_lv,
-                guide_row[:, None] + c64[None, :] * stride_guide_v,
-                m2,
-                one_plus_s,
-                HAS_GUIDE,
-            )
+            g, _m2 = _load_cols(l_row, guide_row, (t * BLOCK_V + cols)[None, :], active, V, stride_lv, stride_guide_v,
+                                one_plus_s, HAS_GUIDE)
             m_t = tl.max(g, axis=1)
             bad_acc = bad_acc | ((g != g) | (g == POS_INF)).to(tl.int32)
             m_s = tl.where((m_t == NEG_INF) | (m_t != m_t), 0.0, m_t)
@@ -484,32 +462,23 @@ def _sample_rows_kernel(
             cdf_t = tl.cumsum(w, axis=1)
             z = tl.max(cdf_t, axis=1)
             r = uniform * z
-            j = tl.sum((cdf_t <= r[:, None]).to(tl.int32), axis=1)
-            last_t = tl.max(tl.where(w > 0.0, tids[None, :], 0), axis=1)
-            j = tl.minimum(j, last_t)
-            before = tl.sum(tl.where(tids[None, :] == (j - 1)[:, None], cdf_t, 0.0), axis=1)
-            sc_j = tl.sum(tl.where(tids[None, :] == j[:, None], t_scale, 0.0), axis=1)
-            m_j = tl.sum(tl.where(tids[None, :] == j[:, None], t_max, 0.0), axis=1)
+            j = _cdf_pick(cdf_t, w, r, tids)
+            before = _at(cdf_t, tids, j - 1)
+            sc_j = _at(t_scale, tids, j)
+            m_j = _at(t_max, tids, j)
             m_j = tl.where((m_j == NEG_INF) | (m_j != m_j), 0.0, m_j)
             sc_j = tl.where(sc_j > 0.0, sc_j, 1.0)
             r_loc = (r - before) / sc_j
-            c = j[:, None] * BLOCK_V + cols[None, :]
-            c64 = c.to(tl.int64)
-            m2 = (active & ~bad)[:, None] & (c < V)
-            g = _load_guided(
-                l_row[:, None] + c64 * stride_lv, guide_row[:, None] + c64 * stride_guide_v, m2, one_plus_s, HAS_GUIDE
-            )
+            g, _m2 = _load_cols(l_row, guide_row, j[:, None] * BLOCK_V + cols[None, :], active & ~bad, V, stride_lv,
+                                stride_guide_v, one_plus_s, HAS_GUIDE)
             d = g - m_j[:, None]
             if TEMP_ONE:
                 e = tl.exp(d)
             else:
                 e = tl.exp(d * inv_temperature)
-            cdf = tl.cumsum(e.to(tl.float64), axis=1)
-            k = tl.sum((cdf <= r_loc[:, None]).to(tl.int32), axis=1)
-            last_nz = tl.max(tl.where(e > 0.0, cols[None, :], 0), axis=1)
-            k = tl.minimum(k, last_nz)
+            k = _cdf_pick(tl.cumsum(e.to(tl.float64), axis=1), e, r_loc, cols)
             tok = j * BLOCK_V + k
-            gk = tl.sum(tl.where(cols[None, :] == k[:, None], g, 0.0), axis=1)
+            gk = _at(g, cols, k)
 
     ok = active & ~bad
     if CONF != 0:
@@ -548,10 +517,7 @@ def _remask_keys(logp_ptr, mask_ptr, pos, inb, tau, dec_conf, seed, offset, HAS_
     # the float32 product tau * G, exact-then-rounded in float64 (never fused into an fma with the add)
     noise = (gum.to(tl.float64) * tau).to(tl.float32)
     conf = lp + noise
-    conf = tl.where(conf == 0.0, 0.0, conf)  # -0 -> +0
-    bits = conf.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    key = tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
-    key = tl.where(conf != conf, 0xFFFFFFFF, key)
+    key = tl.where(conf != conf, 0xFFFFFFFF, _order_key(conf))
     key = tl.where(cand, key, 0x100000000)
     return key, cand, masked
 
@@ -569,6 +535,44 @@ def _remask_write(out_mask_ptr, tokens_ptr, sampled_ptr, out_tokens_ptr, pos, in
         if HAS_MASK_ID:
             new = tl.where(chosen, mask_id, new)
         tl.store(out_tokens_ptr + pos, new, mask=inb)
+
+
+@triton.jit
+def _scratch_tile(row_keys, N, t, cols, BLOCK_N: tl.constexpr):
+    """Tile ``t`` of a row's keys in the int64 scratch (``row_keys``: the row's first): (key, 2**32
+    past N; columns c; c < N)."""
+    c = t * BLOCK_N + cols
+    inb = c < N
+    return tl.load(row_keys + c.to(tl.int64), mask=inb, other=0x100000000), c, inb
+
+
+@triton.jit
+def _count_below(row_keys, N, cols, thr, MULTI_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int64 #(key < thr) of a row: ``row_keys`` its keys (int64 [BLOCK_N], in registers), or
+    (MULTI_TILE) a pointer to them in the scratch, read tile by tile."""
+    if MULTI_TILE:
+        cnt = tl.zeros([], tl.int64)
+        for t in range(0, tl.cdiv(N, BLOCK_N)):
+            key, _c, _inb = _scratch_tile(row_keys, N, t, cols, BLOCK_N)
+            cnt += tl.sum((key < thr).to(tl.int32), axis=0).to(tl.int64)
+    else:
+        cnt = tl.sum((row_keys < thr).to(tl.int32), axis=0).to(tl.int64)
+    return cnt
+
+
+@triton.jit
+def _remask_choose(key, cand, thr, k, n_cand, n_less, carry, STRICT: tl.constexpr):
+    """The chosen positions among a tile's keys: ``key < thr``, plus (STRICT) every candidate when
+    ``k >= n_cand``, or (exact-k) the ties ``key == thr`` of rank <= ``k - n_less`` in index order
+    (``carry``: the ties in the row's earlier tiles)."""
+    less = key < thr
+    if STRICT:
+        chosen = less | (cand & (k >= n_cand))
+    else:
+        eq = key == thr
+        rank = tl.cumsum(eq.to(tl.int32), axis=0).to(tl.int64) + carry
+        chosen = less | (eq & (rank <= k - n_less))
+    return chosen
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -625,35 +629,9 @@ def _remask_kernel(
     n_b = tl.load(num_ptr + b).to(tl.int64)
     tl.atomic_or(status_ptr, _NEGATIVE_NUM_TO_MASK, mask=n_b < 0)
     n_b = tl.maximum(n_b, 0)
-    one = tl.full([], 1, tl.int64)
-    if not MULTI_TILE:
-        inb = cols < N
-        pos = b * N + cols.to(tl.int64)
-        key, cand, masked = _remask_keys(logp_ptr, mask_ptr, pos, inb, tau, dec_conf, seed, offset, HAS_DECODED)
-        n_cand = tl.sum(cand.to(tl.int32), axis=0).to(tl.int64)
-        k = tl.minimum(n_b, n_cand)
-        q = k
-        if STRICT:
-            q = k + 1
-        thr = tl.zeros([], tl.int64)
-        for i in range(0, 32):
-            trial = thr | (one << (31 - i))
-            cnt = tl.sum((key < trial).to(tl.int32), axis=0).to(tl.int64)
-            thr = tl.where(cnt < q, trial, thr)
-        less = key < thr
-        if STRICT:
-            chosen = less | (cand & (k >= n_cand))
-        else:
-            n_less = tl.sum(less.to(tl.int32), axis=0).to(tl.int64)
-            eq = key == thr
-            rank = tl.cumsum(eq.to(tl.int32), axis=0).to(tl.int64)
-            chosen = less | (eq & (rank <= k - n_less))
-        _remask_write(out_mask_ptr, tokens_ptr, sampled_ptr, out_tokens_ptr, pos, inb, masked, chosen, mask_id,
-                      FUSED, HAS_MASK_ID)
-    else:
-        n_tiles = tl.cdiv(N, BLOCK_N)
+    if MULTI_TILE:
         n_cand = tl.zeros([], tl.int64)
-        for t in range(0, n_tiles):
+        for t in range(0, tl.cdiv(N, BLOCK_N)):
             c = t * BLOCK_N + cols
             inb = c < N
             pos = b * N + c.to(tl.int64)
@@ -661,43 +639,37 @@ def _remask_kernel(
             tl.store(keys_ptr + pos, key, mask=inb)
             n_cand += tl.sum(cand.to(tl.int32), axis=0).to(tl.int64)
         tl.debug_barrier()  # the keys written above are read by any thread of the program below
-        k = tl.minimum(n_b, n_cand)
-        q = k
-        if STRICT:
-            q = k + 1
-        thr = tl.zeros([], tl.int64)
-        for i in range(0, 32):
-            trial = thr | (one << (31 - i))
-            cnt = tl.zeros([], tl.int64)
-            for t in range(0, n_tiles):
-                c = t * BLOCK_N + cols
-                key = tl.load(keys_ptr + b * N + c.to(tl.int64), mask=c < N, other=0x100000000)
-                cnt += tl.sum((key < trial).to(tl.int32), axis=0).to(tl.int64)
-            thr = tl.where(cnt < q, trial, thr)
-        n_less = tl.zeros([], tl.int64)
-        if not STRICT:
-            for t in range(0, n_tiles):
-                c = t * BLOCK_N + cols
-                key = tl.load(keys_ptr + b * N + c.to(tl.int64), mask=c < N, other=0x100000000)
-                n_less += tl.sum((key < thr).to(tl.int32), axis=0).to(tl.int64)
+        row_keys = keys_ptr + b * N
+    else:
+        inb = cols < N
+        pos = b * N + cols.to(tl.int64)
+        row_keys, cand, masked = _remask_keys(logp_ptr, mask_ptr, pos, inb, tau, dec_conf, seed, offset, HAS_DECODED)
+        n_cand = tl.sum(cand.to(tl.int32), axis=0).to(tl.int64)
+    k = tl.minimum(n_b, n_cand)
+    q = k
+    if STRICT:
+        q = k + 1
+    thr = tl.zeros([], tl.int64)
+    for i in range(0, 32):
+        trial = thr | (tl.full([], 1, tl.int64) << (31 - i))
+        thr = tl.where(_count_below(row_keys, N, cols, trial, MULTI_TILE, BLOCK_N) < q, trial, thr)
+    n_less = tl.zeros([], tl.int64)
+    if not STRICT:
+        n_less = _count_below(row_keys, N, cols, thr, MULTI_TILE, BLOCK_N)
+    if MULTI_TILE:
         carry = tl.zeros([], tl.int64)  # ties (key == thr) in the tiles before this one
-        for t in range(0, n_tiles):
-            c = t * BLOCK_N + cols
-            inb = c < N
+        for t in range(0, tl.cdiv(N, BLOCK_N)):
+            key, c, inb = _scratch_tile(row_keys, N, t, cols, BLOCK_N)
             pos = b * N + c.to(tl.int64)
-            key = tl.load(keys_ptr + pos, mask=inb, other=0x100000000)
             masked = inb & (tl.load(mask_ptr + pos, mask=inb, other=0) != 0)
-            cand = key < 0x100000000
-            less = key < thr
-            if STRICT:
-                chosen = less | (cand & (k >= n_cand))
-            else:
-                eq = key == thr
-                rank = tl.cumsum(eq.to(tl.int32), axis=0).to(tl.int64) + carry
-                chosen = less | (eq & (rank <= k - n_less))
-                carry += tl.sum(eq.to(tl.int32), axis=0).to(tl.int64)
+            chosen = _remask_choose(key, key < 0x100000000, thr, k, n_cand, n_less, carry, STRICT)
+            carry += tl.sum((key == thr).to(tl.int32), axis=0).to(tl.int64)
             _remask_write(out_mask_ptr, tokens_ptr, sampled_ptr, out_tokens_ptr, pos, inb, masked, chosen, mask_id,
                           FUSED, HAS_MASK_ID)
+    else:
+        chosen = _remask_choose(row_keys, cand, thr, k, n_cand, n_less, 0, STRICT)
+        _remask_write(out_mask_ptr, tokens_ptr, sampled_ptr, out_tokens_ptr, pos, inb, masked, chosen, mask_id,
+                      FUSED, HAS_MASK_ID)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -735,16 +707,7 @@ def _prep_logits(x: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def _sampler_config(n_rows: int, vocab: int):
     """(BLOCK_R, BLOCK_V, NUM_TILES, num_warps) for the row sampler."""
-    if vocab <= _MAX_SINGLE_TILE_V:
-        block_v = triton.next_power_of_2(vocab)
-        num_tiles = 1
-        block_r = max(1, min(_ROW_ELEMS // block_v, triton.next_power_of_2(max(n_rows, 1))))
-    else:
-        block_v = triton.next_power_of_2(_TILE_V)
-        num_tiles = triton.next_power_of_2(triton.cdiv(vocab, block_v))
-        block_r = 1
-    num_warps = max(1, min(16, block_r * block_v // (32 * _ELEMS_PER_THREAD)))
-    return block_r, block_v, num_tiles, num_warps
+    return row_tiles(n_rows, vocab, _MAX_SINGLE_TILE_V, _TILE_V)
 
 
 _FLT_MIN = 1.1754943508222875e-38
@@ -778,40 +741,13 @@ def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, tem
         conf = logp  # never written (code 0)
     grid = (triton.cdiv(n_rows, block_r),)
     _launch(_sample_rows_kernel)[grid](
-        x,
-        guide,
-        rowmask,
-        tokens,
-        logp,
-        status,
-        n_rows,
-        vocab,
-        x.stride(0),
-        x.stride(1),
-        guide.stride(0),
-        guide.stride(1),
-        _f32(1.0 + guidance_scale),
-        _f32(inv_temperature),
-        seed,
-        offset,
-        status if seed_t is None else seed_t,
-        status if offset_t is None else offset_t,
-        conf,
-        top_k if 0 < top_k < vocab else 0,
-        float(top_p),
-        _f32(min_p),
-        HAS_GUIDE=has_guide,
-        HAS_ROWMASK=has_rowmask,
-        GREEDY=greedy,
-        TEMP_ONE=temp_one,
-        BLOCK_R=block_r,
-        BLOCK_V=block_v,
-        NUM_TILES=num_tiles,
-        FILTER=filtered,
-        CONF=code,
-        SEED_PTR=seed_t is not None,
-        OFFSET_PTR=offset_t is not None,
-        num_warps=num_warps,
+        x, guide, rowmask, tokens, logp, status, n_rows, vocab, x.stride(0), x.stride(1), guide.stride(0),
+        guide.stride(1), _f32(1.0 + guidance_scale), _f32(inv_temperature), seed, offset,
+        status if seed_t is None else seed_t, status if offset_t is None else offset_t,  # never read when None
+        conf, top_k if 0 < top_k < vocab else 0, float(top_p), _f32(min_p),
+        HAS_GUIDE=has_guide, HAS_ROWMASK=has_rowmask, GREEDY=greedy, TEMP_ONE=temp_one, BLOCK_R=block_r,
+        BLOCK_V=block_v, NUM_TILES=num_tiles, FILTER=filtered, CONF=code, SEED_PTR=seed_t is not None,
+        OFFSET_PTR=offset_t is not None, num_warps=num_warps,
     )
 
 
@@ -826,30 +762,12 @@ def _launch_remask(logp, is_masked, num_to_mask, out_mask, status, tau, seed, of
     if not fused:
         tokens = sampled = out_tokens = num_to_mask  # never read
     _launch(_remask_kernel)[(batch,)](
-        logp,
-        is_masked,
-        num_to_mask,
-        out_mask,
-        tokens,
-        sampled,
-        out_tokens,
-        keys,
-        status,
-        n_pos,
-        _f32(tau),
+        logp, is_masked, num_to_mask, out_mask, tokens, sampled, out_tokens, keys, status, n_pos, _f32(tau),
         _f32(0.0 if decoded_confidence is None else decoded_confidence),
-        0 if mask_token_id is None else int(mask_token_id),
-        seed,
-        offset,
-        status if seed_t is None else seed_t,
-        status if offset_t is None else offset_t,
-        FUSED=fused,
-        HAS_DECODED=decoded_confidence is not None,
-        STRICT=bool(strict_below),
-        HAS_MASK_ID=mask_token_id is not None,
-        MULTI_TILE=multi,
-        BLOCK_N=block_n,
-        SEED_PTR=seed_t is not None,
+        0 if mask_token_id is None else int(mask_token_id), seed, offset,
+        status if seed_t is None else seed_t, status if offset_t is None else offset_t,  # never read when None
+        FUSED=fused, HAS_DECODED=decoded_confidence is not None, STRICT=bool(strict_below),
+        HAS_MASK_ID=mask_token_id is not None, MULTI_TILE=multi, BLOCK_N=block_n, SEED_PTR=seed_t is not None,
         OFFSET_PTR=offset_t is not None,
         num_warps=max(1, min(8, block_n // 256)),  # 16 warps spill (f64 logs) at N = 4096
     )
@@ -880,20 +798,9 @@ def remask_triton(logp, is_masked, num_to_mask, choice_temperature, seed, offset
     batch, n_pos = logp.shape
     out = torch.empty((batch, n_pos), dtype=torch.bool, device=logp.device)
     if batch > 0 and n_pos > 0:
-        _launch_remask(
-            logp.float().contiguous(),
-            is_masked.contiguous(),
-            num_to_mask.to(torch.int64).contiguous(),
-            out,
-            status,
-            float(choice_temperature),
-            int(seed),
-            int(offset),
-            decoded_confidence=decoded_confidence,
-            strict_below=strict_below,
-            seed_t=seed_tensor,
-            offset_t=offset_tensor,
-        )
+        _launch_remask(logp.float().contiguous(), is_masked.contiguous(), num_to_mask.to(torch.int64).contiguous(), out,
+                       status, float(choice_temperature), int(seed), int(offset), decoded_confidence=decoded_confidence,
+                       strict_below=strict_below, seed_t=seed_tensor, offset_t=offset_tensor)
     return out
 
 
@@ -923,22 +830,8 @@ def self_guided_step_triton(
     _launch_sampler(x, guide, mask.reshape(-1), sampled, logp, status, float(guidance_scale), float(temperature), seed,
                     offset, conf=score, confidence=confidence, top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
                     seed_t=seed_tensor, offset_t=offset_tensor)
-    _launch_remask(
-        score,
-        mask,
-        num_to_mask.to(torch.int64).contiguous(),
-        new_mask,
-        status,
-        float(choice_temperature),
-        seed,
-        offset,
-        tokens=tokens.to(torch.int64).contiguous(),
-        sampled=sampled,
-        out_tokens=new_tokens,
-        decoded_confidence=decoded_confidence,
-        strict_below=strict_below,
-        mask_token_id=mask_token_id,
-        seed_t=seed_tensor,
-        offset_t=offset_tensor,
-    )
+    _launch_remask(score, mask, num_to_mask.to(torch.int64).contiguous(), new_mask, status, float(choice_temperature),
+                   seed, offset, tokens=tokens.to(torch.int64).contiguous(), sampled=sampled, out_tokens=new_tokens,
+                   decoded_confidence=decoded_confidence, strict_below=strict_below, mask_token_id=mask_token_id,
+                   seed_t=seed_tensor, offset_t=offset_tensor)
     return new_tokens, new_mask
