@@ -74,6 +74,7 @@ def _sampler_configs(S):
         "n_rows": "i32", "V": "i32", "stride_lr": "i64", "stride_lv": "i32", "stride_guide_r": "i64",
         "stride_guide_v": "i32", "one_plus_s": "fp32", "inv_temperature": "fp32", "seed": "i64", "offset": "i64",
         "seed_ptr": "*i64", "offset_ptr": "*i64", "conf_ptr": "*fp32", "top_k": "i32", "top_p": "fp32", "min_p": "fp32",
+        "ids_ptr": "*i64",
     }
     # (dtype, guide, mode, rowmask, BLOCK_R, BLOCK_V, NUM_TILES): every constexpr value at least once,
     # the register-heaviest single tile (8192) and the multi-tile path (LLaDA: V = 126464 -> 62 tiles of 2048).
@@ -103,10 +104,10 @@ def _sampler_configs(S):
         const = dict(
             HAS_GUIDE=guide, HAS_ROWMASK=rowmask, GREEDY=mode == "greedy", TEMP_ONE=mode == "t1",
             BLOCK_R=block_r, BLOCK_V=block_v, NUM_TILES=tiles, FILTER=filt, CONF=conf, SEED_PTR=rng_ptr,
-            OFFSET_PTR=rng_ptr,
+            OFFSET_PTR=rng_ptr, HAS_IDS=filt and mode != "greedy",  # row ids: head_sample's row-chunk path
         )
         name = (f"sample_rows[{dt},guide={guide},{mode},rowmask={rowmask},R={block_r},V={block_v},tiles={tiles},"
-                f"filter={filt},conf={conf},rng_ptr={rng_ptr}]")
+                f"filter={filt},conf={conf},rng_ptr={rng_ptr},ids={const['HAS_IDS']}]")
         out.append((name, S._sample_rows_kernel, types, const, max(1, min(16, block_r * block_v // 256))))
     assert len(out) == N_SAMPLER_CONFIGS
     return out

@@ -313,11 +313,15 @@ def _sample_rows_kernel(
     CONF: tl.constexpr = 0,
     SEED_PTR: tl.constexpr = False,
     OFFSET_PTR: tl.constexpr = False,
+    ids_ptr=None,
+    HAS_IDS: tl.constexpr = False,
 ):
     """Sample one token per row of ``g = guide + one_plus_s * (l - guide)`` by inverse CDF; write token and logp.
 
     Reads: ``logits`` (and ``guide_logits``) ``[R, V]`` (any dtype, any strides) once, plus
-    ``rowmask`` (bool [R], step only: rows with False are skipped without reading their logits).
+    ``rowmask`` (bool [R], step only: rows with False are skipped without reading their logits) and,
+    with HAS_IDS, ``row_ids`` (int64 [R]: each row's Philox key instead of its index; head_sample's
+    row-chunk path).
     Writes: ``tokens`` int64 [R], ``logp`` float32 [R], and ORs NONFINITE_LOGITS into ``status[0]``
     for a bad row (NaN/+inf in g, or all -inf; its token is 0 and logp NaN).
 
@@ -351,7 +355,11 @@ def _sample_rows_kernel(
 
     seed, offset = _rng_scalars(seed, offset, seed_ptr, offset_ptr, SEED_PTR, OFFSET_PTR)
     if not GREEDY:
-        w0, w1, _w2, _w3 = _row_words(seed, offset, rows64)
+        if HAS_IDS:  # ``row_ids`` int64 [R]: each row's Philox key (8 B per row)
+            key = tl.load(ids_ptr + rows64, mask=row_ok, other=0)
+        else:
+            key = rows64
+        w0, w1, _w2, _w3 = _row_words(seed, offset, key)
         uniform = _token_uniform(w0, w1)
     FILT_OR_CONF: tl.constexpr = FILTER or (CONF != 0)
     if GREEDY:
@@ -716,7 +724,7 @@ _CONF_CODES = {"logp": 0, "prob": 1, "margin": 2, "entropy": 3}
 
 
 def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, temperature, seed, offset, *, conf=None,
-                    confidence="logp", top_k=0, top_p=1.0, min_p=0.0, seed_t=None, offset_t=None):
+                    confidence="logp", top_k=0, top_p=1.0, min_p=0.0, seed_t=None, offset_t=None, row_ids=None):
     n_rows, vocab = x.shape
     block_r, block_v, num_tiles, num_warps = _sampler_config(n_rows, vocab)
     greedy = temperature == 0.0
@@ -747,7 +755,8 @@ def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, tem
         conf, top_k if 0 < top_k < vocab else 0, float(top_p), _f32(min_p),
         HAS_GUIDE=has_guide, HAS_ROWMASK=has_rowmask, GREEDY=greedy, TEMP_ONE=temp_one, BLOCK_R=block_r,
         BLOCK_V=block_v, NUM_TILES=num_tiles, FILTER=filtered, CONF=code, SEED_PTR=seed_t is not None,
-        OFFSET_PTR=offset_t is not None, num_warps=num_warps,
+        OFFSET_PTR=offset_t is not None, ids_ptr=status if row_ids is None else row_ids,
+        HAS_IDS=row_ids is not None, num_warps=num_warps,
     )
 
 
@@ -774,7 +783,7 @@ def _launch_remask(logp, is_masked, num_to_mask, out_mask, status, tau, seed, of
 
 
 def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed, offset, status, top_k=0, top_p=1.0,
-                         min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None):
+                         min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None, row_ids=None):
     """CUDA kernel of ``torch.ops.sgkernels.guided_sample`` (see the op for the arguments)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     x = _prep_logits(logits, vocab)
@@ -786,7 +795,8 @@ def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed
     if n_rows > 0:
         _launch_sampler(x, guide, None, tokens, logp, status, float(guidance_scale), float(temperature), int(seed),
                         int(offset), conf=conf, confidence=confidence, top_k=int(top_k), top_p=float(top_p),
-                        min_p=float(min_p), seed_t=seed_tensor, offset_t=offset_tensor)
+                        min_p=float(min_p), seed_t=seed_tensor, offset_t=offset_tensor,
+                        row_ids=None if row_ids is None else row_ids.contiguous())
     if confidence == "logp":
         conf = logp.clone()
     return tokens.reshape(lead), logp.reshape(lead), conf.reshape(lead)
