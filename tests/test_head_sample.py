@@ -240,18 +240,6 @@ def test_chunks_and_weight_tiles(backend, monkeypatch, wdtype):
         torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
 
 
-def test_filtered_nan_row_raises(backend):
-    if backend.device == "cuda":
-        pytest.skip("CUDA defers the check to sgk.check_errors()")
-    gen = torch.Generator().manual_seed(14)
-    w, b = _head(8, 40, gen=gen)
-    h = torch.randn(4, 8, generator=gen)
-    h[1, 0] = float("nan")
-    with pytest.raises(ValueError, match="logits"):
-        run(backend, h, w, b, top_p=0.9, seed=0)
-    run(backend, h, w, b, top_p=0.9, seed=0, rows=torch.tensor([0, 2, 3]))  # the NaN row is not selected
-
-
 # ------------------------------------------------------------------------------------------------
 # rows
 
@@ -292,7 +280,8 @@ def test_minus_inf_bias_never_sampled(backend):
     assert bool((tokens % 2 == 1).all()) and bool(torch.isfinite(logp).all())
 
 
-def test_nan_row_raises(backend):
+@pytest.mark.parametrize("filters", [{}, {"top_p": 0.9}], ids=["fused", "row-chunks"])
+def test_nan_row_raises(backend, filters):
     if backend.device == "cuda":
         pytest.skip("CUDA defers the check to sgk.check_errors()")
     gen = torch.Generator().manual_seed(7)
@@ -300,8 +289,9 @@ def test_nan_row_raises(backend):
     h = torch.randn(4, 8, generator=gen)
     h[2, 1] = float("nan")
     with pytest.raises(ValueError, match="logits"):
-        run(backend, h, w, b, seed=0)
-    run(backend, torch.randn(4, 8), w, b, seed=0)  # the flag was reset
+        run(backend, h, w, b, seed=0, **filters)
+    run(backend, h, w, b, seed=0, rows=torch.tensor([0, 1, 3]), **filters)  # the NaN row is not selected
+    run(backend, torch.randn(4, 8), w, b, seed=0, **filters)  # the flag was reset
 
 
 def test_seeds(backend):

@@ -44,6 +44,17 @@ class TinyDreamConfig(PretrainedConfig):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
+def _attend(m, input_ids, attention_mask, position_ids):
+    """One single-head attention layer with a residual over ``m.emb`` / ``m.pos`` / ``m.qkv``: ``[B, N, d]``."""
+    pos = torch.arange(input_ids.shape[1]) if position_ids is None else position_ids
+    h = m.emb[input_ids] + m.pos[pos]
+    q, k, v = (h @ m.qkv).chunk(3, dim=-1)
+    scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+    if isinstance(attention_mask, torch.Tensor):
+        scores = scores.masked_fill(~attention_mask[:, 0], -1e9)
+    return h + torch.softmax(scores, -1) @ v
+
+
 class TinyDream(PreTrainedModel):
     """Shaped like Dream's model: ``forward(input_ids, attention_mask, position_ids)``, ``"full"`` or a
     ``[B, 1, N, N]`` bool mask, ``.logits`` predicting the *next* position (hence Dream's shift)."""
@@ -62,13 +73,7 @@ class TinyDream(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         self.calls += 1
-        pos = torch.arange(input_ids.shape[1]) if position_ids is None else position_ids
-        h = self.emb[input_ids] + self.pos[pos]
-        q, k, v = (h @ self.qkv).chunk(3, dim=-1)
-        scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
-        if isinstance(attention_mask, torch.Tensor):
-            scores = scores.masked_fill(~attention_mask[:, 0], -1e9)
-        logits = (h + torch.softmax(scores, -1) @ v) @ self.head
+        logits = _attend(self, input_ids, attention_mask, position_ids) @ self.head
         logits[..., self.config.mask_token_id] = -1e4
         return MaskedLMOutput(logits=logits)
 
@@ -292,13 +297,7 @@ class _TinyDreamBase(torch.nn.Module):
         self.qkv = torch.nn.Parameter(torch.randn(d, 3 * d, generator=gen) / d**0.5)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
-        pos = torch.arange(input_ids.shape[1]) if position_ids is None else position_ids
-        h = self.emb[input_ids] + self.pos[pos]
-        q, k, v = (h @ self.qkv).chunk(3, dim=-1)
-        scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
-        if isinstance(attention_mask, torch.Tensor):
-            scores = scores.masked_fill(~attention_mask[:, 0], -1e9)
-        return SimpleNamespace(last_hidden_state=h + torch.softmax(scores, -1) @ v)
+        return SimpleNamespace(last_hidden_state=_attend(self, input_ids, attention_mask, position_ids))
 
 
 class TinyDreamHF(torch.nn.Module):

@@ -208,14 +208,8 @@ def dream_step(
     logits: torch.Tensor,
     k: int,
     *,
-    alg: str,
-    temperature: float,
-    top_p: float | None,
-    top_k: int | None,
-    alg_temp: float | None,
-    p_transfer: float | torch.Tensor,
-    seed: int,
-    offset: int,
+    alg: str, temperature: float, top_p: float | None, top_k: int | None, alg_temp: float | None,
+    p_transfer: float | torch.Tensor, seed: int, offset: int,
 ) -> torch.Tensor:
     """One Dream step on ``x`` ``[B, N]`` with the (already shifted) ``logits`` ``[B, N, V]``; returns the new x."""
     filt = _filters(top_k, top_p)
@@ -244,14 +238,8 @@ def fused_dream_step(
     bias: torch.Tensor | None,
     k: int,
     *,
-    alg: str,
-    temperature: float,
-    top_p: float | None,
-    top_k: int | None,
-    alg_temp: float | None,
-    p_transfer: float | torch.Tensor,
-    seed: int,
-    offset: int,
+    alg: str, temperature: float, top_p: float | None, top_k: int | None, alg_temp: float | None,
+    p_transfer: float | torch.Tensor, seed: int, offset: int,
 ) -> torch.Tensor:
     """:func:`dream_step` with ``logits = hidden @ weight.T + bias`` never formed: ``hidden`` ``[B, N, d]``
     (already shifted like the logits), only the sampled rows projected, with the same row keys."""

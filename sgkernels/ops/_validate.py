@@ -135,6 +135,25 @@ def check_confidence(kind, allowed=CONFIDENCES) -> str:
     return kind
 
 
+def check_inputs(name: str, x, guide_name: str, guide) -> None:
+    """A float input ``x`` and its optional guide (same shape, dtype and device): the sampling ops' pair."""
+    check_logits(name, x)
+    if guide is not None:
+        check_logits(guide_name, guide)
+        check_same(guide_name, guide, name, x)
+
+
+def check_sampling(guidance_scale, temperature, top_k, top_p, min_p, confidence):
+    """guided_sample's scalar arguments (head_sample's too), checked and normalised:
+    ``(guidance_scale, temperature, top_k, top_p, min_p)``; ``confidence`` None or one of CONFIDENCES."""
+    guidance_scale = check_guidance_scale(guidance_scale)
+    temperature = check_float("temperature", temperature)
+    top_k, top_p, min_p = check_filters(top_k, top_p, min_p)
+    if confidence is not None:
+        check_confidence(confidence)
+    return guidance_scale, temperature, top_k, top_p, min_p
+
+
 # ------------------------------------------------------------------------------------------------
 # RNG seed and offset: ints, or 0-dim int64 tensors (read by the kernels from memory)
 

@@ -166,15 +166,9 @@ def guided_sample(
         ValueError at once on CPU; on CUDA it sets a device flag that
         :func:`sgkernels.check_errors` raises (the sampler calls it once at its end).
     """
-    _validate.check_logits("logits", logits)
-    if guide_logits is not None:
-        _validate.check_logits("guide_logits", guide_logits)
-        _validate.check_same("guide_logits", guide_logits, "logits", logits)
-    guidance_scale = _validate.check_guidance_scale(guidance_scale)
-    temperature = _validate.check_float("temperature", temperature)
-    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
-    if confidence is not None:
-        _validate.check_confidence(confidence)
+    _validate.check_inputs("logits", logits, "guide_logits", guide_logits)
+    guidance_scale, temperature, top_k, top_p, min_p = _validate.check_sampling(
+        guidance_scale, temperature, top_k, top_p, min_p, confidence)
     seed, offset, seed_t, offset_t = _validate.check_rng(seed, offset, logits.device)
     if _logp_needs_grad(logits, guide_logits):  # autograd: see the end of this module
         return _guided_sample_with_grad(

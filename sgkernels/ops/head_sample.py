@@ -126,24 +126,13 @@ def _sample_chunked(h2, g2, ids, weight, bias, guidance_scale, temperature, top_
 
 
 def head_sample_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    guide_hidden: torch.Tensor | None = None,
-    *,
-    guidance_scale: float = 0.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    confidence: str | None = None,
-    seed: int,
-    offset: int = 0,
-    rows: torch.Tensor | None = None,
+    hidden, weight, bias=None, guide_hidden=None, *, guidance_scale=0.0, temperature=1.0, top_k=0, top_p=1.0,
+    min_p=0.0, confidence=None, seed, offset=0, rows=None,
 ):
     """Plain-PyTorch spec of :func:`head_sample`: float32 ``blend(hidden) @ weight.T + bias`` of the
     selected rows, then guided_sample's float64 inverse-CDF sampler (and its filters and confidence)
-    with each row's Philox uniform.
+    with each row's Philox uniform. The arguments and outputs of :func:`head_sample`, except that
+    ``seed`` is required.
 
     Raises ValueError for a selected row that cannot be sampled (NaN/+inf logits, or all -inf).
     """
@@ -172,9 +161,7 @@ def head_sample(
     *,
     guidance_scale: float = 0.0,
     temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
+    top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
     confidence: str | None = None,
     seed: int | None = None,
     offset: int = 0,
@@ -215,17 +202,11 @@ def head_sample(
         hidden states or weights) or are all -inf raises ValueError at once on CPU; on CUDA it sets the
         device flag that :func:`sgkernels.check_errors` raises (token 0, logp NaN meanwhile).
     """
-    _validate.check_logits("hidden", hidden)
+    _validate.check_inputs("hidden", hidden, "guide_hidden", guide_hidden)
     d = hidden.shape[-1]
     _validate.check_head(weight, bias, d, hidden.device)
-    if guide_hidden is not None:
-        _validate.check_logits("guide_hidden", guide_hidden)
-        _validate.check_same("guide_hidden", guide_hidden, "hidden", hidden)
-    guidance_scale = _validate.check_guidance_scale(guidance_scale)
-    temperature = _validate.check_float("temperature", temperature)
-    top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
-    if confidence is not None:
-        _validate.check_confidence(confidence)
+    guidance_scale, temperature, top_k, top_p, min_p = _validate.check_sampling(
+        guidance_scale, temperature, top_k, top_p, min_p, confidence)
     seed = _rng.resolve_seed(seed)
     offset = _rng.check_offset(offset)
     lead = hidden.shape[:-1]
