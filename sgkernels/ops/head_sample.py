@@ -120,8 +120,8 @@ def _sample_chunked(h2, g2, ids, weight, bias, guidance_scale, temperature, top_
         e = min(k, s + chunk)
         logits = project(blend_hidden(h2[s:e], None if g2 is None else g2[s:e], guidance_scale), weight, bias)
         tokens[s:e], logp[s:e], conf[s:e] = call_sampling_kernel(
-            "guided_sample", "sampling.guided_sample_triton", impl, device, logits, None, 0.0, temperature, seed, offset, top_k=top_k,
-            top_p=top_p, min_p=min_p, confidence=confidence or "logp", row_ids=ids[s:e])
+            "guided_sample", "sampling.guided_sample_triton", impl, device, logits, None, 0.0, temperature, seed,
+            offset, top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence or "logp", row_ids=ids[s:e])
     return tokens, logp, conf
 
 
