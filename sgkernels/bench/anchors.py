@@ -1,5 +1,6 @@
 """The code users run today, written as the public code writes it: the baselines ("anchors").
 
+* :func:`official_sampling_loop`: the official self-guidance loop (base pass, guide pass, eager step).
 * :func:`open_muse_step`: the open-muse / official self-guidance eager MaskGIT step (softmax,
   multinomial, gather, log, Gumbel noise, full sort).
 * :func:`llada_step`: LLaDA's generate() step with classifier-free guidance: float64 Gumbel noise
@@ -14,6 +15,8 @@
 from __future__ import annotations
 
 import torch
+
+from ..schedule import choice_temperature, mask_len
 
 
 def open_muse_step(tokens, is_masked, logits, guide, num_to_mask, *, guidance_scale, temperature, choice_temperature, mask_id, generator=None):
@@ -109,3 +112,21 @@ def dream_step(x, mask_index, logits, num_transfer: int, *, temperature, top_p, 
     x = x.clone()
     x[rows, transfer_index] = x_[rows, transfer_index]
     return x
+
+
+def official_sampling_loop(sampler, labels: torch.Tensor) -> torch.Tensor:
+    """The official self-guidance sampling loop with ``sampler``'s model, guide and settings: per step the
+    base pass, the guide pass (``sampler._logits``) and :func:`open_muse_step`. Returns the tokens ``[B, N]``."""
+    cfg = sampler.model.config
+    b, n = labels.shape[0], cfg.num_tokens
+    tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=labels.device)
+    is_masked = torch.ones(b, n, dtype=torch.bool, device=labels.device)
+    with torch.no_grad():
+        for step in range(sampler.steps):
+            logits, guide_logits = sampler._logits(tokens, labels)
+            num = mask_len(step, sampler.steps, n, is_masked.sum(-1))
+            tau = choice_temperature(step, sampler.steps, sampler.choice_temperature, sampler.temperature_decay)
+            tokens, is_masked = open_muse_step(
+                tokens, is_masked, logits, guide_logits, num, guidance_scale=sampler.guidance_scale,
+                temperature=sampler.temperature, choice_temperature=tau, mask_id=cfg.mask_token_id)
+    return tokens
