@@ -519,3 +519,20 @@ def test_fused_head_explicit_head_and_eos():
     plain = llada.generate(lambda x, **k: SimpleNamespace(logits=head(backbone(x, **k).last_hidden_state)), prompt,
                            **kw)
     assert torch.equal(fused, plain) and not bool((fused == llada.EOS_ID).any())
+
+
+def test_fused_head_refuses_a_bert_style_mlm_head():
+    """BertForMaskedLM's head transforms the hidden states (dense, GELU, LayerNorm) before its projection:
+    the fused head must fall back to the logits path, not project the base's hidden states directly."""
+    transformers = pytest.importorskip("transformers")
+    from sgkernels.integrations import _fused_head
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    assert _fused_head.resolve(model) is None
+    prompt = _prompt(2)
+    kw = dict(steps=4, gen_length=8, block_length=4, mask_id=MASK, seed=0)
+    torch.testing.assert_close(llada.generate(model, prompt, **kw), llada.generate(model, prompt, fused_head=False, **kw),
+                               rtol=0, atol=0)

@@ -1,6 +1,11 @@
 """The code users run today, written as the public code writes it: the baselines ("anchors").
 
 * :func:`official_sampling_loop`: the official self-guidance loop (base pass, guide pass, eager step).
+* :func:`llada_generate`: LLaDA's generate() loop (blocks, LLaDA's split of each block over its
+  steps) around :func:`llada_step`, or with ``threshold`` Fast-dLLM's (no cache) around
+  :func:`fast_dllm_threshold_step`.
+* :func:`dream_generate`: Dream's ``_sample`` loop (pad with masks, logits shifted by one,
+  ``linspace(1, eps, steps + 1)`` schedule, ``sample_tokens``, per-row top-k of the confidence).
 * :func:`open_muse_step`: the open-muse / official self-guidance eager MaskGIT step (softmax,
   multinomial, gather, log, Gumbel noise, full sort).
 * :func:`llada_step`: LLaDA's generate() step with classifier-free guidance: float64 Gumbel noise
@@ -49,11 +54,15 @@ def _add_gumbel_noise(logits, temperature):
 
 
 def llada_step(x, mask_index, cond_logits, uncond_logits, num_transfer, *, cfg_scale, temperature, softmax_dtype=None):
-    """One LLaDA generate() step with CFG and low-confidence remasking. ``num_transfer``: int64 [B].
+    """One LLaDA generate() step with CFG (``uncond_logits`` None: no CFG) and low-confidence remasking.
+    ``num_transfer``: int64 [B].
 
     ``softmax_dtype=None``: the confidence softmax in the logits' dtype, as LLaDA today; ``torch.float64``:
     as LLaDA before 2025-06-02."""
-    logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
+    if uncond_logits is None:
+        logits = cond_logits
+    else:
+        logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
     logits_with_noise = _add_gumbel_noise(logits, temperature)
     x0 = torch.argmax(logits_with_noise, dim=-1)
     p = torch.softmax(logits if softmax_dtype is None else logits.to(softmax_dtype), dim=-1)
@@ -130,3 +139,98 @@ def official_sampling_loop(sampler, labels: torch.Tensor) -> torch.Tensor:
                 tokens, is_masked, logits, guide_logits, num, guidance_scale=sampler.guidance_scale,
                 temperature=sampler.temperature, choice_temperature=tau, mask_id=cfg.mask_token_id)
     return tokens
+
+
+def _num_transfer_tokens(block_mask_index, steps):
+    """LLaDA's get_num_transfer_tokens: masked count // steps per step, the remainder on the first steps."""
+    mask_num = block_mask_index.sum(dim=1, keepdim=True)
+    base = mask_num // steps
+    remainder = mask_num % steps
+    num_transfer_tokens = torch.zeros(mask_num.size(0), steps, device=block_mask_index.device, dtype=torch.int64) + base
+    for i in range(mask_num.size(0)):
+        num_transfer_tokens[i, :remainder[i]] += 1
+    return num_transfer_tokens
+
+
+@torch.no_grad()
+def llada_generate(model, prompt, *, steps, gen_length, block_length, temperature=0.0, mask_id=126336,
+                   threshold=None):
+    """LLaDA's generate() (no CFG), or with ``threshold`` Fast-dLLM's threshold decoding (no cache):
+    ``model(x).logits`` over the whole sequence per step. Returns ``[B, l + gen_length]``."""
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :prompt.shape[1]] = prompt.clone()
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for num_block in range(num_blocks):
+        start = prompt.shape[1] + num_block * block_length
+        end = start + block_length
+        num_transfer_tokens = _num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
+        i = 0
+        while True:
+            if threshold is None and i == steps_per_block:
+                break
+            if threshold is not None and not bool((x[:, start:end] == mask_id).any()):
+                break
+            mask_index = x == mask_id
+            mask_index[:, end:] = False  # LLaDA: x0_p[:, block_end:] = -inf
+            logits = model(x).logits
+            if threshold is None:
+                x = llada_step(x, mask_index, logits, None, num_transfer_tokens[:, i], cfg_scale=0.0,
+                               temperature=temperature)
+            else:
+                x = fast_dllm_threshold_step(x, mask_index, logits, threshold=threshold, temperature=temperature)
+            i += 1
+    return x
+
+
+def _dream_sample_tokens(logits, temperature, top_p, alg):
+    """Dream's sample_tokens (top_p, then the confidence of ``alg``): ``(confidence, x0)`` of each row."""
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+        cumulative_probs = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cumulative_probs > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = 0
+        mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, sorted_indices, remove)
+        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0:
+        x0 = torch.distributions.Categorical(probs=probs).sample()
+        confidence = torch.gather(probs, -1, x0[:, None]).squeeze(-1)
+    else:
+        confidence, x0 = probs.max(dim=-1)
+    if alg == "topk_margin":
+        top2 = torch.sort(probs, dim=-1, descending=True).values
+        confidence = top2[:, 0] - top2[:, 1]
+    elif alg == "entropy":
+        confidence = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+    return confidence, x0
+
+
+@torch.no_grad()
+def dream_generate(model, input_ids, *, max_new_tokens, steps, mask_id, eps=1e-3, temperature=0.0, top_p=None,
+                   alg="maskgit_plus"):
+    """Dream's ``diffusion_generate`` / ``_sample`` without attention mask (``"full"``), for
+    ``alg`` in maskgit_plus, topk_margin, entropy: ``model(x, "full", None).logits`` per step."""
+    x = torch.nn.functional.pad(input_ids, (0, max_new_tokens), value=mask_id)
+    timesteps = torch.linspace(1, eps, steps + 1, device=x.device)
+    for i in range(steps):
+        mask_index = x == mask_id
+        logits = model(x, "full", None).logits
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        mask_logits = logits[mask_index]
+        t, s = timesteps[i], timesteps[i + 1]
+        confidence, x0 = _dream_sample_tokens(mask_logits, temperature, top_p, alg)
+        num_mask_token = mask_index.sum() / mask_index.shape[0]
+        k = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
+        full_confidence = torch.full_like(x, -torch.inf, dtype=logits.dtype)
+        full_confidence[mask_index] = confidence.to(logits.dtype)
+        if k > 0:
+            _, transfer_index = torch.topk(full_confidence, k)
+            x_ = torch.zeros_like(x) + mask_id
+            x_[mask_index] = x0.clone()
+            row_indices = torch.arange(x.size(0), device=x.device).unsqueeze(1).expand_as(transfer_index)
+            x[row_indices, transfer_index] = x_[row_indices, transfer_index]
+    return x

@@ -11,7 +11,9 @@ Supported model shapes (anything else falls back to the logits path):
    ``.last_hidden_state``.
 2. A HF model whose ``get_output_embeddings()`` is an ``nn.Linear`` and whose base model
    (``get_decoder()``, else ``.model``) returns ``.last_hidden_state`` with logits = head(that)
-   (Llama / Qwen2 / Dream style: ``logits = lm_head(hidden_states)``).
+   (Llama / Qwen2 / Dream style: ``logits = lm_head(hidden_states)``): the head is a child of the
+   model, and the model's other children have no parameters (a BERT-style MLM head, with a dense
+   transform before the projection, is refused).
 3. A HF model whose base model computes the logits itself (LLaDA's remote code: ``ff_out`` inside
    ``LLaDAModel``) but that has ``set_output_embeddings``: the head is swapped for ``nn.Identity``
    during the call, so ``.logits`` holds the last hidden states.
@@ -95,6 +97,12 @@ def resolve(model, head=None, fused_head: bool = True) -> FusedHead | None:
     if base is None or base is model:
         return None
     if lin not in set(base.modules()):  # Llama/Qwen/Dream: the head sits beside the base model
+        # ... and reads the base's output: the model is base + head (+ parameter-free modules such as
+        # dropout). BERT-style MLM heads (BertForMaskedLM's cls.predictions, ModernBERT's head) transform
+        # the hidden states before the projection: logits path.
+        others = [m for m in model.children() if m is not base and m is not lin]
+        if not any(m is lin for m in model.children()) or any(True for m in others for _ in m.parameters()):
+            return None
         return FusedHead(base, lin.weight, lin.bias)
     if callable(getattr(model, "set_output_embeddings", None)):  # LLaDA: the head is inside the base model
         return FusedHead(model, lin.weight, lin.bias, swap=(model, lin))
