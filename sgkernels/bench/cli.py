@@ -202,6 +202,13 @@ def bench_dllm(args) -> int:
 
     _check_outputs(args)
     device = _device(args.device)
+    if args.no_progress:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # its "Loading weights" bar
+        except ImportError:
+            pass
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise CLIError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
     try:

@@ -127,7 +127,8 @@ def roofline(device: str, quick: bool = False) -> dict:
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        st = autorange({"mm": lambda: torch.mm(a, b)}, device, warmup=2, min_repeats=5, max_repeats=20, max_time=5.0)
+        st = autorange({"mm": lambda: torch.mm(a, b)}, device, warmup=2, min_repeats=5, max_repeats=5 if quick else 20,
+                       max_time=5.0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     gflops = 2 * n**3 / (st["mm"].min_ms * 1e-3) / 1e9
@@ -135,6 +136,7 @@ def roofline(device: str, quick: bool = False) -> dict:
     mb = (1024 if cuda else 256) // (4 if quick else 1)
     src = torch.empty(mb * 2**20 // 4, device=device).uniform_()
     dst = torch.empty_like(src)
-    st = autorange({"copy": lambda: dst.copy_(src)}, device, warmup=2, min_repeats=5, max_repeats=20, max_time=5.0)
+    st = autorange({"copy": lambda: dst.copy_(src)}, device, warmup=2, min_repeats=5, max_repeats=5 if quick else 20,
+                   max_time=5.0)
     gbs = 2 * src.numel() * 4 / (st["copy"].min_ms * 1e-3) / 1e9
     return {"gflops": gflops, "gbs": gbs, "gemm": f"{n}x{n}x{n} fp32 torch.mm", "copy_mb": mb}
