@@ -232,3 +232,55 @@ def test_bench_ops_smoke(tmp_path, capsys):
     assert {r["impl"] for r in data["rows"]} == {"sgkernels", "eager Gumbel+sort"}
     assert all({"op", "shape", "dtype", "impl", "ms", "spread", "peak_mb"} <= set(r) for r in data["rows"])
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# --- make bench-check ---------------------------------------------------------------------------
+
+def _bench_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_check", os.path.join(ROOT, "tools", "bench_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+RESULTS_MD = """# Benchmark results
+
+## CPU
+
+Device: ...
+
+| op | shape | dtype | impl | time ms | speed-up of sgkernels | GB/s or GFLOP/s (% of peak) | peak extra MB |
+|---|---|---|---|---:|---:|---:|---:|
+| a | s1 | float32 | sgkernels | 1.000 |  |  | 0 |
+| a | s1 | float32 | eager | 10.000 | 10.0x |  | 0 |
+| b | s2 | float32 | sgkernels | 2.000 |  |  | 0 |
+| b | s2 | float32 | old anchor name | 8.000 | 4.0x |  | 0 |
+
+## GPU
+
+| a | s1 | float32 | sgkernels | 9.000 |  |  | 0 |
+"""
+
+
+def test_bench_check_compares_quoted_ratios():
+    bc = _bench_check()
+    recorded = bc.parse_section(RESULTS_MD, "CPU")
+    assert [(r["op"], r["impl"], r["ms"]) for r in recorded][:2] == [("a", "sgkernels", 1.0), ("a", "eager", 10.0)]
+    today = [dict(op="a", shape="s1", impl="sgkernels", ms=1.0), dict(op="a", shape="s1", impl="eager", ms=12.4),
+             dict(op="b", shape="s2", impl="sgkernels", ms=1.0), dict(op="b", shape="s2", impl="new anchor", ms=5.0)]
+    quoted = [("a", "s1", "eager"), ("b", "s2", "old anchor name")]
+    results, ok = bc.compare(recorded, today, quoted, 0.25)
+    assert ok is False and results[0]["status"] == "ok" and results[0]["change"] == pytest.approx(0.24)
+    assert results[1]["status"] == "missing today"  # the anchor was renamed: the README quotes a row that is gone
+    today[1]["ms"] = 13.0
+    results, ok = bc.compare(recorded, today, quoted[:1], 0.25)
+    assert not ok and results[0]["status"] == "moved more than 25%"
+    assert "| a | s1 | eager | 10.0x | 13.0x | +30% | moved more than 25% |" in bc.render(results)
+    assert bc.readme_table(recorded, quoted).splitlines()[2] == "| `a` s1 | 1 ms | eager 10 ms | 10.0x |"
+
+
+def test_bench_check_quoted_rows_name_known_ops():
+    bc = _bench_check()
+    assert all(op in bc.MODULE and bc.MODULE[op] in ops.OPS for rows in bc.QUOTED.values() for op, _, _ in rows)
