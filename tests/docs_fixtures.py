@@ -30,3 +30,16 @@ def paper_checkpoints(tmp_path, ns):
         write_folder(model, transformer_config(cfg, NF), open_muse_state_dict(cfg, NF))
         c = vqgan_config(num_embeddings=cfg.codebook_size)
         write_folder(tmp_path / "vqgan256", c, vqgan_state_dict(c))
+
+
+def dllm_folders(tmp_path, ns):
+    """Tiny stand-ins of the diffusion LMs docs/benchmarking.md benchmarks, at the paths it names:
+    ``LLaDA-8B-Instruct`` (a random ``BertForMaskedLM`` with LLaDA's vocabulary size, 126464, so that
+    LLaDA's mask id 126336 is in it) and ``Dream-v0-Instruct-7B`` (a Dream-shaped model whose modeling
+    code ships in the folder, ``auto_map``, with its ``mask_token_id`` in the config)."""
+    from lm_folders import save_tiny_dream, save_tiny_mlm
+
+    if not (tmp_path / "LLaDA-8B-Instruct" / "config.json").exists():
+        save_tiny_mlm(tmp_path / "LLaDA-8B-Instruct", vocab_size=126464, hidden_size=16)
+    if not (tmp_path / "Dream-v0-Instruct-7B" / "config.json").exists():
+        save_tiny_dream(tmp_path / "Dream-v0-Instruct-7B")

@@ -71,13 +71,13 @@ class TinyDreamModel(PreTrainedModel):
 '''
 
 
-def save_tiny_mlm(path, seed: int = 0) -> str:
-    """A random ``BertForMaskedLM`` (vocabulary 64, width 32, 1 layer) saved in ``path``."""
+def save_tiny_mlm(path, seed: int = 0, vocab_size: int = MLM_VOCAB, hidden_size: int = 32) -> str:
+    """A random ``BertForMaskedLM`` (1 layer; default vocabulary 64, width 32) saved in ``path``."""
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=MLM_VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=2 * hidden_size, max_position_embeddings=512)
     BertForMaskedLM(cfg).save_pretrained(str(path))
     return str(path)
 

@@ -179,8 +179,9 @@ def bench_sampler(args) -> int:
                                       guidance_scale=args.guidance_scale, choice_temperature=args.choice_temperature,
                                       model_subfolder=args.model_subfolder, vae_subfolder=args.vae_subfolder)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        hint = "" if args.vae else " (without --vae, --model is a digits model folder; a paper transformer needs --vae)"
         raise CLIError(f"cannot load --model {args.model}" + (f" / --vae {args.vae}" if args.vae else "")
-                       + f": {str(e).splitlines()[0]}") from None
+                       + f": {str(e).splitlines()[0]}{hint}") from None
     if im.guide is None and im.sampler_kw["guidance_scale"] != 0:
         raise CLIError(f"--guidance-scale: {args.model} has no TOAST guide; use --guidance-scale 0 (plain MaskGIT)")
     n_impls = 3 if device.startswith("cuda") else 2

@@ -14,6 +14,7 @@ import functools
 import os
 import platform
 import subprocess
+import sys
 
 import torch
 
@@ -58,12 +59,9 @@ def _gpu_driver() -> str | None:
 
 
 def faiss_threads() -> int | None:
-    """faiss's OpenMP threads, when faiss is importable (None otherwise)."""
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return int(faiss.omp_get_max_threads())
+    """faiss's OpenMP threads when a row of this process used faiss (None otherwise: faiss is not imported)."""
+    faiss = sys.modules.get("faiss")
+    return None if faiss is None else int(faiss.omp_get_max_threads())
 
 
 def machine_info(device) -> dict:
