@@ -35,7 +35,8 @@ def write_results(path: str, device: str, text: str) -> None:
     sections[title] = text
     body = ["# Benchmark results", "",
             "The CPU and GPU sections are written by `python -m benchmarks`; other sections are kept as they are.",
-            "Times are medians after warm-up (spread: interquartile range / median); speed-up = anchor time / sgkernels time, measured in the same process.", ""]
+            "Times are medians after warm-up (spread: interquartile range / median); speed-up = anchor time / "
+            "sgkernels time, measured in the same process.", ""]
     for name, content in sections.items():
         body += [f"## {name}", "", content or "_not run yet on this kind of device_", ""]
     with open(path, "w") as f:

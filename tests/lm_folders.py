@@ -67,7 +67,8 @@ class TinyDreamModel(PreTrainedModel):
         return self.model
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
-        return MaskedLMOutput(logits=self.lm_head(self.model(input_ids, attention_mask, position_ids).last_hidden_state))
+        hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
+        return MaskedLMOutput(logits=self.lm_head(hidden))
 '''
 
 

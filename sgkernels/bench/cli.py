@@ -1,4 +1,4 @@
-"""``sgkernels bench sampler | dllm | ops``: the argument parsing and the one-line errors (see :mod:`sgkernels.bench`)."""
+"""``sgkernels bench sampler | dllm | ops``: argument parsing and one-line errors (see :mod:`sgkernels.bench`)."""
 from __future__ import annotations
 
 import argparse

@@ -15,8 +15,8 @@ writes it (:mod:`sgkernels.bench.anchors`), same prompts, same settings:
 Per batch size: the two interleaved (:func:`sgkernels.bench.timing.autorange`), tokens/s =
 batch * gen_length / median time; NFE (model calls per generation) and ms per step in the model's
 forward and in the rest (sampling) as the median of up to 3 more calls with
-:class:`sgkernels.bench.parts.PartTimer` hooks; peak memory of one call; and the token agreement of greedy runs (temperature 0) of the two,
-which is 100 % unless confidences tie.
+:class:`sgkernels.bench.parts.PartTimer` hooks; peak memory of one call; and the token agreement of
+greedy runs (temperature 0) of the two, which is 100 % unless confidences tie.
 """
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def load_lm(path: str, *, device, dtype=None, trust_remote_code: bool = False):
     try:
         model = cls.from_pretrained(path, **kw)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise ModelFolderError(f"--model: cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFolderError(f"--model: cannot load {path}: {first}") from None
     return model.to(device).eval()
 
 

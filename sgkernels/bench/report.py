@@ -14,7 +14,8 @@ def _f(v, fmt: str) -> str:
 
 
 def _md(columns, cells) -> list[str]:
-    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    out = ["| " + " | ".join(columns) + " |", rule]
     out += ["| " + " | ".join(c) + " |" for c in cells]
     return out
 
@@ -73,7 +74,8 @@ def _stacked(path, groups, parts, unit, title, note):
                 v = values.get(part) or 0.0
                 ax.bar(x, v, 0.7, bottom=bottom, color=_COLORS[part], label=part if not xticks else None)
                 bottom += v
-            ax.text(x, bottom, f"{bottom:.3g}", ha="center", va="bottom", fontsize=7)
+            label = f"{bottom:.0f}" if bottom >= 100 else f"{bottom:.3g}"
+            ax.text(x, bottom, label, ha="center", va="bottom", fontsize=7)
             xticks.append(x)
             xlabels.append(f"{blabel}\n{glabel}")
             x += 1.0

@@ -15,8 +15,8 @@ Each batch is one timed call (sampling + decode, the same labels and seed), the 
 interleaved (:func:`sgkernels.bench.timing.autorange`); images/s = batch / median time. Where the
 time goes (ms per step: backbone pass, guide pass, the rest of the step = the sampling op; ms per
 batch: decode) is the median of up to 3 more calls of each, interleaved, with
-:class:`sgkernels.bench.parts.PartTimer` hooks; not for the CUDA graph, whose replays run no Python. Peak memory: one call each
-(:func:`sgkernels.bench.timing.peak_mb`).
+:class:`sgkernels.bench.parts.PartTimer` hooks; not for the CUDA graph, whose replays run no Python.
+Peak memory: one call each (:func:`sgkernels.bench.timing.peak_mb`).
 """
 from __future__ import annotations
 
@@ -68,9 +68,8 @@ def load_image_model(model_dir, vae_dir, *, device, steps=None, guidance_scale=N
                   choice_temperature=DEFAULTS.choice_temperature, preset="maskgit")
         decode = dm.tokenizer.decode
         model, guide, name = dm.model, dm.guide, f"digits model {dm.directory}"
-    for key, value in (("steps", steps), ("guidance_scale", guidance_scale), ("choice_temperature", choice_temperature)):
-        if value is not None:
-            kw[key] = value
+    given = dict(steps=steps, guidance_scale=guidance_scale, choice_temperature=choice_temperature)
+    kw.update({k: v for k, v in given.items() if v is not None})
     if guide is None:
         kw["guidance_scale"] = 0.0 if guidance_scale is None else kw["guidance_scale"]
     model.to(device).eval()
