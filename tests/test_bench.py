@@ -42,7 +42,8 @@ def one_line_error(status, err, *needles):
 @pytest.fixture(scope="module")
 def lm_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lms")
-    return save_tiny_mlm(root / "mlm"), save_tiny_dream(root / "dream")
+    # transformers caches a folder's modeling code by the folder's name: one name per process (xdist workers)
+    return save_tiny_mlm(root / "mlm"), save_tiny_dream(root / f"dream_{os.getpid()}")
 
 
 # --- measurement --------------------------------------------------------------------------------
