@@ -162,17 +162,21 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(d, eps=eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.mlp_out(F.gelu(self.mlp_in(h), approximate=self.gelu_approximate)))
+    def _drop(self, x: torch.Tensor, dropout: bool) -> torch.Tensor:
+        return self.dropout(x) if dropout else x
 
-    def forward(self, h: torch.Tensor, value_feedback: torch.Tensor | None = None) -> torch.Tensor:
+    def _mlp(self, h: torch.Tensor, dropout: bool) -> torch.Tensor:
+        return self._drop(self.mlp_out(F.gelu(self.mlp_in(h), approximate=self.gelu_approximate)), dropout)
+
+    def forward(self, h: torch.Tensor, value_feedback: torch.Tensor | None = None, *, dropout: bool = True) -> torch.Tensor:
+        """``dropout=False``: no dropout even in training mode (the module's mode is left alone)."""
         if self.norm == "post":
-            h = self.attention_norm(h + self.dropout(self.attention(h, value_feedback)))
-            return self.mlp_norm(h + self._mlp(h))
+            h = self.attention_norm(h + self._drop(self.attention(h, value_feedback, dropout=dropout), dropout))
+            return self.mlp_norm(h + self._mlp(h, dropout))
         # Pre-LN: the value feedback is added un-normalised through the value projection.
         x = self.attention_norm(h)
-        h = h + self.dropout(self.attention(x, value_feedback))
-        return h + self._mlp(self.mlp_norm(h))
+        h = h + self._drop(self.attention(x, value_feedback, dropout=dropout), dropout)
+        return h + self._mlp(self.mlp_norm(h), dropout)
 
 
 class MaskTransformer(nn.Module):
@@ -186,7 +190,9 @@ class MaskTransformer(nn.Module):
     * ``value_feedbacks``: None, or a sequence of ``depth`` tensors ``[B, N+1, d]`` (or None entries), added
       to each layer's values through its own value projection;
     * returns logits ``[B, N, K]``, or a :class:`TransformerOutput` when ``return_hidden`` or
-      ``return_layers`` is set.
+      ``return_layers`` is set;
+    * ``dropout=False``: no dropout even in training mode, without changing the module's mode (the
+      sampler passes it: several threads may share one model, whatever mode it is in).
     """
 
     def __init__(self, config: MaskTransformerConfig):
@@ -257,9 +263,10 @@ class MaskTransformer(nn.Module):
         return torch.cat([cls_ids, tokens], dim=1)
 
     # -- forward ------------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, *, dropout: bool = True) -> torch.Tensor:
         pos = self.position_embeddings.weight[: input_ids.shape[1]]
-        return self.embedding_dropout(self.embedding_norm(self.word_embeddings(input_ids) + pos))
+        h = self.embedding_norm(self.word_embeddings(input_ids) + pos)
+        return self.embedding_dropout(h) if dropout else h
 
     def forward_ids(
         self,
@@ -269,6 +276,7 @@ class MaskTransformer(nn.Module):
         return_hidden: bool = False,
         return_layers: bool = False,
         with_head: bool = True,
+        dropout: bool = True,
     ):
         """As :meth:`forward` on prepared ids ``[B, N+1]`` (see :meth:`input_ids`).
 
@@ -281,13 +289,13 @@ class MaskTransformer(nn.Module):
         if value_feedbacks is not None and len(value_feedbacks) != cfg.depth:
             raise ValueError(f"value_feedbacks: expected {cfg.depth} entries (one per layer), "
                              f"got {len(value_feedbacks)}")
-        h = self.embed(input_ids)
+        h = self.embed(input_ids, dropout=dropout)
         ins: list[torch.Tensor] | None = [] if return_layers else None
         outs: list[torch.Tensor] | None = [] if return_layers else None
         for i, block in enumerate(self.blocks):
             if ins is not None:
                 ins.append(h)
-            h = block(h, None if value_feedbacks is None else value_feedbacks[i])
+            h = block(h, None if value_feedbacks is None else value_feedbacks[i], dropout=dropout)
             if outs is not None:
                 outs.append(h)
         if not with_head:  # the caller projects (sgkernels.head_sample): no logits
@@ -331,10 +339,11 @@ class MaskTransformer(nn.Module):
         return_hidden: bool = False,
         return_layers: bool = False,
         with_head: bool = True,
+        dropout: bool = True,
     ):
         return self.forward_ids(
             self.input_ids(tokens, class_labels), value_feedbacks=value_feedbacks, return_hidden=return_hidden,
-            return_layers=return_layers, with_head=with_head,
+            return_layers=return_layers, with_head=with_head, dropout=dropout,
         )
 
     def num_parameters(self) -> int:
