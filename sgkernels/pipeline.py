@@ -125,7 +125,7 @@ class SelfGuidedPipeline:
                                     choice_temperature=choice_temperature, temperature=temperature, **sampler_options)
         tokens = sampler(labels, seed=seed, progress=progress)
         h, w = self.model.config.grid_hw
-        images = self.vqgan.decode(tokens.reshape(-1, h, w))
+        images = self.vqgan.decode(tokens.reshape(-1, h, w)).float()  # float32 whatever the VQGAN's dtype
         if output == "float":
             return images
         pixels = to_uint8(images)

@@ -45,10 +45,12 @@ class TOASTConfig:
     BACKBONE_FIELDS = ("width", "depth", "num_classes", "codebook_size")
 
     def __post_init__(self):
-        for name in ("width", "depth", "num_classes", "codebook_size", "num_factors"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        bounds = dict(width=_dataclass.MAX_WIDTH, depth=_dataclass.MAX_DEPTH, num_classes=_dataclass.MAX_VOCAB,
+                      codebook_size=_dataclass.MAX_VOCAB, num_factors=_dataclass.MAX_FACTORS)
+        for name, maximum in bounds.items():  # sane bounds: checked before any module is built
+            _dataclass.check_int(name, getattr(self, name), maximum)
+        object.__setattr__(self, "anchor_norm_eps",
+                           _dataclass.check_real("anchor_norm_eps", self.anchor_norm_eps, 0.0, 1.0, low_open=True))
 
     @classmethod
     def for_backbone(cls, config: MaskTransformerConfig, num_factors: int = 16, **kw) -> "TOASTConfig":

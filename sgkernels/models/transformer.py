@@ -71,12 +71,15 @@ class MaskTransformerConfig:
             if len(grid) != 2:
                 raise ValueError(f"grid_size: expected an int or (height, width), got {self.grid_size!r}")
             object.__setattr__(self, "grid_size", grid)
-        for name in ("codebook_size", "num_classes", "width", "depth", "heads", "mlp_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if min(self.grid_hw) < 1:
-            raise ValueError(f"grid_size: expected positive sizes, got {self.grid_size!r}")
+        # sizes within sane bounds (sgkernels._dataclass): a config.json is checked before any module is built
+        bounds = dict(codebook_size=_dataclass.MAX_VOCAB, num_classes=_dataclass.MAX_VOCAB, width=_dataclass.MAX_WIDTH,
+                      depth=_dataclass.MAX_DEPTH, heads=_dataclass.MAX_WIDTH, mlp_dim=_dataclass.MAX_MLP)
+        for name, maximum in bounds.items():
+            _dataclass.check_int(name, getattr(self, name), maximum)
+        for g in self.grid_hw:
+            _dataclass.check_int("grid_size", g, _dataclass.MAX_TOKENS)
+        if self.num_tokens > _dataclass.MAX_TOKENS:
+            raise ValueError(f"grid_size: expected at most {_dataclass.MAX_TOKENS} tokens, got {self.grid_size!r}")
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         if self.norm not in NORMS:
@@ -84,8 +87,10 @@ class MaskTransformerConfig:
         if self.gelu not in GELUS:
             raise ValueError(f"gelu must be one of {GELUS}, got {self.gelu!r}")
         for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, _dataclass.check_real(name, getattr(self, name), 0.0, 1.0, high_open=True))
+        # eps > 0: a negative eps loads and then gives NaN logits at sampling (issue 22)
+        object.__setattr__(self, "layer_norm_eps",
+                           _dataclass.check_real("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, low_open=True))
 
     @property
     def grid_hw(self) -> tuple[int, int]:
