@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 
 def from_dict(cls, d: dict):
@@ -37,9 +39,6 @@ def check_int(name: str, value, maximum: int) -> int:
 def check_real(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> float:
     """``value`` as a float in the interval (``low_open`` / ``high_open``: that end excluded), else
     TypeError (not a number) / ValueError (NaN, inf, out of range) naming ``name``."""
-    import math
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, got {value!r}")
     v = float(value)

@@ -210,10 +210,13 @@ def _check_manifest(directory: str, settings: dict, rank: int, world_size: int) 
     settings = json.loads(json.dumps(settings, sort_keys=True))
     if recorded != settings:
         old, new = recorded.get("weights_sha256"), settings["weights_sha256"]
+        if not isinstance(old, dict):
+            raise ValueError(f"{manifest}: records no digest of the weights that made its images (an older "
+                             "version wrote it); remove the folder to start over")
         if old != new:
-            which = [_WEIGHT_NAMES[k] for k in new if not isinstance(old, dict) or old.get(k) != new[k]]
+            which = [_WEIGHT_NAMES[k] for k in new if old.get(k) != new[k]]
             raise ValueError(f"{manifest}: the interrupted run's images were made with other weights "
-                             f"({', '.join(which) or 'unrecorded'}); rerun with those folders or remove the folder")
+                             f"({', '.join(which)}); rerun with those folders or remove the folder")
         diff = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
         raise ValueError(f"{manifest}: an interrupted run with other settings ({', '.join(diff)}); "
                          "rerun with its settings or remove the folder")

@@ -187,8 +187,11 @@ def head_sample(
         weight: ``[V, d]`` the head's weight (``nn.Linear(d, V).weight``), same device, float dtype.
         bias: ``[V]`` or None. ``-inf`` entries forbid their tokens.
         guide_hidden: ``[..., d]`` like ``hidden`` (guide / unconditional branch), or None.
-        guidance_scale: s, any finite float.
-        temperature: >= 0.
+        guidance_scale: s, any finite float. A term whose coefficient is 0 is not read (guided_sample's
+            blend rule): s = 0 ignores ``guide_hidden`` (NaN or inf there changes nothing), s = -1
+            ignores ``hidden``.
+        temperature: >= 0 (below ``1 / FLT_MAX``: argmax over the maxima; above ``1 / FLT_MIN``:
+            uniform over the finite logits, as guided_sample).
         top_k: int >= 0, 0 = off. top_p: float in (0, 1], 1 = off. min_p: float in [0, 1], 0 = off.
             guided_sample's filters of ``softmax(logits / temperature)`` (:mod:`sgkernels.ops.filters`).
         confidence: None (two outputs), or ``"logp" | "prob" | "margin" | "entropy"``: also return
