@@ -434,7 +434,8 @@ def test_resume_redraws_broken_parts(folders, tmp_path, monkeypatch, capsys):
     assert (d / image_name(4)).read_bytes() == good
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", "5", '"x"', ""], ids=["list", "number", "string", "empty"])
+@pytest.mark.parametrize("content", ["[1, 2]", "5", '"x"', "", '{"num_images": 2}'],
+                         ids=["list", "number", "string", "empty", "no-weights-digest"])
 def test_bad_run_json_is_one_line(folders, tmp_path, capsys, content):
     model, vae = folders
     d = tmp_path / "dir"
