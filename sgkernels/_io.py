@@ -146,7 +146,14 @@ def cast_weights(state: dict[str, torch.Tensor], what: str, error=ValueError) ->
         return state
     dtype = max(totals, key=totals.get)
     dtype = torch.float32 if dtype == torch.float64 else dtype
-    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        out[k] = v if v.dtype == dtype else v.to(dtype)
+        # a finite value past the model dtype's range would load as inf: name it instead
+        if out[k] is not v and v.numel() and v.device.type != "meta" and bool(torch.isfinite(v).all()) \
+                and not bool(torch.isfinite(out[k]).all()):
+            raise error(f"{what}: {k} ({v.dtype}) has values outside the range of the model's dtype {dtype}")
+    return out
 
 
 def listed(items, limit: int = 3, sep: str = "; ") -> str:

@@ -19,8 +19,10 @@ from test_models import NF, open_muse_state_dict, tiny
 pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 
 
-def _refused(load, *needles, seconds=5.0):
-    """``load()`` raises one CheckpointError line holding every needle, within ``seconds``."""
+def _refused(load, *needles, seconds=60.0):
+    """``load()`` raises one CheckpointError line holding every needle, within ``seconds`` (a loose guard:
+    a config past the bounds used to hang or run out of memory; the refusal itself takes milliseconds,
+    plus torch's one-time meta-device set-up where a module is built)."""
     t0 = time.perf_counter()
     with pytest.raises(CheckpointError) as err:
         load()
@@ -179,3 +181,11 @@ def test_mixed_float_weights_are_cast_to_the_model_dtype(tmp_path):
     pipe = SelfGuidedPipeline(model, guide, vqgan).to("cpu")
     images = pipe([1, 2], steps=2, seed=0, output="float")
     assert images.dtype == torch.float32 and images.shape == (2, 3, 6, 6)
+
+
+def test_cast_that_overflows_is_refused(tmp_path):
+    """A float32 tensor among float16 ones whose values do not fit float16 is named, not loaded as inf."""
+    vsd = {k: v.half() for k, v in vqgan_state_dict(vqgan_config()).items()}
+    vsd["decoder.conv_out.bias"] = torch.full((3,), 1e6)
+    _vqgan(tmp_path, state=vsd)
+    _refused(lambda: MaskGitVQGAN.from_pretrained(tmp_path), "decoder.conv_out.bias", "range")
