@@ -79,13 +79,16 @@ def test_confidence_aware_loss_gradients_of_each_output():
             torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5)
 
 
-def test_confidence_aware_loss_bf16_close_to_diffusers():
+def test_confidence_aware_loss_bf16_is_float32_math():
+    """bf16 inputs: diffusers' loss in float32 on the same (rounded) inputs, to bf16 rounding of the
+    outputs. (diffusers run in bf16 differs by more: its argmax test on bf16 logits has ties, and its
+    entropy and sums are rounded to bf16; measured here: 0.2 on loss_conf.)"""
     x, w, b, y, pw = (v.bfloat16() if v.is_floating_point() else v for v in _data(seed=5))
     out = _grads(_fused, x, w, b, y, lambda_conf=0.5, per_token_weights=pw)
-    ref = _grads(_diffusers, x, w, b, y, lambda_conf=0.5, per_token_weights=pw)
+    ref = _grads(_diffusers, x.float(), w.float(), b.float(), y, lambda_conf=0.5, per_token_weights=pw.float())
     for o, r in zip(out, ref):
         assert o.dtype == torch.bfloat16
-        torch.testing.assert_close(o.float(), r.float(), rtol=5e-2, atol=2e-2)
+        torch.testing.assert_close(o.float(), r, rtol=2**-7, atol=2e-3)
 
 
 def test_confidence_aware_loss_bad_input():

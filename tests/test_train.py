@@ -216,10 +216,15 @@ def test_aux_loss_full_vocab_is_the_official_normalisation():
         TrainConfig(ce_vocab="all")
 
 
-def test_aux_loss_full_vocab_fused_head_keeps_loss_and_gradients():
+def test_aux_loss_full_vocab_fused_head_keeps_loss_and_gradients(monkeypatch):
     """ce_vocab="full" runs the head's last linear fused with the loss (sgkernels.linear_cross_entropy,
     only the labelled positions projected): the loss and the guide's gradients are those of the
     unfused full-vocabulary cross-entropy."""
+    import sgkernels.training.task as task_mod
+
+    calls = []
+    fused_fn = task_mod.linear_cross_entropy
+    monkeypatch.setattr(task_mod, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused_fn(*a, **k))
     backbone, guide = build()
     cfg = backbone.config
     tokens, labels = random_data(cfg, 4, seed=5)
@@ -227,6 +232,7 @@ def test_aux_loss_full_vocab_fused_head_keeps_loss_and_gradients():
     params = [p for p in guide.parameters() if p.requires_grad]
     loss, ce, _ = aux_loss(backbone, guide, c.inputs, labels, c.targets)
     fused = torch.autograd.grad(loss, params, allow_unused=True)
+    assert calls == [1]
     hidden = backbone(c.inputs, labels, return_hidden=True).hidden_states.detach()
     out = guide(backbone, hidden, labels, return_layers=True)
     full = backbone.logits_from_hidden(out.layer_outputs[-1], full_vocab=True)
