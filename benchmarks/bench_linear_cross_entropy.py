@@ -103,7 +103,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         x, w, b, t = _leaves(n, d, vocab, dtype, device, ignore_every=2, seed=1)
         pw = torch.rand(n, device=device, dtype=dtype) * 4 + 1  # 1 / p_mask
         impls = [(_step(_conf_fused, x, w, b, t, pw, mask_id), dict(impl="sgkernels")),
-                 (_step(_conf_diffusers, x, w, b, t, pw, mask_id), dict(impl="diffusers compute_confidence_aware_loss"))]
+                 (_step(_conf_diffusers, x, w, b, t, pw, mask_id),
+                  dict(impl="diffusers compute_confidence_aware_loss"))]
         rows += measure_interleaved(impls, device, quick, op="confidence_aware_loss fwd+bwd",
                                     shape=f"N={n} d={d} V={vocab} half masked", dtype=dname)
     return rows

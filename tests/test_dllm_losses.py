@@ -25,7 +25,8 @@ def _data(n=24, d=16, vocab=37, seed=0, ignore_frac=0.5, lead=(2, 12), sharp=3.0
     b = torch.randn(vocab, generator=gen)
     # labels: the argmax for about half the rows (so the confidence term has correct rows)
     logits = F.linear(x, w, b)
-    y = torch.where(torch.rand(lead, generator=gen) < 0.5, logits.argmax(-1), torch.randint(0, vocab, lead, generator=gen))
+    y = torch.where(torch.rand(lead, generator=gen) < 0.5, logits.argmax(-1),
+                    torch.randint(0, vocab, lead, generator=gen))
     y[torch.rand(lead, generator=gen) < ignore_frac] = -100
     pw = torch.rand(lead, generator=gen) * 2 + 0.1
     return x, w, b, y, pw

@@ -158,7 +158,8 @@ class TestContract(OpContract):
                   conf, grad, 0))
             for red in ("mean", "sum") for conf in (False, True) for grad in (0, 7)
         ]
-        fwd.append((OP, (x, w.clone().requires_grad_(), b, t, None, None, None, -100, 0.0, 1.0, "sum", 0.0, False, 2, 0)))
+        fwd.append((OP, (x, w.clone().requires_grad_(), b, t, None, None, None, -100, 0.0, 1.0, "sum", 0.0, False, 2,
+                         0)))
         fwd.append((OP, (x.bfloat16(), w.bfloat16(), None, t, torch.rand(11, device=device), None, None, -100, 0.0, 0.5,
                          "mean", 1.0, True, 7, 3)))
         coef = torch.randn(7, device=device)

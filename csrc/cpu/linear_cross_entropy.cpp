@@ -94,8 +94,8 @@ struct Inputs {
 Inputs prepare(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& b,
                const at::Tensor& target, const std::optional<at::Tensor>& cls_w,
                const std::optional<at::Tensor>& sup, int64_t ignore_index) {
-  TORCH_CHECK_TYPE(is_float(input.scalar_type()), "linear_cross_entropy: input: expected float32, bfloat16 or float16, got ",
-                   input.scalar_type());
+  TORCH_CHECK_TYPE(is_float(input.scalar_type()),
+                   "linear_cross_entropy: input: expected float32, bfloat16 or float16, got ", input.scalar_type());
   TORCH_CHECK_VALUE(input.dim() == 2, "linear_cross_entropy: input: expected shape [N, d], got ", input.sizes());
   TORCH_CHECK_TYPE(w.scalar_type() == input.scalar_type(), "linear_cross_entropy: linear_weight: expected dtype ",
                    input.scalar_type(), " (same as input), got ", w.scalar_type());
@@ -134,8 +134,9 @@ Inputs prepare(const at::Tensor& input, const at::Tensor& w, const std::optional
   const int64_t* yp = in.y.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < in.N; ++r) {
     const int64_t t = yp[r];
-    TORCH_CHECK_VALUE(t == ignore_index || (t >= 0 && t < in.V), "linear_cross_entropy: target: expected class indices in [0, ",
-                      in.V, ") or ignore_index (", ignore_index, "), got ", t, " at row ", r);
+    TORCH_CHECK_VALUE(t == ignore_index || (t >= 0 && t < in.V),
+                      "linear_cross_entropy: target: expected class indices in [0, ", in.V, ") or ignore_index (",
+                      ignore_index, "), got ", t, " at row ", r);
   }
   if (sup.has_value()) {
     TORCH_CHECK_TYPE(!at::isFloatingType(sup->scalar_type()) && sup->scalar_type() != at::kBool,
@@ -250,7 +251,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Inputs in = prepare(input, linear_weight, linear_bias, target, weight, suppress_ids, ignore_index);
   const LceRow rp = row_params(in, label_smoothing, temperature, conf);
   TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum",
-                    "linear_cross_entropy: reduction: expected 'mean' or 'sum' (the op), got '", std::string(reduction), "'");
+                    "linear_cross_entropy: reduction: expected 'mean' or 'sum' (the op), got '", std::string(reduction),
+                    "'");
   const bool mean = reduction == "mean";
   at::Tensor tw;
   const float* twp = nullptr;

@@ -77,7 +77,8 @@ def _check(input, linear_weight, target, linear_bias, weight, reduction, ignore_
         raise TypeError(f"linear_weight: expected dtype {input.dtype} (same as input), got {linear_weight.dtype}")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != d or linear_weight.shape[0] == 0:
         raise ValueError(
-            f"linear_weight: expected shape [V, {d}] with V >= 1 (d = input's last dim), got {tuple(linear_weight.shape)}"
+            f"linear_weight: expected shape [V, {d}] with V >= 1 (d = input's last dim), "
+            f"got {tuple(linear_weight.shape)}"
         )
     if linear_weight.device != input.device:
         raise ValueError(f"linear_weight: expected device {input.device} (same as input), got {linear_weight.device}")
