@@ -249,7 +249,8 @@ def _grads(ctx, g_loss, g_rows, bwd):
         ent_coef = g_rows[:, 1].contiguous() if conf else None
     if nll_coef is not None and needs:
         more = bwd(x, w, b, t, cw, nll_coef.contiguous(), ent_coef, sup, ignore_index, eps, temperature, needs, chunk)
-        out = [o if not needs & bit else (r if o is None else o + r)
+        # r is the backward op's fresh output: sum into it (two weight-sized buffers at the peak, not three)
+        out = [o if not needs & bit else (r if o is None else r.add_(o))
                for o, r, bit in zip(out, more, (GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS))]
     return out
 
