@@ -30,7 +30,7 @@ from .ops import (
     vq_lookup,
     vq_lookup_reference,
 )
-from .ops import head_sample, head_sample_reference
+from .ops import head_sample, head_sample_reference, linear_cross_entropy
 from .schedule import choice_temperature, mask_len, mask_ratio
 
 from . import integrations, models, nn  # noqa: E402  (models -> nn -> ops: imported after the ops)
@@ -84,6 +84,7 @@ __all__ = [
     "guided_sample_reference",
     "head_sample",
     "head_sample_reference",
+    "linear_cross_entropy",
     "mask_len",
     "mask_ratio",
     "remask_lowest_confidence",
