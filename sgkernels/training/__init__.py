@@ -11,7 +11,8 @@
 * ``python -m sgkernels.training --help``: the command line (``__main__``).
 
 ``import sgkernels`` does not import this package; ``sgkernels.train_guide``, ``sgkernels.TrainConfig``
-and ``sgkernels.train`` (this package) load it on first use.
+and ``sgkernels.training`` load it on first use (its one name: there is no ``sgkernels.train`` alias,
+which ``from sgkernels.train import ...`` could not import).
 """
 from .checkpoints import latest_checkpoint, load_train_checkpoint
 from .config import ERROR_TOKEN_MODES, MIXED_PRECISIONS, TrainConfig
