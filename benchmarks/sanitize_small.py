@@ -125,6 +125,37 @@ def run_philox_rows(dev: str, gen: torch.Generator) -> None:
     assert torch.equal(words.cpu(), torch.stack(_rng.row_words(5, 3, rows.cpu())))
 
 
+def run_linear_cross_entropy(dev: str, gen: torch.Generator) -> None:
+    """Both ops (the forward with its gradients, and the recomputing backward through reduction="none"
+    and the confidence term), every kernel; odd sizes, V above one rows-kernel tile, several chunks."""
+    M = importlib.import_module("sgkernels.ops.linear_cross_entropy")
+    from sgkernels.training import confidence_aware_loss
+
+    for n_rows, d, vocab, dtype in [(37, 24, 1000, torch.float32), (5, 16, 3, torch.bfloat16),
+                                    (9, 40, 5001, torch.float16)]:
+        x = torch.randn(n_rows, d, generator=gen, device=dev).to(dtype).requires_grad_()
+        w = (torch.randn(vocab, d, generator=gen, device=dev) / d**0.5).to(dtype).requires_grad_()
+        b = torch.randn(vocab, generator=gen, device=dev).to(dtype).requires_grad_()
+        t = torch.randint(0, vocab, (n_rows,), generator=gen, device=dev)
+        t[0] = -100
+        old = M._CHUNK_ROWS
+        M._CHUNK_ROWS = 4
+        try:
+            loss = sgk.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+            loss.backward()
+            ref = sgk.ops.linear_cross_entropy_reference(x.detach().float(), w.detach().float(), t,
+                                                         linear_bias=b.detach().float(), label_smoothing=0.1)
+            assert torch.allclose(loss.float(), ref, rtol=2e-2, atol=2e-2), (loss, ref)
+            per_row = sgk.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none")
+            per_row.sum().backward()
+            total = confidence_aware_loss(x, w, t, linear_bias=b, lambda_conf=0.5, temperature=0.7,
+                                          suppress_ids=vocab - 1)[0]
+            total.backward()
+        finally:
+            M._CHUNK_ROWS = old
+        assert all(torch.isfinite(g).all() for g in (x.grad, w.grad, b.grad))
+
+
 # One run per op in the torch.ops.sgkernels namespace (a run may cover several ops).
 RUNS: dict[str, Callable[[str, torch.Generator], None]] = {
     "guided_sample": run_guided_sample,
@@ -135,6 +166,8 @@ RUNS: dict[str, Callable[[str, torch.Generator], None]] = {
     "vq_lookup": run_vq_lookup,
     "head_sample": run_head_sample,
     "philox_rows": run_philox_rows,
+    "linear_cross_entropy_fwd": run_linear_cross_entropy,
+    "linear_cross_entropy_bwd": run_linear_cross_entropy,
 }
 # Each Triton kernel of sgkernels.kernels and the run that launches it.
 KERNELS: dict[str, Callable[[str, torch.Generator], None]] = {
@@ -144,6 +177,8 @@ KERNELS: dict[str, Callable[[str, torch.Generator], None]] = {
     "cross_entropy._xent_rows_kernel": run_cross_entropy,
     "head_sample._head_stats_kernel": run_head_sample,
     "head_sample._head_pick_kernel": run_head_sample,
+    "linear_cross_entropy._lce_mm_kernel": run_linear_cross_entropy,
+    "linear_cross_entropy._lce_rows_kernel": run_linear_cross_entropy,
 }
 
 

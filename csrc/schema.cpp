@@ -61,6 +61,30 @@ TORCH_LIBRARY(sgkernels, m) {
       "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, int ignore_index, float label_smoothing, "
       "str reduction, Tensor(b!) status) -> Tensor");
 
+  // linear_cross_entropy (sgkernels/ops/linear_cross_entropy.py): the cross-entropy of
+  // input [N, d] @ linear_weight [V, d]^T + linear_bias [V] (one float dtype) against target [N]
+  // (integer; ignore_index rows are never projected), weight [V] (class weights, any float dtype),
+  // token_weight [N] (>= 0), suppress_ids int [S] (logits counted as -FLT_MAX), without the logits.
+  // reduction "sum" | "mean" (divided by max(sum of the kept rows' token_weight * weight[target],
+  // denom_min)). conf: also the entropy of softmax(logits / temperature) and the argmax test.
+  // -> (loss float32 [], denominator float32 [], rows float32 [N, 3] = (row loss l, entropy H,
+  //     correct) (0 on ignored rows), and d loss / d (input, linear_weight, linear_bias) in their
+  //     dtypes for the bits of grad (1: input, 2: linear_weight, 4: linear_bias), [0] tensors for the
+  //     others and for a missing bias; the gradients are made in the same sweep as the loss).
+  m.def(
+      "linear_cross_entropy_fwd(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+      "Tensor? weight, Tensor? token_weight, Tensor? suppress_ids, int ignore_index, float label_smoothing, "
+      "float temperature, str reduction, float denom_min, bool conf, int grad, int chunk_rows) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The gradients of sum_r nll_coef[r] * l_r + ent_coef[r] * H_r (ent_coef None: no entropy term), the
+  // logits recomputed chunk by chunk; rows with both coefficients 0 are not projected.
+  // -> (grad_input [N, d], grad_linear_weight [V, d], grad_linear_bias [V]) in the inputs' dtypes, for
+  //     the bits of needs (as grad above; [0] tensors for the others).
+  m.def(
+      "linear_cross_entropy_bwd(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+      "Tensor? weight, Tensor nll_coef, Tensor? ent_coef, Tensor? suppress_ids, int ignore_index, "
+      "float label_smoothing, float temperature, int needs, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+
   // z [..., D] float32/bfloat16/float16 (any strides), codebook [K, D] (same float dtypes).
   // -> (indices int64 [...], sq_distance float32 [...] if return_distance else float32 [0]).
   m.def("vq_lookup(Tensor z, Tensor codebook, bool return_distance) -> (Tensor, Tensor)");

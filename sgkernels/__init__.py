@@ -7,8 +7,9 @@ Quick use::
     new_tokens, new_mask = sgk.self_guided_step(tokens, is_masked, logits, guide_logits, n,
                                                 guidance_scale=1.0, choice_temperature=25.0, seed=0, offset=step)
 
-Guide training (``sgkernels.training``, also reachable as ``sgkernels.train``, with
-``sgkernels.train_guide`` and ``sgkernels.TrainConfig``) is imported on first use, not by ``import sgkernels``.
+Guide training (``sgkernels.training``, with ``sgkernels.train_guide`` and ``sgkernels.TrainConfig``)
+is imported on first use, not by ``import sgkernels``. Its one name is ``sgkernels.training``
+(``from sgkernels.training import aux_loss``); there is no ``sgkernels.train`` alias.
 """
 from importlib import import_module as _import_module
 
@@ -29,7 +30,7 @@ from .ops import (
     vq_lookup,
     vq_lookup_reference,
 )
-from .ops import head_sample, head_sample_reference
+from .ops import head_sample, head_sample_reference, linear_cross_entropy
 from .schedule import choice_temperature, mask_len, mask_ratio
 
 from . import integrations, models, nn  # noqa: E402  (models -> nn -> ops: imported after the ops)
@@ -44,8 +45,8 @@ _LAZY_TRAINING = ("TrainConfig", "train_guide")
 
 
 def __getattr__(name: str):
-    """``sgkernels.training`` (alias ``sgkernels.train``) and its names, imported on first access."""
-    if name in ("training", "train"):
+    """``sgkernels.training`` and its names, imported on first access."""
+    if name == "training":
         return _import_module(".training", __name__)
     if name in _LAZY_TRAINING:
         return getattr(_import_module(".training", __name__), name)
@@ -72,7 +73,6 @@ __all__ = [
     "models",
     "nn",
     "save_checkpoint",
-    "train",
     "train_guide",
     "training",
     "check_errors",
@@ -84,6 +84,7 @@ __all__ = [
     "guided_sample_reference",
     "head_sample",
     "head_sample_reference",
+    "linear_cross_entropy",
     "mask_len",
     "mask_ratio",
     "remask_lowest_confidence",

@@ -94,21 +94,66 @@ def serialize(state: dict[str, torch.Tensor], fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def first_line(err: BaseException) -> str:
+    """``"Type: first line of the message"`` (an empty message gives the type alone): for one-line errors."""
+    lines = str(err).strip().splitlines()
+    return type(err).__name__ + (f": {lines[0]}" if lines else "")
+
+
 def read_weights(path: str, fmt: str, map_location) -> dict[str, torch.Tensor]:
-    """The ``{name: tensor}`` dict of a weight file written from :func:`serialize`."""
+    """The ``{name: tensor}`` dict of a weight file written from :func:`serialize`.
+
+    A file that is missing raises FileNotFoundError; one that cannot be read (empty, truncated, a
+    pickle with code, not a dict of tensors) a one-line ValueError naming it.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint weights missing: {path}")
-    if fmt == "safetensors":
-        if not safetensors_available():
-            raise ImportError(f"{path} is a safetensors file: install safetensors to read it")
-        from safetensors.torch import load_file
+    if fmt == "safetensors" and not safetensors_available():
+        raise ImportError(f"{path} is a safetensors file: install safetensors to read it")
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import load_file
 
-        device = "cpu" if map_location is None else str(torch.device(map_location))
-        return load_file(path, device=device)
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            device = "cpu" if map_location is None else str(torch.device(map_location))
+            state = load_file(path, device=device)
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch / safetensors raise many kinds on a corrupt or foreign file
+        raise ValueError(f"{path}: cannot be read as weights ({first_line(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise ValueError(f"{path}: expected a dict of tensors")
     return state
+
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def cast_weights(state: dict[str, torch.Tensor], what: str, error=ValueError) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor in the model's dtype, or ``error`` naming the tensors that are not weights.
+
+    The model's dtype is the floating dtype holding most of the elements (float64 as float32: the
+    ops take float32 / bfloat16 / float16); the other floating tensors are cast to it (one float16
+    tensor among float32 ones loads as float32). Integer, bool, complex and float8 tensors are refused.
+    """
+    bad = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in WEIGHT_DTYPES]
+    if bad:
+        raise error(f"{what}: expected floating-point weights (float32, bfloat16, float16), got {listed(bad, sep=', ')}")
+    totals: dict[torch.dtype, int] = {}
+    for v in state.values():
+        totals[v.dtype] = totals.get(v.dtype, 0) + v.numel()
+    if not totals:
+        return state
+    dtype = max(totals, key=totals.get)
+    dtype = torch.float32 if dtype == torch.float64 else dtype
+    out = {}
+    for k, v in state.items():
+        out[k] = v if v.dtype == dtype else v.to(dtype)
+        # a finite value past the model dtype's range would load as inf: name it instead
+        if out[k] is not v and v.numel() and v.device.type != "meta" and bool(torch.isfinite(v).all()) \
+                and not bool(torch.isfinite(out[k]).all()):
+            raise error(f"{what}: {k} ({v.dtype}) has values outside the range of the model's dtype {dtype}")
+    return out
 
 
 def listed(items, limit: int = 3, sep: str = "; ") -> str:

@@ -29,6 +29,44 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
+def png_shape(path: str) -> tuple[int, int, int] | None:
+    """``(H, W, 3)`` of a complete, intact 8-bit RGB PNG as :func:`png_bytes` writes it, else None.
+
+    Every chunk's CRC is checked, the image data must decompress to exactly ``H`` rows of ``1 + 3 W``
+    bytes, and the file must end with IEND: a truncated or corrupted file is None (never raises).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    pos, header, idat, ended = 8, None, [], False
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        crc = data[pos + 8 + length:pos + 12 + length]
+        if len(body) != length or len(crc) != 4 or struct.unpack(">I", crc)[0] != zlib.crc32(kind + body) & 0xFFFFFFFF:
+            return None
+        if kind == b"IHDR" and length == 13:
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            ended = True
+            break
+        pos += 12 + length
+    if not ended or header is None or header[2:] != (8, 2, 0, 0, 0):
+        return None
+    width, height = header[0], header[1]
+    try:
+        raw = zlib.decompress(b"".join(idat))
+    except zlib.error:
+        return None
+    return (height, width, 3) if len(raw) == height * (1 + 3 * width) else None
+
+
 def write_png(path: str, rgb: np.ndarray) -> None:
     """Write ``rgb`` (uint8 [H, W, 3]) to ``path`` as a PNG, atomically (:func:`sgkernels._io.atomic_write`)."""
     atomic_write(path, png_bytes(rgb))

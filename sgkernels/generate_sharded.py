@@ -8,7 +8,10 @@ a batch does not depend on who draws it, so any number of processes gives the sa
 
 Each finished batch is written atomically to ``<out>.parts/batch_<j>.npz``; a rerun with the same
 settings (checked against ``<out>.parts/run.json``) skips the batches already there, whatever the
-number of processes. When every batch is there, rank 0 streams them into ``<out>`` (written to a
+number of processes. ``run.json`` records the settings and a SHA-256 of the weights that made the
+parts (the transformer's, the guide's and the VQGAN's state dicts: :func:`weights_digests`), so a
+rerun with other weights is refused, naming them. A part is verified before it is skipped (it
+loads, holds its batch's image count, shape and dtype, and its labels); a broken one is drawn again. When every batch is there, rank 0 streams them into ``<out>`` (written to a
 temporary file and moved into place) and removes the parts folder. ``<out>`` is an ADM-evaluator
 ``.npz``: ``arr_0`` uint8 ``[N, H, W, 3]`` and ``arr_1`` int64 class ids ``[N]``.
 
@@ -37,6 +40,9 @@ from ._io import atomic_write
 from .pipeline import SelfGuidedPipeline, class_tensor
 
 MANIFEST = "run.json"
+# At most this many images per run: the class ids of every image are held in memory (int64), and
+# --out-dir names images by a zero-padded index. A FID set is 50 000.
+MAX_IMAGES = 10**8
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -79,10 +85,23 @@ def _npz_bytes(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def _write_npz_streamed(path: str, parts: list[str], num_images: int, labels: np.ndarray) -> None:
-    """``arr_0`` = the concatenated ``images`` of ``parts``, ``arr_1`` = ``labels``; one batch in memory at a time."""
-    with np.load(parts[0]) as first:
-        shape = first["images"].shape[1:]
+def _npz_part_ok(path: str, labels: np.ndarray, shape: tuple) -> bool:
+    """Whether ``path`` is an intact part of ``len(labels)`` uint8 images of ``shape`` with those labels."""
+    try:
+        with np.load(path) as p:
+            images, recorded = p["images"], p["labels"]
+    except Exception:  # missing, truncated, not a zip, a member missing or corrupt (CRC)
+        return False
+    return images.dtype == np.uint8 and images.shape == (len(labels), *shape) and np.array_equal(recorded, labels)
+
+
+def _write_npz_streamed(path: str, parts: list[str], num_images: int, labels: np.ndarray, shape: tuple) -> None:
+    """``arr_0`` = the concatenated ``images`` of ``parts``, ``arr_1`` = ``labels``; one batch in memory at a time.
+
+    Each part must hold uint8 images of ``shape`` and all of them ``num_images`` in all (else
+    ValueError naming the part, and ``path`` is not written): the result loads with ``numpy.load``
+    and holds exactly ``num_images`` images.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
@@ -92,9 +111,20 @@ def _write_npz_streamed(path: str, parts: list[str], num_images: int, labels: np
                 np.lib.format.write_array_header_1_0(
                     f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                         "shape": (num_images, *shape)})
+                written = 0
                 for part in parts:
                     with np.load(part) as p:
-                        f.write(np.ascontiguousarray(p["images"], dtype=np.uint8).tobytes())
+                        images = p["images"]
+                    if images.dtype != np.uint8 or images.shape[1:] != tuple(shape):
+                        raise ValueError(f"{part}: expected uint8 images of shape {tuple(shape)}, "
+                                         f"got {images.dtype} {images.shape[1:]}; remove it and rerun")
+                    written += len(images)
+                    if written > num_images:
+                        break
+                    f.write(np.ascontiguousarray(images).tobytes())
+                if written != num_images:
+                    raise ValueError(f"{os.path.dirname(parts[0])}: the parts hold {written} images, expected "
+                                     f"{num_images}; rerun to redraw the broken ones")
             with zf.open("arr_1.npy", "w") as f:
                 np.lib.format.write_array(f, labels)
         with open(tmp, "rb+") as f:
@@ -118,8 +148,26 @@ def _barrier(world_size: int) -> None:
 
 def _check_counts(num_images, batch_size) -> None:
     for name, value in (("num_images", num_images), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IMAGES:
+            raise ValueError(f"{name}: expected an int in [1, {MAX_IMAGES}], got {value!r}")
+
+
+def weights_digests(pipe: SelfGuidedPipeline) -> dict[str, str]:
+    """SHA-256 of each module's state dict (names, dtypes, shapes and bytes): what made the images.
+
+    ``{"transformer": .., "guide": .. or None, "vqgan": ..}``; reads every weight once (on CPU).
+    """
+    def digest(module):
+        if module is None:
+            return None
+        h = hashlib.sha256()
+        for name, t in module.state_dict().items():
+            t = t.detach().contiguous().cpu()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
+
+    return {"transformer": digest(pipe.model), "guide": digest(pipe.guide), "vqgan": digest(pipe.vqgan)}
 
 
 def _rank_world(rank, world_size) -> tuple[int, int]:
@@ -134,8 +182,13 @@ def _settings(pipe, num_images, batch_size, seed, class_ids, sampling: dict, sam
     labels = image_labels(class_ids, num_images, pipe.num_classes)
     settings = dict(num_images=num_images, batch_size=batch_size, seed=seed, **sampling,
                     sampler_options=sampler_options,
-                    labels_sha256=hashlib.sha256(labels.numpy().tobytes()).hexdigest())
+                    labels_sha256=hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
+                    image_shape=list(pipe.image_shape), weights_sha256=weights_digests(pipe))
     return labels, settings
+
+
+_WEIGHT_NAMES = {"transformer": "the transformer's (--model)", "guide": "the TOAST guide's (--model)",
+                 "vqgan": "the VQGAN's (--vae)"}
 
 
 def _check_manifest(directory: str, settings: dict, rank: int, world_size: int) -> None:
@@ -146,9 +199,24 @@ def _check_manifest(directory: str, settings: dict, rank: int, world_size: int) 
         if not os.path.exists(manifest):
             atomic_write(manifest, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
     _barrier(world_size)
-    with open(manifest) as f:
-        recorded = json.load(f)
-    if recorded != json.loads(json.dumps(settings, sort_keys=True)):
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{manifest}: cannot be read as JSON ({e}); remove the folder to start over") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{manifest}: expected a JSON object (the run's settings), got {type(recorded).__name__}; "
+                         "remove the folder to start over")
+    settings = json.loads(json.dumps(settings, sort_keys=True))
+    if recorded != settings:
+        old, new = recorded.get("weights_sha256"), settings["weights_sha256"]
+        if not isinstance(old, dict):
+            raise ValueError(f"{manifest}: records no digest of the weights that made its images (an older "
+                             "version wrote it); remove the folder to start over")
+        if old != new:
+            which = [_WEIGHT_NAMES[k] for k in new if old.get(k) != new[k]]
+            raise ValueError(f"{manifest}: the interrupted run's images were made with other weights "
+                             f"({', '.join(which)}); rerun with those folders or remove the folder")
         diff = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
         raise ValueError(f"{manifest}: an interrupted run with other settings ({', '.join(diff)}); "
                          "rerun with its settings or remove the folder")
@@ -217,15 +285,20 @@ def generate_to_npz(pipe: SelfGuidedPipeline, out_npz: str | os.PathLike, *, num
     def write(j, images, batch):
         atomic_write(part[j], _npz_bytes(images=images.numpy(), labels=batch.numpy()))
 
-    _sample_batches(pipe, labels, batch_size, seed, sampling, sampler_options, lambda j: os.path.exists(part[j]),
-                    write, progress, rank, world_size)
+    shape = tuple(pipe.image_shape)
+
+    def done(j):  # a part is kept only when it is intact and holds its batch (else it is drawn again)
+        return _npz_part_ok(part[j], labels[j * batch_size:(j + 1) * batch_size].numpy(), shape)
+
+    _sample_batches(pipe, labels, batch_size, seed, sampling, sampler_options, done, write, progress, rank,
+                    world_size)
     _barrier(world_size)
     if rank != 0:
         return None
     missing = [j for j in range(num_batches) if not os.path.exists(part[j])]
     if missing:
         raise RuntimeError(f"{parts_dir}: batches {missing[:8]} are missing (a rank failed?); rerun to finish them")
-    _write_npz_streamed(out_npz, part, num_images, labels.numpy())
+    _write_npz_streamed(out_npz, part, num_images, labels.numpy(), shape)
     shutil.rmtree(parts_dir)
     return out_npz
 
@@ -246,7 +319,7 @@ def generate_to_dir(pipe: SelfGuidedPipeline, out_dir: str | os.PathLike, *, num
     files all exist. When every image is there, rank 0 writes ``<out_dir>/labels.txt`` (line ``i``:
     the class id of image ``i``). Returns ``out_dir`` on rank 0, None on the other ranks.
     """
-    from ._png import write_png
+    from ._png import png_shape, write_png
 
     _check_counts(num_images, batch_size)
     rank, world_size = _rank_world(rank, world_size)
@@ -265,8 +338,13 @@ def generate_to_dir(pipe: SelfGuidedPipeline, out_dir: str | os.PathLike, *, num
         for path, image in zip(paths(j), images.numpy()):
             write_png(path, image)
 
-    _sample_batches(pipe, labels, batch_size, seed, sampling, sampler_options,
-                    lambda j: all(os.path.exists(p) for p in paths(j)), write, progress, rank, world_size)
+    shape = tuple(pipe.image_shape)
+
+    def done(j):  # every PNG of the batch decodes to the right size (a truncated one is drawn again)
+        return all(png_shape(p) == shape for p in paths(j))
+
+    _sample_batches(pipe, labels, batch_size, seed, sampling, sampler_options, done, write, progress, rank,
+                    world_size)
     _barrier(world_size)
     if rank != 0:
         return None

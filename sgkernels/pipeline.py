@@ -97,6 +97,12 @@ class SelfGuidedPipeline:
         return next(self.model.parameters()).device
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of one uint8 image (``output="uint8"``): the token grid times the VQGAN's factor."""
+        (h, w), f = self.model.config.grid_hw, self.vqgan.config.downsample_factor
+        return h * f, w * f, self.vqgan.config.num_channels
+
+    @property
     def num_classes(self) -> int:
         return self.model.config.num_classes
 
@@ -125,7 +131,7 @@ class SelfGuidedPipeline:
                                     choice_temperature=choice_temperature, temperature=temperature, **sampler_options)
         tokens = sampler(labels, seed=seed, progress=progress)
         h, w = self.model.config.grid_hw
-        images = self.vqgan.decode(tokens.reshape(-1, h, w))
+        images = self.vqgan.decode(tokens.reshape(-1, h, w)).float()  # float32 whatever the VQGAN's dtype
         if output == "float":
             return images
         pixels = to_uint8(images)

@@ -20,13 +20,18 @@ import time
 import torch
 
 from ._cli import CLIError, check_writable, parse_classes, save_image, show_progress
+from ._io import first_line
 from ._png import grid
-from .generate_sharded import batch_seed, generate_to_dir, generate_to_npz, image_labels, init_distributed
+from .generate_sharded import MAX_IMAGES, batch_seed, generate_to_dir, generate_to_npz, image_labels, init_distributed
 from .models.pretrained import CheckpointError
 from .pipeline import SelfGuidedPipeline
 
 # The paper's ImageNet 256 settings (UnlockMGM): T = 18, s = 1, tau_0 = 25.
 STEPS, GUIDANCE_SCALE, CHOICE_TEMPERATURE, BATCH_SIZE = 18, 1.0, 25.0, 64
+# --out tiles every image into one grid held in memory; --out-npz / --out-dir stream (MAX_IMAGES).
+MAX_GRID_IMAGES = 4096
+# Devices the sampler runs on (its kernels: C++ on CPU, Triton on CUDA).
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def _load(args, device) -> SelfGuidedPipeline:
@@ -35,22 +40,36 @@ def _load(args, device) -> SelfGuidedPipeline:
                                                   vae_subfolder=args.vae_subfolder, device=device)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
-    except (OSError, RuntimeError) as e:  # e.g. an unreadable file, or a device that does not exist
-        raise CLIError(f"cannot load --model {args.model} / --vae {args.vae}: {str(e).splitlines()[0]}") from None
+    except (OSError, RuntimeError, TypeError, ValueError) as e:  # e.g. an unreadable file, a device out of memory
+        raise CLIError(f"cannot load --model {args.model} / --vae {args.vae}: {first_line(e)}") from None
 
 
 def _device(args):
     if args.device is None:
         return None
     try:
-        return torch.device(args.device)
+        device = torch.device(args.device)
     except RuntimeError:
         raise CLIError(f"--device: expected a torch device such as cpu, cuda or cuda:1, got {args.device!r}") from None
+    if device.type not in DEVICE_TYPES:  # meta, mps, ...: the sampler has no kernels there (or no data at all)
+        raise CLIError(f"--device: {args.device!r} cannot sample; expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CLIError(f"--device: {args.device!r}, but no CUDA device is available")
+        if device.index is not None and device.index >= count:
+            raise CLIError(f"--device: {args.device!r}, but there {'is' if count == 1 else 'are'} only {count} "
+                           f"CUDA device{'s' if count > 1 else ''}")
+    return device
 
 
 def generate(args) -> int:
     if args.model is None:
         raise CLIError("--vae: needs --model (the transformer folder)")
+    limit = MAX_GRID_IMAGES if args.out is not None else MAX_IMAGES
+    if args.num > limit:
+        where = "--out (one grid in memory)" if args.out is not None else "--out-npz / --out-dir"
+        raise CLIError(f"--count: at most {limit} images with {where}, got {args.num}")
     steps = STEPS if args.steps is None else args.steps
     scale = GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
     tau = CHOICE_TEMPERATURE if args.choice_temperature is None else args.choice_temperature

@@ -88,7 +88,9 @@ class SelfGuidedSampler:
     """Samples token grids from a :class:`MaskTransformer`, optionally self-guided by a :class:`TOAST` guide.
 
     Args:
-        model: the backbone (run in eval mode during sampling; its mode is restored afterwards).
+        model: the backbone. Sampling runs it as in eval mode (no dropout) whatever its mode, without
+            changing the mode: its forward takes ``dropout=False`` (so threads may share one model,
+            and a model in training mode stays in it).
         guide: a :class:`TOAST` built for ``model``'s config, or None (plain MaskGIT).
         steps: T >= 1.
         guidance_scale: s (paper default 1.0); 0 = plain MaskGIT (one pass per step).
@@ -152,7 +154,7 @@ class SelfGuidedSampler:
     ):
         check_model_and_guide(model, guide)
         steps = _validate.check_positive_int("steps", steps)
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
         rules = dict(PRESETS[preset])
         given = dict(temperature_decay=temperature_decay, mask_rounding=mask_rounding, at_least_one=at_least_one,
@@ -216,17 +218,17 @@ class SelfGuidedSampler:
         if cfg_on:
             b = tokens.shape[0]
             out = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, -1)]),
-                        return_hidden=self.guided)
+                        return_hidden=self.guided, dropout=False)
             logits_all = out.logits if self.guided else out
             cond, uncond = logits_all[:b], logits_all[b:]
             logits = uncond + (1.0 + self.cfg_scale) * (cond - uncond)
             hidden = out.hidden_states[:b] if self.guided else None
         elif self.guided:
-            out = model(tokens, labels, return_hidden=True)
+            out = model(tokens, labels, return_hidden=True, dropout=False)
             logits, hidden = out.logits, out.hidden_states
         else:
-            logits, hidden = model(tokens, labels), None
-        guide_logits = self.guide(model, hidden, labels) if self.guided else None
+            logits, hidden = model(tokens, labels, dropout=False), None
+        guide_logits = self.guide(model, hidden, labels, dropout=False) if self.guided else None
         return logits, guide_logits
 
     def _features(self, tokens: torch.Tensor, labels: torch.Tensor):
@@ -236,14 +238,15 @@ class SelfGuidedSampler:
         if self.cfg_scale > 0:
             b = tokens.shape[0]
             hidden_all = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, -1)]),
-                               with_head=False).hidden_states
+                               with_head=False, dropout=False).hidden_states
             feats = model.head_features(hidden_all)
             cond, uncond = feats[:b], feats[b:]
             base, hidden = uncond + (1.0 + self.cfg_scale) * (cond - uncond), hidden_all[:b]
         else:
-            hidden = model(tokens, labels, with_head=False).hidden_states
+            hidden = model(tokens, labels, with_head=False, dropout=False).hidden_states
             base = model.head_features(hidden)
-        guide = model.head_features(self.guide(model, hidden, labels, with_head=False)) if self.guided else None
+        guide = (model.head_features(self.guide(model, hidden, labels, with_head=False, dropout=False))
+                 if self.guided else None)
         return base, guide
 
     def _fused_step(self, tokens, is_masked, labels, num_to_mask, tau: float, seed: int, step: int):
@@ -279,7 +282,13 @@ class SelfGuidedSampler:
         choice temperature is a Python float the kernels take), so each step index compiles once
         (raise ``torch._dynamo.config.recompile_limit``, 8 by default, to at least ``steps``).
         With ``cuda_graph=True`` this is the function :meth:`__call__` captures, once per step index.
+        Runs without autograd (its outputs are integer and bool) and without dropout, whatever the
+        modules' modes (which it never changes), with or without an enclosing ``torch.no_grad()``.
         """
+        with torch.no_grad():
+            return self._step(tokens, is_masked, labels, step, seed)
+
+    def _step(self, tokens, is_masked, labels, step: int, seed):
         num_to_mask = mask_len(step, self.steps, tokens.shape[1], is_masked.sum(dim=1), rounding=self.mask_rounding,
                                at_least_one=self.at_least_one)
         tau = choice_temperature(step, self.steps, self.choice_temperature, self.temperature_decay)
@@ -327,31 +336,25 @@ class SelfGuidedSampler:
         labels = self._check_labels(class_labels, device)
         seed = _rng.resolve_seed(seed)
 
-        modules = [m for m in (model, guide) if m is not None]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
-            steps = range(self.steps)
-            if progress:
-                from tqdm.auto import tqdm
+        # The modules' train/eval modes are left alone (the passes take dropout=False): another thread
+        # may be sampling with, or training, the same model.
+        steps = range(self.steps)
+        if progress:
+            from tqdm.auto import tqdm
 
-                steps = tqdm(steps, desc="self-guided sampling" if self.guided else "MaskGIT sampling", unit="step")
-            with torch.no_grad():
-                graphs = None
-                if self.cuda_graph:
-                    tokens, graphs = self._graphs.loop(self, labels, seed, steps, callback)
-                else:
-                    b, n = labels.shape[0], cfg.num_tokens
-                    tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=device)
-                    is_masked = torch.ones((b, n), dtype=torch.bool, device=device)
-                    for step in steps:
-                        tokens, is_masked = self.step(tokens, is_masked, labels, step, seed)
-                        if callback is not None:
-                            callback(step, tokens, is_masked)
-        finally:
-            for m, mode in zip(modules, modes):
-                m.train(mode)
+            steps = tqdm(steps, desc="self-guided sampling" if self.guided else "MaskGIT sampling", unit="step")
+        with torch.no_grad():
+            graphs = None
+            if self.cuda_graph:
+                tokens, graphs = self._graphs.loop(self, labels, seed, steps, callback)
+            else:
+                b, n = labels.shape[0], cfg.num_tokens
+                tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=device)
+                is_masked = torch.ones((b, n), dtype=torch.bool, device=device)
+                for step in steps:
+                    tokens, is_masked = self.step(tokens, is_masked, labels, step, seed)
+                    if callback is not None:
+                        callback(step, tokens, is_masked)
         check_errors(device)
         if graphs is not None:
             graphs.raise_flagged()

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before anything imports triton (``triton.jit`` reads it when the
 kernels are defined), so it is set here, before the test modules import sgkernels.
 """
+import fnmatch
 import os
 import re
 
@@ -27,6 +28,32 @@ _GPU_SKIP_REASON = re.compile(r"\bno CUDA device\b|\bneeds a CUDA device\b|\bwit
 FAST_GRID = 12
 
 
+# Tests and instances that are slow for the fast tier, and why (node id glob -> reason). CPU seconds
+# measured on the 2-core box; each keeps faster siblings in the fast tier (other backends, one tile).
+SLOW_TESTS = {
+    "test_remask.py::test_gumbel_top1_law[[]triton-interpret*": "a law test in the Triton interpreter (~150 s)",
+    "test_triton_aot.py::test_aot_compile_all_kernels_sm80_sm90": "compiles every kernel config twice (~50 s)",
+    "test_filters.py::test_confidence_matches_reference_and_dream[[]triton-interpret-*-multi-tile]":
+        "the interpreter's multi-tile path, 32 passes per filter (~35 s each; one-tile stays fast)",
+    "test_filters.py::test_filtered_chi_square[[]triton-interpret-*": "chi-square draws in the interpreter (5-20 s each)",
+    "test_head_sample.py::test_distribution_is_exact[[]triton-interpret*": "a law test in the Triton interpreter (~33 s)",
+    "test_head_sample.py::test_filtered_distribution_is_exact[[]triton-interpret*": "a law test in the interpreter",
+    "test_cross_entropy.py::test_half_is_float32_math_rounded_once[[]*triton-interpret*-1000-*":
+        "V = 1000 in the interpreter (~14 s)",
+    "test_sampler.py::test_maskgit_256_two_steps_cpu": "the MaskGIT 256 configuration at full size (~20 s)",
+    "test_digits.py::test_stages_smoke": "trains every digits stage for 3 steps (~11 s)",
+    "test_compile.py::test_sampler_step_tensor_seed_compiles_once_per_step": "inductor compiles 4 steps (~11 s)",
+    "test_gpu_suite.py::test_dry_run": "runs the whole GPU suite script in dry mode (~9 s)",
+    "test_gpu_suite.py::test_timeout_keeps_the_log_and_goes_on": "waits for step time-outs (~8 s)",
+    "test_train.py::test_ddp_two_processes_gloo": "starts two training processes (~8 s)",
+}
+
+
+def _slow_reason(nodeid: str) -> str | None:
+    name = nodeid.split("/")[-1]
+    return next((why for pattern, why in SLOW_TESTS.items() if fnmatch.fnmatchcase(name, pattern)), None)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the marks added here
 def pytest_collection_modifyitems(config, items):
     """Mark ``cuda`` every test that runs on a CUDA device when one is visible (see _GPU_SKIP_REASON),
@@ -37,6 +64,9 @@ def pytest_collection_modifyitems(config, items):
         reasons = [m.kwargs.get("reason", "") for m in item.iter_markers("skipif")]
         if any(_GPU_SKIP_REASON.search(r) for r in reasons):
             item.add_marker(pytest.mark.cuda)
+    for item in items:
+        if _slow_reason(item.nodeid) is not None:
+            item.add_marker(pytest.mark.slow)
     grids: dict = {}
     for item in items:
         callspec = getattr(item, "callspec", None)

@@ -59,6 +59,7 @@ KERNELS = {
     "cross_entropy_fwd": ("cpp", "triton", "cuda"),
     "vq_lookup": ("cpp", "cuda"),
     "head_sample": ("cpp", "triton", "cuda"),
+    "linear_cross_entropy_fwd": ("cpp", "triton", "cuda"),
 }
 _CUDA = torch.cuda.is_available()
 _CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not _CUDA, reason="no CUDA device")]
@@ -218,6 +219,11 @@ TOLERANCES = {
     # head_sample against float32 ``h @ W.T + b`` then the float64 sampler: the GEMM's summation order
     # differs (a float32 ulp or so in a logit); on CUDA bf16/fp16 weights also round the blended
     # hidden to the weight dtype for the tensor cores (the model's own head does the same).
+    # linear_cross_entropy against float32 F.cross_entropy(F.linear(...)) on the same (rounded) inputs:
+    # float32, the GEMMs' summation order; 16-bit, the gradients rounded once to the half dtype (on
+    # CUDA the gradient GEMMs also round the logits' gradient to it, as the unfused loss does).
+    ("linear_cross_entropy_fwd", _F32): Tol(rtol=1e-4, atol=1e-5),
+    **{("linear_cross_entropy_fwd", dt): Tol(rtol=2e-2, atol=2e-3) for dt in (_BF16, _F16)},
     ("head_sample", _F32): Tol(rtol=1e-4, atol=1e-4, agree=0.99),
     **{("head_sample", dt): Tol(rtol=3e-2, atol=3e-2, agree=0.97) for dt in (_BF16, _F16)},
 }

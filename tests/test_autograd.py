@@ -3,6 +3,8 @@ respect to logits/guide and z/codebook) on every backend, and no op returns an o
 grad while its backward would leave the inputs' grad None."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from op_contract import backend_params, to_device
@@ -16,8 +18,10 @@ from sgkernels.ops import (
     vq_lookup,
 )
 from sgkernels.ops.guided_sample import _LogpGrad
+from sgkernels.ops.head_sample import _HeadLogpGrad, blend_hidden, head_sample
 
 SAMPLING = backend_params("guided_sample")
+HEAD = backend_params("head_sample")
 VQ = backend_params("vq_lookup")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
@@ -86,6 +90,57 @@ def test_logp_gradient_ignores_excluded_tokens():
         assert bool((grad[:, 5:] == 0).all())
 
 
+def _head_logp64(h, u, w, b, s, tokens, sel):
+    """log_softmax(blend(h, u) @ w.T + b)[token] of the rows ``sel`` of h's flattened leading dims."""
+    d = h.shape[-1]
+    x = blend_hidden(h.reshape(-1, d)[sel], None if u is None else u.reshape(-1, d)[sel], s)
+    logits = x @ w.T + (0.0 if b is None else b)
+    return torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("backend", HEAD)
+@pytest.mark.parametrize("rows", ["all", "index", "mask"])
+def test_head_sample_logp_gradient(backend, monkeypatch, rows):
+    """head_sample's logp differentiates w.r.t. hidden, guide, weight and bias (issue 22: it used to
+    return a graph whose backward left them None): against float64 autograd of log_softmax of the
+    materialised logits, with a row-chunk budget of 2 rows (the backward never holds all logits)."""
+    monkeypatch.setattr(sys.modules["sgkernels.ops.head_sample"], "_CHUNK_BYTES", 2 * 4 * 300)
+    gen = torch.Generator().manual_seed(6)
+    h, u = 2 * torch.randn(2, 3, 5, generator=gen), torch.randn(2, 3, 5, generator=gen)
+    w, b = torch.randn(300, 5, generator=gen), torch.randn(300, generator=gen)
+    sel = {"all": None, "index": torch.tensor([4, 1, 1]),
+           "mask": torch.tensor([[True, False, True], [False, True, True]])}[rows]
+    xs = [to_device(t, backend.device).requires_grad_() for t in (h, u, w, b)]
+    with sgk.use_backend(backend.name):
+        tokens, logp = head_sample(xs[0], xs[2], xs[3], xs[1], guidance_scale=0.7, temperature=0.9, seed=2,
+                                   rows=None if sel is None else to_device(sel, backend.device))
+    assert logp.requires_grad and not tokens.requires_grad
+    weight = torch.randn(logp.shape, generator=gen)
+    got = torch.autograd.grad((logp * weight.to(logp.device)).sum(), xs)
+    ys = [t.double().requires_grad_() for t in (h, u, w, b)]
+    ids = torch.arange(6) if sel is None or sel.dtype == torch.bool else sel
+    tok = tokens.cpu().reshape(-1)
+    keep = tok >= 0
+    ref = _head_logp64(ys[0], ys[1], ys[2], ys[3], 0.7, tok[keep], ids[keep])
+    want = torch.autograd.grad((ref * weight.reshape(-1)[keep].double()).sum(), ys)
+    for a, b_ in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.cpu().double(), b_, rtol=1e-4, atol=1e-5)
+
+
+def test_head_logp_formula_gradcheck_float64():
+    """_HeadLogpGrad's backward in float64 (logp computed by torch ops, its own gradient cut off),
+    for s = 0 (guide dropped), s = 1.3 and s = -1 (hidden dropped), with repeated rows."""
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+          for shape in ((2, 3, 4), (2, 3, 4), (9, 4), (9,))]
+    tokens, sel = torch.tensor([0, 3, 8, 3]), torch.tensor([5, 0, 2, 2])
+    for s in (0.0, 1.3, -1.0):
+        fn = lambda h, u, w, b: _HeadLogpGrad.apply(  # noqa: E731
+            _head_logp64(h, u, w, b, s, tokens, sel).detach(), tokens, sel, s, h, u, w, b)
+        assert torch.autograd.gradcheck(fn, xs)
+
+
 @pytest.mark.parametrize("backend", VQ)
 def test_sq_distance_gradient(backend):
     gen = torch.Generator().manual_seed(4)
@@ -124,6 +179,7 @@ def test_no_output_requires_grad_without_a_gradient():
                          (logits, guide)),
                 "vq_lookup": (vq_lookup(z, cb, return_distance=True), (z, cb)),
                 "cross_entropy": ((fused_cross_entropy(logits, target),), (logits,)),
+                "head_sample": (head_sample(z, cb, None, z * 2, guidance_scale=0.5, seed=1), (z, cb)),
             }
         for op, (outputs, inputs) in outs.items():
             for out in outputs:

@@ -197,6 +197,8 @@ def test_shape_mismatch_message_is_short(tmp_path, capsys):
     shutil.copytree(DEFAULT_MODEL_DIR, bad)
     config = json.loads((bad / "generator" / "config.json").read_text())
     config["model"]["width"] = 64
+    if config["guide"] is not None:  # (a guide built for another width is refused before, by config.json)
+        config["guide"]["width"] = 64
     (bad / "generator" / "config.json").write_text(json.dumps(config))
     status, _, err = run(["generate", "--out", tmp_path / "g.png", "--model", bad, *FAST], capsys)
     line = one_line_error(status, err, "shape mismatch", "more)")
@@ -366,3 +368,117 @@ def test_demo_png_is_labelled_and_its_grids_unchanged(tmp_path, capsys):
     assert (png[:band] < 128).any()  # text in the band
     labelled = captioned(left, ["x"])
     assert np.array_equal(labelled[-left.shape[0]:], left)
+
+
+# ------------------------------------------------------------------ generate --vae: hostile resumes
+def _interrupted_npz(argv, monkeypatch, capsys):
+    """Run ``argv`` (an --out-npz run) to the end of sampling, then fail at the final write: the parts stay."""
+    from sgkernels import generate_sharded
+
+    def fail(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(generate_sharded, "_write_npz_streamed", fail)
+        status, _, err = run(argv, capsys)
+    one_line_error(status, err, "cannot write")
+
+
+def test_resume_with_other_weights_is_refused(folders, tmp_path, monkeypatch, capsys):
+    """run.json records a digest of the weights: another --model or --vae folder (same configs, other
+    weights) is refused, naming it, instead of mixing two models' batches (issue 22)."""
+    model, vae = folders
+    from official_folders import vqgan_config, vqgan_state_dict, write_folder
+    from test_models import NF, open_muse_state_dict, tiny
+
+    other_model = shutil.copytree(model, tmp_path / "other_model")
+    torch.save(open_muse_state_dict(tiny(), NF, seed=1), os.path.join(other_model, "pytorch_model.bin"))
+    other_vae = write_folder(tmp_path / "other_vae", vqgan_config(), vqgan_state_dict(vqgan_config(), seed=1))
+    out = tmp_path / "s.npz"
+    argv = ["generate", "--model", model, "--vae", vae, "--count", "5", *OFFICIAL, "--out-npz", out]
+    _interrupted_npz(argv, monkeypatch, capsys)
+    manifest = str(out) + ".parts/run.json"
+    for swap, needle in (({2: other_model}, "--model"), ({4: other_vae}, "--vae")):
+        status, _, err = run([swap.get(i, a) for i, a in enumerate(argv)], capsys)
+        one_line_error(status, err, manifest, "other weights", needle)
+    assert run(argv, capsys)[0] == 0
+    with np.load(out) as f:
+        assert f["arr_0"].shape[0] == 5
+
+
+def test_resume_redraws_broken_parts(folders, tmp_path, monkeypatch, capsys):
+    """A truncated part, a valid part with fewer images than its batch, and a truncated PNG of a finished
+    batch are drawn again on resume (issue 22: BadZipFile, exit 0 with an unreadable samples.npz, a
+    kept broken PNG); the results equal an uninterrupted run's."""
+    model, vae = folders
+    base = ["generate", "--model", model, "--vae", vae, "--count", "7", "--seed", "1", *OFFICIAL]
+    assert run(base + ["--out-npz", tmp_path / "ref.npz"], capsys)[0] == 0
+    out = tmp_path / "s.npz"
+    _interrupted_npz(base + ["--out-npz", out], monkeypatch, capsys)
+    parts = tmp_path / "s.npz.parts"
+    data = (parts / "batch_000000.npz").read_bytes()
+    (parts / "batch_000000.npz").write_bytes(data[: len(data) // 2])
+    with np.load(parts / "batch_000001.npz") as p:
+        short = {"images": p["images"][:1], "labels": p["labels"][:1]}
+    np.savez(parts / "batch_000001.npz", **short)
+    assert run(base + ["--out-npz", out], capsys)[0] == 0
+    with np.load(out) as a, np.load(tmp_path / "ref.npz") as b:
+        assert a["arr_0"].shape[0] == 7
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+    d = tmp_path / "dir"
+    assert run(base + ["--out-dir", d], capsys)[0] == 0
+    good = (d / image_name(4)).read_bytes()
+    (d / image_name(4)).write_bytes(good[:-20])
+    assert run(base + ["--out-dir", d], capsys)[0] == 0
+    assert (d / image_name(4)).read_bytes() == good
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "5", '"x"', "", '{"num_images": 2}'],
+                         ids=["list", "number", "string", "empty", "no-weights-digest"])
+def test_bad_run_json_is_one_line(folders, tmp_path, capsys, content):
+    model, vae = folders
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "run.json").write_text(content)
+    status, _, err = run(["generate", "--model", model, "--vae", vae, "--count", "2", *OFFICIAL, "--out-dir", d],
+                         capsys)
+    one_line_error(status, err, str(d / "run.json"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--count", str(10**15), "--out-npz", "{tmp}/s.npz"], "--count"),
+    (["--count", str(10**23), "--out-dir", "{tmp}/d"], "--count"),
+    (["--count", str(10**5), "--out", "{tmp}/g.png"], "--count"),
+    (["--device", "meta", "--out", "{tmp}/g.png"], "--device"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda", "--out", "{tmp}/g.png"], "--device"),
+])
+def test_generate_vae_bounds(folders, tmp_path, capsys, argv, needle):
+    model, vae = folders
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    status, _, err = run(["generate", "--model", model, "--vae", vae, *OFFICIAL, *argv], capsys)
+    one_line_error(status, err, needle)
+
+
+@pytest.mark.parametrize("which, broken", [
+    ("model", "empty_bin"), ("vae", "empty_bin"), ("model", "layer_norm_eps"), ("vae", "commitment_cost"),
+    ("model", "int64"), ("model", "num_hidden_layers"), ("vae", "num_res_blocks"),
+])
+def test_loader_defects_are_one_line(folders, tmp_path, capsys, which, broken):
+    """Every broken folder of tests/test_hostile_loading.py reaches the command line as one error line."""
+    model, vae = folders
+    bad = shutil.copytree(model if which == "model" else vae, tmp_path / "bad")
+    weights, config_path = os.path.join(bad, "pytorch_model.bin"), os.path.join(bad, "config.json")
+    config = json.loads(open(config_path).read())
+    if broken == "empty_bin":
+        open(weights, "wb").close()
+    elif broken == "int64":
+        state = torch.load(weights, weights_only=True)
+        state["embed.embeddings_ln.bias"] = state["embed.embeddings_ln.bias"].long()
+        torch.save(state, weights)
+    else:
+        config[broken] = {"layer_norm_eps": -1.0, "commitment_cost": "x"}.get(broken, 10**7)
+        open(config_path, "w").write(json.dumps(config))
+    argv = ["--model", bad, "--vae", vae] if which == "model" else ["--model", model, "--vae", bad]
+    status, _, err = run(["generate", *argv, *OFFICIAL, "--out", tmp_path / "g.png"], capsys)
+    one_line_error(status, err, str(bad))

@@ -247,3 +247,19 @@ def test_compile_with_tensor_offset_compiles_once():
                                               seed=5, offset=i)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert counter.frame_count == 1
+
+
+def test_numpy_scalar_filters():
+    """numpy integers and floats as top_k / top_p / min_p (issue 22), on every sampling op wrapper
+    that takes them: the same tokens as the Python numbers."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 40, generator=gen)
+    h, w = torch.randn(6, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    py = dict(top_k=5, top_p=0.9, min_p=0.01, temperature=0.8, seed=4)
+    np_kw = dict(top_k=np.int64(5), top_p=np.float32(0.9), min_p=np.float64(0.01), temperature=0.8, seed=4)
+    assert _validate.check_filters(np.int32(5), np.float32(0.5), np.float64(0.1)) == (5, 0.5, 0.1)
+    assert type(_validate.check_filters(np.int32(5))[0]) is int
+    for fn, args in ((sgk.guided_sample, (logits,)), (sgk.head_sample, (h, w))):
+        assert torch.equal(fn(*args, **np_kw)[0], fn(*args, **dict(py, top_p=float(np.float32(0.9))))[0])

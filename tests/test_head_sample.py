@@ -173,6 +173,52 @@ def test_greedy_near_ties(backend):
     assert torch.equal(tokens, ref)
 
 
+@pytest.mark.parametrize("temperature", [1e-8, 1e-50])
+def test_tiny_temperature_is_argmax(backend, temperature):
+    """1/T >= 1e8 (issue 22): the argmax on every row, and guided_sample's tokens on the materialised
+    logits (several vocabulary tiles: the recomputed tile must not underflow to its first token)."""
+    gen = torch.Generator().manual_seed(22)
+    rows, vocab = (8, 600) if backend.interpreter else (64, 1500)  # C++ tiles of 512, Triton of 128
+    h = torch.randn(rows, 32, generator=gen)
+    w, b = torch.randn(vocab, 32, generator=gen), torch.randn(vocab, generator=gen)
+    tokens, logp = run(backend, h, w, b, temperature=temperature, seed=3)
+    logits = h @ w.T + b
+    assert torch.equal(tokens, logits.argmax(-1))
+    ref_tokens, _ = run_on(backend, sgk.guided_sample, logits, temperature=temperature, seed=3)
+    assert torch.equal(tokens, ref_tokens)
+    assert bool(torch.isfinite(logp).all())
+
+
+def test_huge_temperature_matches_guided_sample(backend):
+    """1/T below FLT_MIN: uniform over the finite entries, as guided_sample (no 0 * -inf NaN)."""
+    gen = torch.Generator().manual_seed(23)
+    h, (w, b) = torch.randn(12, 8, generator=gen), _head(8, 700, gen=gen)
+    b[::3] = float("-inf")
+    tokens, logp = run(backend, h, w, b, temperature=1e50, seed=4)
+    ref, _ = run_on(backend, sgk.guided_sample, h @ w.T + b, temperature=1e50, seed=4)
+    assert torch.equal(tokens, ref) and bool((tokens % 3 != 0).all()) and bool(torch.isfinite(logp).all())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_zero_coefficient_drops_its_term(backend, temperature):
+    """guided_sample's blend rule on hidden states (issue 22): s = 0 ignores the guide (NaN, inf, or
+    distant, u = h + 3e3, whose cancellation would round h), s = -1 ignores hidden."""
+    gen = torch.Generator().manual_seed(24)
+    h, (w, b) = torch.randn(4 if backend.interpreter else 10, 16, generator=gen), _head(16, 300, gen=gen, scale=4.0)
+    kw = dict(temperature=temperature, seed=5)
+    plain = run(backend, h, w, b, **kw)
+    bad = torch.full_like(h, float("nan"))
+    bad[::2] = float("inf")
+    for guide in (bad, h + 3e3):
+        out = run(backend, h, w, b, guide, guidance_scale=0.0, **kw)
+        assert torch.equal(out[0], plain[0])
+        torch.testing.assert_close(out[1], plain[1], rtol=0, atol=0)
+    out = run(backend, bad, w, b, h, guidance_scale=-1.0, **kw)
+    assert torch.equal(out[0], plain[0])
+    ref = sgk.head_sample_reference(h, w, b, bad, guidance_scale=0.0, **kw)
+    assert torch.equal(ref[0], plain[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # Filters and confidences: the row-chunk path
 

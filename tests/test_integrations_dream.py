@@ -431,3 +431,15 @@ def test_greedy_matches_upstream(alg, filt, steps, left_padded):
               **filt)
     torch.testing.assert_close(dream.diffusion_generate(model, ids, **kw), ref, rtol=0, atol=0)
     torch.testing.assert_close(dream.diffusion_generate(model, ids, fused_head=False, **kw), ref, rtol=0, atol=0)
+
+
+def test_numpy_scalars():
+    """numpy integers and floats for steps, temperature, top_k / top_p, eps (issue 22)."""
+    import numpy as np
+
+    model, (ids, am) = _model(), _batch(True)
+    kw = dict(attention_mask=am, max_new_tokens=6, alg="entropy", seed=5)
+    ref = dream.diffusion_generate(model, ids, steps=6, temperature=1.0, top_p=0.9, top_k=7, eps=1e-3, **kw)
+    out = dream.diffusion_generate(model, ids, steps=np.int64(6), temperature=np.float32(1.0),
+                                   top_p=np.float64(0.9), top_k=np.int32(7), eps=np.float64(1e-3), **kw)
+    assert torch.equal(out, ref)

@@ -521,6 +521,66 @@ def test_fused_head_explicit_head_and_eos():
     assert torch.equal(fused, plain) and not bool((fused == llada.EOS_ID).any())
 
 
+def test_fused_head_threads_share_one_model():
+    """Two threads call generate on one LLaDA-shaped model (head inside the base model), interleaved
+    so that B runs a whole call while A is inside its first forward (issue 22: A swapped the head for
+    nn.Identity, so B failed with IndexError). Both get the single-threaded tokens; the model is never
+    changed (same head module, no hook left)."""
+    import threading
+
+    model = TinyHFLM(head_inside=True)
+    head = model.get_output_embeddings()
+    prompt = torch.randint(0, MASK, (2, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(steps=4, gen_length=8, block_length=8, temperature=0.0, mask_id=MASK, seed=3)
+    ref = llada.generate(model, prompt, **kw)
+    a_inside, b_done = threading.Event(), threading.Event()
+    owner = {}
+
+    def gate(module, inputs):  # thread A's first base-model forward waits for B's whole call
+        if threading.get_ident() == owner.get("a") and not a_inside.is_set():
+            a_inside.set()
+            assert b_done.wait(60)
+
+    handle = model.model.register_forward_pre_hook(gate)
+    out, errors = {}, []
+
+    def run(name):
+        try:
+            if name == "a":
+                owner["a"] = threading.get_ident()
+            else:
+                assert a_inside.wait(60)
+            out[name] = llada.generate(model, prompt, **kw)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+        finally:
+            if name == "b":
+                b_done.set()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    handle.remove()
+    assert not errors, errors
+    assert torch.equal(out["a"], ref) and torch.equal(out["b"], ref)
+    assert model.get_output_embeddings() is head and not head._forward_pre_hooks and model.head_calls == 0
+
+
+def test_numpy_scalars():
+    """numpy integers and floats wherever ints and floats are taken (issue 22)."""
+    import numpy as np
+
+    model = TinyHFLM()
+    prompt = torch.randint(0, MASK, (2, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(temperature=0.5, cfg_scale=0.5, mask_id=MASK, seed=3)
+    ref = llada.generate(model, prompt, steps=4, gen_length=8, block_length=4, **kw)
+    kw.update(temperature=np.float32(0.5), cfg_scale=np.float64(0.5), mask_id=np.int64(MASK))
+    out = llada.generate(model, prompt, steps=np.int64(4), gen_length=np.int32(8), block_length=np.int64(4), **kw)
+    assert torch.equal(out, ref)
+
+
 def test_fused_head_refuses_a_bert_style_mlm_head():
     """BertForMaskedLM's head transforms the hidden states (dense, GELU, LayerNorm) before its projection:
     the fused head must fall back to the logits path, not project the base's hidden states directly."""

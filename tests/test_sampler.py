@@ -186,6 +186,8 @@ def test_preset_fields_and_overrides(tiny):
     assert (o.temperature_decay, o.decoded_confidence, o.tie_rule) == ("maskgit", None, "strict_below")
     with pytest.raises(ValueError, match="preset"):
         SelfGuidedSampler(model, guide, preset="muse")
+    with pytest.raises(ValueError, match="preset"):  # issue 22: was "TypeError: unhashable type"
+        SelfGuidedSampler(model, guide, preset=["maskgit"])
     with pytest.raises(ValueError, match="tie_rule"):
         SelfGuidedSampler(model, guide, tie_rule="lowest")
     with pytest.raises(ValueError, match="mask_rounding"):
@@ -220,6 +222,87 @@ def test_modes_restored_and_progress(tiny):
     assert model.training and guide.training
     model.eval()
     guide.eval()
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_step_with_grad_enabled(tiny, fused_head, cfg_scale):
+    """step() outside torch.no_grad(), parameters requiring grad (issue 22: a shape error, TOAST's
+    grad path ignored with_head=False): the tokens of the no_grad call, and no graph."""
+    model, guide = tiny
+    s = SelfGuidedSampler(model, guide, steps=4, cfg_scale=cfg_scale, fused_head=fused_head)
+    tok = torch.full((3, 16), model.config.mask_token_id)
+    tok[:, ::3] = 5
+    masked = tok == model.config.mask_token_id
+    assert torch.is_grad_enabled() and all(p.requires_grad for p in model.parameters())
+    out = s.step(tok, masked, LABELS, 1, 7)
+    with torch.no_grad():
+        ref = s.step(tok, masked, LABELS, 1, 7)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref)) and not any(o.requires_grad for o in out)
+
+
+def test_sampling_never_changes_the_modules_modes(tiny):
+    """Sampling a model in training mode: the mode is never changed (not even during the loop:
+    another thread may be training it) and dropout is off: the tokens of the model in eval mode."""
+    model, guide = tiny
+    cfg = MaskTransformerConfig(**{**TINY, "dropout": 0.5, "attention_dropout": 0.5})
+    m, g = MaskTransformer(cfg).eval(), TOAST(cfg, num_factors=4).eval()
+    m.load_state_dict(model.state_dict())
+    g.load_state_dict(guide.state_dict())
+    s = SelfGuidedSampler(m, g, steps=4)
+    ref = s(LABELS, seed=3)
+    m.train(), g.train()
+    seen = []
+    out = s(LABELS, seed=3, callback=lambda *_: seen.append((m.training, g.training)))
+    assert seen == [(True, True)] * 4 and torch.equal(out, ref)
+
+
+def test_threads_sharing_a_model_in_training_mode(tiny):
+    """Two threads sample with one model in training mode (dropout 0.5), interleaved by events so
+    that thread A finishes while thread B is mid-loop (issue 22: A restored train() under B, whose
+    remaining steps then ran with dropout). Both get the single-threaded tokens."""
+    import threading
+
+    model, guide = tiny
+    cfg = MaskTransformerConfig(**{**TINY, "dropout": 0.5, "attention_dropout": 0.5})
+    m, g = MaskTransformer(cfg).eval(), TOAST(cfg, num_factors=4).eval()
+    m.load_state_dict(model.state_dict())
+    g.load_state_dict(guide.state_dict())
+    ref = {k: SelfGuidedSampler(m, g, steps=4)(LABELS, seed=k) for k in (1, 2)}
+    m.train(), g.train()
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    out, errors = {}, []
+
+    def a_cb(step, *_):
+        if step == 0:
+            a_in.set()
+            assert b_in.wait(60)
+
+    def b_cb(step, *_):
+        if step == 0:
+            b_in.set()
+            assert a_done.wait(60)
+
+    def run(k, cb, start=None, done=None):
+        try:
+            if start is not None:
+                assert start.wait(60)
+            out[k] = SelfGuidedSampler(m, g, steps=4)(LABELS, seed=k, callback=cb)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+        finally:
+            if done is not None:
+                done.set()
+
+    threads = [threading.Thread(target=run, args=(1, a_cb, None, a_done)),
+               threading.Thread(target=run, args=(2, b_cb, a_in))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
+    assert m.training and g.training
 
 
 def test_bad_input(tiny):

@@ -216,6 +216,37 @@ def test_aux_loss_full_vocab_is_the_official_normalisation():
         TrainConfig(ce_vocab="all")
 
 
+def test_aux_loss_full_vocab_fused_head_keeps_loss_and_gradients(monkeypatch):
+    """ce_vocab="full" runs the head's last linear fused with the loss (sgkernels.linear_cross_entropy,
+    only the labelled positions projected): the loss and the guide's gradients are those of the
+    unfused full-vocabulary cross-entropy."""
+    import sgkernels.training.task as task_mod
+
+    calls = []
+    fused_fn = task_mod.linear_cross_entropy
+    monkeypatch.setattr(task_mod, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused_fn(*a, **k))
+    backbone, guide = build()
+    cfg = backbone.config
+    tokens, labels = random_data(cfg, 4, seed=5)
+    c = corrupt(backbone, tokens.reshape(4, -1), labels, generator=torch.Generator().manual_seed(2), sample_seed=2)
+    params = [p for p in guide.parameters() if p.requires_grad]
+    loss, ce, _ = aux_loss(backbone, guide, c.inputs, labels, c.targets)
+    fused = torch.autograd.grad(loss, params, allow_unused=True)
+    assert calls == [1]
+    hidden = backbone(c.inputs, labels, return_hidden=True).hidden_states.detach()
+    out = guide(backbone, hidden, labels, return_layers=True)
+    full = backbone.logits_from_hidden(out.layer_outputs[-1], full_vocab=True)
+    ref_ce = F.cross_entropy(full.reshape(-1, cfg.vocab_size), c.targets.reshape(-1), label_smoothing=0.1)
+    ref = ref_ce + guide.reconstruction_loss(out, 0.1)
+    unfused = torch.autograd.grad(ref, params, allow_unused=True)
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(fused, unfused):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ training
 def test_training_reduces_loss_only_guide_changes_ema_differs(tmp_path):
     backbone, guide = build()
@@ -443,7 +474,9 @@ import sys
 import sgkernels
 assert "sgkernels.training" not in sys.modules, "import sgkernels imported the training package"
 import sgkernels.training as training
-assert sgkernels.train is training and sgkernels.train.aux_loss is training.aux_loss
+assert sgkernels.training is training
+from sgkernels.training import aux_loss  # the one name the docs use (issue 22: no half-working alias)
+assert aux_loss is training.aux_loss and not hasattr(sgkernels, "train")
 assert sgkernels.train_guide is training.train_guide and sgkernels.TrainConfig is training.TrainConfig
 """
 

@@ -26,9 +26,11 @@ KERNELS = {  # every kernel of each module of sgkernels/kernels
     "sampling": ("_sample_rows_kernel", "_remask_kernel", "_philox_words_kernel"),
     "cross_entropy": ("_xent_rows_kernel",),
     "head_sample": ("_head_stats_kernel", "_head_pick_kernel"),
+    "linear_cross_entropy": ("_lce_mm_kernel", "_lce_rows_kernel"),
 }
 N_XENT_CONFIGS = 6
 N_HEAD_CONFIGS = 6
+N_LCE_CONFIGS = 7
 N_REMASK_CONFIGS = 7
 N_SAMPLER_CONFIGS = 15
 
@@ -201,11 +203,35 @@ def _head_configs(H):
     return out
 
 
+def _lce_configs(L):
+    """linear_cross_entropy: the tl.dot GEMM (the logits: bf16/fp16 tensor cores with bias; the
+    gradient GEMMs: float32 G cast to the weight dtype, accumulate into C; float32 IEEE dot) and the
+    rows kernel (plain, label smoothing, conf at T == 1 and T != 1, the gradient with and without the
+    entropy term)."""
+    mm_types = {"c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i64", "stride_ak": "i64",
+                "stride_bk": "i64", "stride_bn": "i64", "stride_cm": "i64", "stride_cn": "i64"}
+    out = []
+    for a_dt, b_dt, bias, acc in (("bf16", "bf16", True, False), ("fp16", "fp16", False, False),
+                                  ("fp32", "bf16", False, True), ("fp32", "fp32", True, True)):
+        types = dict(mm_types, a_ptr=f"*{a_dt}", b_ptr=f"*{b_dt}", bias_ptr=f"*{b_dt}")
+        const = dict(HAS_BIAS=bias, ACC=acc, IEEE=b_dt == "fp32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=32)
+        out.append((f"lce_mm[{a_dt}x{b_dt},bias={bias},acc={acc}]", L._lce_mm_kernel, types, const, 4))
+    rows_types = {"z_ptr": "*fp32", "y_ptr": "*i64", "a_ptr": "*fp32", "c_ptr": "*fp32", "cw_ptr": "*fp32",
+                  "stats_ptr": "*fp32", "V": "i32", "stride_z": "i64", "cw_sum": "fp32", "eps": "fp32", "inv_t": "fp32"}
+    for conf, temp_one, smooth, grad, has_c in ((False, True, False, True, False), (True, False, True, True, True),
+                                                (True, True, False, False, False)):
+        const = dict(CONF=conf, TEMP_ONE=temp_one, SMOOTH=smooth, GRAD=grad, HAS_C=has_c, BLOCK_V=L._TILE_V)
+        out.append((f"lce_rows[conf={conf},t1={temp_one},ls={smooth},grad={grad},c={has_c}]", L._lce_rows_kernel,
+                    rows_types, const, 8))
+    assert len(out) == N_LCE_CONFIGS
+    return out
+
+
 def main(only=()) -> int:
     triton, ASTSource, GPUTarget, S = _load()
     C = _load_module("cross_entropy")
     configs = _sampler_configs(S) + _remask_configs(S) + _philox_configs(S) + _xent_configs(C)
-    configs += _head_configs(_load_module("head_sample"))
+    configs += _head_configs(_load_module("head_sample")) + _lce_configs(_load_module("linear_cross_entropy"))
     assert {fn.__name__ for _, fn, _, _, _ in configs} == {k for ks in KERNELS.values() for k in ks}
     failed = 0
     for name, fn, types, const, num_warps in configs:
@@ -278,7 +304,8 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     ok = [line for line in out.splitlines() if line.startswith("OK ")]
-    assert len(ok) == len(ARCHS) * (N_SAMPLER_CONFIGS + N_REMASK_CONFIGS + 1 + N_XENT_CONFIGS + N_HEAD_CONFIGS), out[-6000:]
+    assert len(ok) == len(ARCHS) * (N_SAMPLER_CONFIGS + N_REMASK_CONFIGS + 1 + N_XENT_CONFIGS + N_HEAD_CONFIGS
+                                     + N_LCE_CONFIGS), out[-6000:]
     for cc in ARCHS:
         assert any(f"sm_{cc} sample_rows" in line for line in ok)
         assert any(f"sm_{cc} remask" in line for line in ok)

@@ -16,7 +16,9 @@
 // the row's Philox uniform u (words w0, w1 of row id, as guided_sample) picks the tile j where the
 // float64 running sum of the rescaled tile sums crosses u * Z_T (two-level inverse CDF); only that
 // tile's logits are computed again (one GEMV of kTileV x d), and the token is the first index whose
-// float64 running sum of exp((g - m_j) / T) crosses the remainder. This is guided_sample's method
+// float64 running sum of exp((g - m'_j) / T) crosses the same fraction of the recomputed tile's sum
+// (m'_j: the recomputed tile's own max; the GEMV may round it an ulp off pass 1's, which at
+// 1/T >= 1e8 would underflow every weight of the tile). This is guided_sample's method
 // (its multi-tile Triton path is the same two levels), so with the same seed the tokens are the
 // same as guided_sample on the materialised logits up to float rounding (the GEMM's summation order).
 // T == 0: the first argmax (no pass 2). logp = g_k - M - log(sum exp(g - M)), untempered.
@@ -131,11 +133,13 @@ std::tuple<at::Tensor, at::Tensor> head_sample_cpu(const at::Tensor& hidden, con
   at::Tensor logp = at::empty({R}, hidden.options().dtype(at::kFloat));
   if (R == 0) return {tokens, logp};
 
-  // h: the blended hidden states in float32, rounded as the reference (sub, mul, add).
+  // h: the blended hidden states in float32, rounded as the reference (sub, mul, add). A term whose
+  // coefficient is 0 is dropped (guided_sample's blend rule): s == 0 is exactly hidden, s == -1
+  // exactly the guide, whatever the other holds.
   at::Tensor h = hidden.to(at::kFloat);
-  if (guide.has_value()) {
+  if (guide.has_value() && guidance_scale != 0.0) {
     const at::Tensor u = guide->to(at::kFloat);
-    h = at::add(u, at::mul(at::sub(h, u), 1.0 + guidance_scale));
+    h = 1.0 + guidance_scale == 0.0 ? u : at::add(u, at::mul(at::sub(h, u), 1.0 + guidance_scale));
   }
   h = h.contiguous();
   at::Tensor b32;
@@ -146,8 +150,10 @@ std::tuple<at::Tensor, at::Tensor> head_sample_cpu(const at::Tensor& hidden, con
 
   const bool greedy = temperature == 0.0;
   const double inv_d = greedy ? 1.0 : 1.0 / temperature;
-  const float inv_t = inv_d > std::numeric_limits<float>::max() ? std::numeric_limits<float>::max()
-                                                                : static_cast<float>(inv_d);
+  // clamped to [FLT_MIN, FLT_MAX] as guided_sample's kernels: a tiny T acts as argmax over the
+  // maxima, a huge T as uniform over the finite entries (never 0 * -inf)
+  const float inv_t = static_cast<float>(std::min<double>(
+      std::max<double>(inv_d, std::numeric_limits<float>::min()), std::numeric_limits<float>::max()));
   const bool temp_one = !greedy && inv_t == 1.0f;
   const SampleKernels& k = SGK_PER_ISA(kSampleKernels);
 
@@ -249,8 +255,10 @@ std::tuple<at::Tensor, at::Tensor> head_sample_cpu(const at::Tensor& hidden, con
         if (before + tw[j] > thr) break;
         before += tw[j];
       }
-      const double sc_j = std::exp((static_cast<double>(tm[j]) - static_cast<double>(M)) * static_cast<double>(inv_t));
-      const double r_loc = (thr - before) / sc_j;
+      // the fraction of tile j's weight below the threshold (in [0, 1]): the recomputed tile is
+      // weighed relative to its own maximum, so the GEMV's rounding (which may move that maximum
+      // off pass 1's m_j by an ulp) never underflows or overflows every weight at a tiny T
+      const double frac = tw[j] > 0.0 ? std::min(1.0, std::max(0.0, (thr - before) / tw[j])) : 0.0;
       // recompute tile j of this row
       const int64_t v0 = j * kTileV, vlen = std::min(kTileV, V - v0), vp = padded_len(vlen);
       float* g = grow(s.g, vp);
@@ -266,10 +274,12 @@ std::tuple<at::Tensor, at::Tensor> head_sample_cpu(const at::Tensor& hidden, con
       if (bp != nullptr)
         for (int64_t v = 0; v < vlen; ++v) g[v] += bp[v0 + v];
       for (int64_t v = vlen; v < vp; ++v) g[v] = -std::numeric_limits<float>::infinity();
+      float m_re = -std::numeric_limits<float>::infinity();
+      for (int64_t v = 0; v < vlen; ++v) m_re = std::max(m_re, g[v]);
       float* e = grow(s.e, vp);
       double* bsum = grow(s.bsum, vp / kBlock);
-      k.exp_blocks(g, vp, tm[j], inv_t, e, bsum);
-      const int64_t kk = cdf_sample(e, bsum, vlen, r_loc);
+      const double z_re = k.exp_blocks(g, vp, m_re, inv_t, e, bsum);
+      const int64_t kk = cdf_sample(e, bsum, vlen, frac * z_re);
       tok_out[r] = v0 + kk;
       logp_out[r] = static_cast<float>(static_cast<double>(g[kk]) - static_cast<double>(M) - log_zu);
     }

@@ -15,8 +15,11 @@ Supported model shapes (anything else falls back to the logits path):
    model, and the model's other children have no parameters (a BERT-style MLM head, with a dense
    transform before the projection, is refused).
 3. A HF model whose base model computes the logits itself (LLaDA's remote code: ``ff_out`` inside
-   ``LLaDAModel``) but that has ``set_output_embeddings``: the head is swapped for ``nn.Identity``
-   during the call, so ``.logits`` holds the last hidden states.
+   ``LLaDAModel``): the model is run until it calls its head, where a forward pre-hook takes the
+   head's input (the last hidden states) and stops the forward, before the ``[B, L, V]`` logits.
+   Nothing of the model is swapped or changed: the hook, registered for the call, acts on the
+   calling thread's forward only, so threads may share one model (issue 22: swapping the head for
+   ``nn.Identity`` during a call broke concurrent calls).
 
 Refused (fallback) when the config scales or caps the logits after the head (``scale_logits``,
 ``final_logit_softcapping``, ``logit_scale``): then the logits are not a linear map of the hidden
@@ -24,8 +27,8 @@ states. The head must be the model's last operation on the logits.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import threading
 
 import torch
 
@@ -36,37 +39,58 @@ _NONLINEAR_LOGIT_FLAGS = ("scale_logits", "final_logit_softcapping", "logit_scal
 class FusedHead:
     """How to get a model's last hidden states and its head: ``hidden(x, *args, **kw)`` -> ``[B, L, d]``."""
 
-    run: object  # callable(x, *args, **kw) -> output (tensor / .last_hidden_state / .logits holding the hidden)
+    run: object  # callable(x, *args, **kw) -> output (tensor / .last_hidden_state), or the whole model (shape 3)
     weight: torch.Tensor
     bias: torch.Tensor | None
-    swap: object = None  # (model, head module) for shape 3
+    capture: torch.nn.Module | None = None  # shape 3: the head module whose input is taken
 
     def hidden(self, x, *args, **kw) -> torch.Tensor:
         """The backbone's last hidden states ``[B, L, d]`` for ``x`` (``args``/``kw``: the model's other inputs)."""
-        ctx = _swapped(*self.swap) if self.swap is not None else contextlib.nullcontext()
-        with ctx:
-            out = self.run(x, *args, **kw)
-        if isinstance(out, torch.Tensor):
-            h = out
-        elif getattr(out, "last_hidden_state", None) is not None:
-            h = out.last_hidden_state
-        elif self.swap is not None:
-            h = out.logits
+        if self.capture is not None:
+            h = _head_input(self.capture, self.run, x, args, kw)
         else:
-            h = out[0]
+            out = self.run(x, *args, **kw)
+            if isinstance(out, torch.Tensor):
+                h = out
+            elif getattr(out, "last_hidden_state", None) is not None:
+                h = out.last_hidden_state
+            else:
+                h = out[0]
         if h.dim() != 3 or h.shape[-1] != self.weight.shape[1]:
             raise ValueError(f"head: the backbone gave hidden states of shape {tuple(h.shape)}, expected "
                              f"[B, L, {self.weight.shape[1]}] (the head's input size)")
         return h
 
 
-@contextlib.contextmanager
-def _swapped(model, head):
-    model.set_output_embeddings(torch.nn.Identity())
+class _HeadInput(Exception):
+    """Raised by :func:`_head_input`'s hook: carries the head's input, stops the forward before the head."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__("the head's input (sgkernels fused head)")
+        self.hidden = hidden
+
+
+def _head_input(head: torch.nn.Module, run, x, args, kw) -> torch.Tensor:
+    """The input of ``head`` during ``run(x, *args, **kw)`` in this thread; the forward stops there.
+
+    A forward pre-hook on ``head`` for the duration of the call: it ignores other threads' calls
+    (they run the head as usual), and is removed afterwards whatever happens.
+    """
+    owner = threading.get_ident()
+
+    def hook(module, inputs):
+        if threading.get_ident() == owner:
+            raise _HeadInput(inputs[0])
+
+    handle = head.register_forward_pre_hook(hook)
     try:
-        yield
+        run(x, *args, **kw)
+    except _HeadInput as stop:
+        return stop.hidden
     finally:
-        model.set_output_embeddings(head)
+        handle.remove()
+    raise ValueError("head: the model returned without calling its output embeddings (get_output_embeddings()); "
+                     "pass head= and the backbone, or fused_head=False")
 
 
 def _linear(head):
@@ -104,6 +128,5 @@ def resolve(model, head=None, fused_head: bool = True) -> FusedHead | None:
         if not any(m is lin for m in model.children()) or any(True for m in others for _ in m.parameters()):
             return None
         return FusedHead(base, lin.weight, lin.bias)
-    if callable(getattr(model, "set_output_embeddings", None)):  # LLaDA: the head is inside the base model
-        return FusedHead(model, lin.weight, lin.bias, swap=(model, lin))
-    return None
+    # LLaDA: the head is inside the base model (its input is taken by a hook, nothing is swapped)
+    return FusedHead(model, lin.weight, lin.bias, capture=lin)

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import types
 import warnings
 from dataclasses import dataclass
@@ -131,25 +132,33 @@ def _check_config(c) -> None:
     if c.alg not in ALGS:
         hint = " (Fast-dLLM's confidence_threshold is not supported)" if c.alg == "confidence_threshold" else ""
         raise ValueError(f"alg: expected one of {ALGS}, got {c.alg!r}{hint}")
-    if isinstance(c.steps, bool) or not isinstance(c.steps, int) or c.steps < 1:
+    # numbers.Integral / numbers.Real: numpy scalars too; normalised to int / float in place
+    if isinstance(c.steps, bool) or not isinstance(c.steps, numbers.Integral) or c.steps < 1:
         raise ValueError(f"steps: expected a positive int, got {c.steps!r}")
+    c.steps = int(c.steps)
     for name in ("temperature", "eps"):
         v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name}: expected a finite float >= 0, got {v!r}")
+        setattr(c, name, float(v))
     if c.eps >= 1:
         raise ValueError(f"eps: expected a float in [0, 1), got {c.eps!r}")
-    if c.alg_temp is not None and (isinstance(c.alg_temp, bool) or not isinstance(c.alg_temp, (int, float))
+    if c.alg_temp is not None and (isinstance(c.alg_temp, bool) or not isinstance(c.alg_temp, numbers.Real)
                                    or not math.isfinite(c.alg_temp) or c.alg_temp < 0):
         raise ValueError(f"alg_temp: expected None or a finite float >= 0, got {c.alg_temp!r}")
-    check_filters(0 if c.top_k is None else c.top_k, 1.0 if c.top_p is None else c.top_p)
+    if c.alg_temp is not None:
+        c.alg_temp = float(c.alg_temp)
+    top_k, top_p, _ = check_filters(0 if c.top_k is None else c.top_k, 1.0 if c.top_p is None else c.top_p)
+    c.top_k, c.top_p = (None if c.top_k is None else top_k), (None if c.top_p is None else top_p)
     n = c.num_return_sequences
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"num_return_sequences: expected a positive int, got {n!r}")
+    c.num_return_sequences = int(n)
     if c.mask_token_id is None:
         raise ValueError("mask_token_id: not set (pass it, or load a model whose config has it)")
-    if isinstance(c.mask_token_id, bool) or not isinstance(c.mask_token_id, int) or c.mask_token_id < 0:
+    if isinstance(c.mask_token_id, bool) or not isinstance(c.mask_token_id, numbers.Integral) or c.mask_token_id < 0:
         raise ValueError(f"mask_token_id: expected an id in the model's vocabulary, got {c.mask_token_id!r}")
+    c.mask_token_id = int(c.mask_token_id)
 
 
 def _prepare_length(model, c, input_len: int, max_length_passed: bool) -> int:

@@ -69,6 +69,7 @@ Return value: the ``[B, l + gen_length]`` tensor, as LLaDA's ``generate``; Fast-
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -217,28 +218,30 @@ def _check_args(prompt, attention_mask, steps, gen_length, block_length, tempera
             raise ValueError(f"attention_mask: expected shape {tuple(prompt.shape)} (the prompt's), "
                              f"got {tuple(attention_mask.shape)}")
     for name, v in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:  # numpy integers too
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    steps, gen_length, block_length = int(steps), int(gen_length), int(block_length)
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
     num_blocks = gen_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks (gen_length // block_length = {num_blocks})")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
+                                             and temperature >= 0):
         raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")
-    if not (isinstance(cfg_scale, (int, float)) and math.isfinite(cfg_scale)):
+    if isinstance(cfg_scale, bool) or not (isinstance(cfg_scale, numbers.Real) and math.isfinite(cfg_scale)):
         raise ValueError(f"cfg_scale: expected a finite float, got {cfg_scale!r}")
     if remasking not in REMASKING:
         raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+    if isinstance(mask_id, bool) or not isinstance(mask_id, numbers.Integral):
         raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
     if mask_id < 0:
         raise ValueError(f"mask_id: expected an id in the model's vocabulary, got {mask_id}")
     _check_flag("logits_eos_inf", logits_eos_inf)
     _check_flag("confidence_eos_eot_inf", confidence_eos_eot_inf)
-    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+    if threshold is not None and not (isinstance(threshold, numbers.Real) and math.isfinite(threshold)):
         raise ValueError(f"threshold: expected a finite float or None, got {threshold!r}")
-    if factor is not None and not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+    if factor is not None and not (isinstance(factor, numbers.Real) and math.isfinite(factor) and factor > 0):
         raise ValueError(f"factor: expected a finite float > 0 or None, got {factor!r}")
     if threshold is not None and factor is not None:
         raise ValueError("threshold, factor: pass one of them, not both")
@@ -358,6 +361,9 @@ def generate(
     """
     num_blocks = _check_args(prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
                              remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, threshold, factor)
+    # numpy scalars (accepted by the checks) as Python numbers from here on
+    steps, gen_length, block_length, mask_id = int(steps), int(gen_length), int(block_length), int(mask_id)
+    temperature, cfg_scale = float(temperature), float(cfg_scale)
     steps_per_block = steps // num_blocks
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int) and mask_id >= vocab:  # checked again on the logits: the config may lack it

@@ -9,7 +9,8 @@ Two launches, no host sync, and never an ``[R, V]`` logits tensor:
 * :func:`_head_pick_kernel`, one program per row: the row's tile statistics -> the tile where the
   float64 running sum of the rescaled tile sums crosses ``uniform * Z`` (the row's Philox uniform,
   words w0, w1 of its row id), then only that tile's logits again (a GEMV of ``BLOCK_V x d``) and the
-  token inside it; ``logp`` untempered. Greedy (T == 0): the first argmax from the statistics alone.
+  token inside it, at the same fraction of the recomputed tile's weight (weighed relative to its own
+  max, so the GEMV's rounding cannot underflow the tile at a tiny T); ``logp`` untempered. Greedy (T == 0): the first argmax from the statistics alone.
 
 This is the two-level inverse CDF of the C++ kernel (csrc/cpu/head_sample.cpp) and of
 guided_sample's multi-tile path, with the same uniform: one seed gives the same tokens on every
@@ -144,7 +145,6 @@ def _head_pick_kernel(
         w0, w1, _w2, _w3 = row_words(seed, offset, row_id)
         uniform = token_uniform(w0, w1)
         if TEMP_ONE:
-            t_scale = scale_u
             w = tu * scale_u
         else:
             t_scale = tl.where(live, tl.exp(dm * inv_temperature), 0.0)
@@ -156,11 +156,12 @@ def _head_pick_kernel(
         last_t = tl.max(tl.where(w > 0.0, tids, 0), axis=0)
         j = tl.minimum(j, last_t)
         before = tl.sum(tl.where(tids == j - 1, cdf_t, 0.0), axis=0)
-        sc_j = tl.sum(tl.where(tids == j, t_scale, 0.0), axis=0)
-        sc_j = tl.where(sc_j > 0.0, sc_j, 1.0)
-        m_j = tl.sum(tl.where(tids == j, tm, 0.0), axis=0)
-        m_j = tl.where(bad | (m_j == NEG_INF), 0.0, m_j)
-        r_loc = (thr - before) / sc_j
+        w_j = tl.sum(tl.where(tids == j, w, 0.0), axis=0)
+        # the fraction of tile j's weight below the threshold: the recomputed tile is weighed relative
+        # to its own max (the GEMV may round it an ulp off pass 1's, which at 1/T >= 1e8 would
+        # underflow every weight of the tile)
+        frac = tl.where(w_j > 0.0, (thr - before) / tl.where(w_j > 0.0, w_j, 1.0), 0.0)
+        frac = tl.minimum(tl.maximum(frac, 0.0), 1.0)
         # tile j of this row again: a GEMV
         cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = (cols < V) & (~bad)
@@ -177,14 +178,16 @@ def _head_pick_kernel(
         if HAS_BIAS:
             acc = acc + tl.load(b_ptr + cols64, mask=col_ok, other=0.0)
         g = tl.where(col_ok, acc, NEG_INF)
-        d = g - m_j
+        m_re = tl.max(g, axis=0)
+        m_re = tl.where(bad | (m_re == NEG_INF) | (m_re != m_re), 0.0, m_re)
+        d = g - m_re
         if TEMP_ONE:
             e = tl.exp(d)
         else:
             e = tl.exp(d * inv_temperature)
         cdf = tl.cumsum(e.to(tl.float64), axis=0)
         lanes = tl.arange(0, BLOCK_V)
-        k = tl.sum((cdf <= r_loc).to(tl.int32), axis=0)
+        k = tl.sum((cdf <= frac * tl.max(cdf, axis=0)).to(tl.int32), axis=0)
         last_nz = tl.max(tl.where(e > 0.0, lanes, 0), axis=0)
         k = tl.minimum(k, last_nz)
         tok = j * BLOCK_V + k
@@ -216,9 +219,9 @@ def head_sample_triton(hidden, weight, bias, guide_hidden, row_ids, guidance_sca
     if R == 0:
         return tokens, logp
     h = hidden.float()
-    if guide_hidden is not None:
+    if guide_hidden is not None and guidance_scale != 0.0:  # a 0 coefficient drops its term (the blend rule)
         u = guide_hidden.float()
-        h = u + (1.0 + guidance_scale) * (h - u)
+        h = u if 1.0 + guidance_scale == 0.0 else u + (1.0 + guidance_scale) * (h - u)
     interp = interpreted(_head_stats_kernel)
     w = weight
     if interp or w.dtype == torch.float32:
@@ -236,7 +239,9 @@ def head_sample_triton(hidden, weight, bias, guide_hidden, row_ids, guidance_sca
     if interp:
         block_k = 16
     greedy = temperature == 0.0
-    inv_t = 1.0 if greedy else min(1.0 / temperature, 3.4028234663852886e38)
+    # clamped to [FLT_MIN, FLT_MAX] as guided_sample's kernels (a tiny T: argmax over the maxima;
+    # a huge T: uniform over the finite entries, never 0 * -inf)
+    inv_t = 1.0 if greedy else min(max(1.0 / temperature, 1.1754943508222875e-38), 3.4028234663852886e38)
     temp_one = (not greedy) and inv_t == 1.0
     tmax = torch.empty(R, n_tiles, dtype=torch.float32, device=dev)
     usum = torch.empty(R, n_tiles, dtype=torch.float64, device=dev)

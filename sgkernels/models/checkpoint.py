@@ -36,6 +36,7 @@ from .._io import (
     WEIGHT_EXTENSIONS,
     _umask,
     atomic_write,
+    cast_weights,
     check_state_dict,
     fsync_dir,
     read_weights,
@@ -171,8 +172,11 @@ def read_config(directory: str | os.PathLike) -> dict:
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"not a checkpoint directory (no {CONFIG_NAME}): {os.fspath(directory)}")
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{path}: not an sgkernels.models checkpoint config")
     if config.get("version") != VERSION:
@@ -182,11 +186,23 @@ def read_config(directory: str | os.PathLike) -> dict:
     for key in ("model", "guide"):
         if key not in config:
             raise ValueError(f"{path}: missing field {key!r}")
+        if not isinstance(config[key], dict) and not (key == "guide" and config[key] is None):
+            expected = "a JSON object" + (" or null" if key == "guide" else "")
+            raise ValueError(f"{path}: {key}: expected {expected}, got {json.dumps(config[key])[:40]}")
     return config
 
 
+def _config(cls, d: dict, path: str, key: str):
+    """``cls.from_dict(d)``, its errors (unknown fields, bad values) named by file and key."""
+    try:
+        return cls.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {key}: {e}") from None
+
+
 def _build(cls, config, state: dict, what: str):
-    with torch.device("meta"):
+    state = cast_weights(state, what)
+    with torch.device("meta"):  # config sizes are bounded (sgkernels._dataclass): a quick build
         module = cls(config)
     check_state_dict(module, state, what)
     module.load_state_dict(state, strict=True, assign=True)
@@ -198,13 +214,17 @@ def load_checkpoint(directory: str | os.PathLike, *, map_location="cpu") -> tupl
     directory = os.fspath(directory)
     config = read_config(directory)
     fmt, ext = config["weights"], WEIGHT_EXTENSIONS[config["weights"]]
-    model_cfg = MaskTransformerConfig.from_dict(config["model"])
+    config_path = os.path.join(directory, CONFIG_NAME)
+    model_cfg = _config(MaskTransformerConfig, config["model"], config_path, "model")
+    guide_cfg = None if config["guide"] is None else _config(TOASTConfig, config["guide"], config_path, "guide")
+    if guide_cfg is not None:  # both configs checked before anything is read or built
+        diff = [f for f in TOASTConfig.BACKBONE_FIELDS if getattr(guide_cfg, f) != getattr(model_cfg, f)]
+        if diff:
+            raise ValueError(f"{config_path}: guide: {', '.join(diff)} differ from the model's")
     model = _build(MaskTransformer, model_cfg, read_weights(os.path.join(directory, "model" + ext), fmt, map_location),
                    f"{directory}/model{ext}").eval()
     guide = None
-    if config["guide"] is not None:
-        guide_cfg = TOASTConfig.from_dict(config["guide"])
+    if guide_cfg is not None:
         guide = _build(TOAST, guide_cfg, read_weights(os.path.join(directory, "guide" + ext), fmt, map_location),
                        f"{directory}/guide{ext}").eval()
-        guide.check_backbone(model)
     return model, guide

@@ -25,7 +25,8 @@ import os
 
 import torch
 
-from .._io import check_finite
+from .. import _dataclass
+from .._io import cast_weights, check_finite, first_line
 from .checkpoint import FORMAT as SGKERNELS_FORMAT
 from .checkpoint import load_checkpoint, recover
 from .open_muse import backbone_key_map, convert_backbone, convert_toast, toast_key_map
@@ -127,7 +128,7 @@ def read_weights(path: str, map_location="cpu") -> dict[str, torch.Tensor]:
     except ImportError:
         raise CheckpointError(f"{path}: a safetensors file: install safetensors to read it") from None
     except Exception as e:  # torch / safetensors raise many kinds on a corrupt or foreign file
-        raise CheckpointError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: cannot be read as weights ({first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
@@ -150,10 +151,18 @@ def check_keys(state: dict, expected, path: str, extra_ok=()) -> None:
         raise CheckpointError(f"{path}: unexpected key {listed(unexpected)}")
 
 
+# Sane upper bounds of the official config's sizes (sgkernels._dataclass): checked before anything is built.
+_MAX = {"vocab_size": 3 * _dataclass.MAX_VOCAB, "hidden_size": _dataclass.MAX_WIDTH, "num_hidden_layers": _dataclass.MAX_DEPTH,
+        "num_attention_heads": _dataclass.MAX_WIDTH, "intermediate_size": _dataclass.MAX_MLP,
+        "codebook_size": _dataclass.MAX_VOCAB, "num_classes": _dataclass.MAX_VOCAB, "num_vq_tokens": _dataclass.MAX_TOKENS,
+        "max_position_embeddings": _dataclass.MAX_TOKENS + 1, "tg_factor": _dataclass.MAX_FACTORS}
+
+
 def _int(config: dict, key: str, default, path: str) -> int:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CheckpointError(f"{path}: {key} = {value!r}, expected a positive integer")
+    maximum = _MAX.get(key, 1 << 62)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise CheckpointError(f"{path}: {key} = {value!r}, expected an integer in [1, {maximum}]")
     return value
 
 
@@ -181,9 +190,11 @@ def open_muse_configs(config: dict, path: str) -> tuple[MaskTransformerConfig, T
             continue
         if field in ("dropout", "attention_dropout", "layer_norm_eps"):
             value = config.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise CheckpointError(f"{path}: {key} = {value!r}, expected a number")
-            fields[field] = float(value)
+            low_open, high_open = (True, False) if field == "layer_norm_eps" else (False, True)
+            try:
+                fields[field] = _dataclass.check_real(key, value, 0.0, 1.0, low_open=low_open, high_open=high_open)
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: {e}") from None
         else:
             fields[field] = _int(config, key, default, path)
     vocab = _int(config, "vocab_size", None, path)
@@ -229,6 +240,7 @@ def load_open_muse(directory: str, *, map_location="cpu") -> tuple[MaskTransform
     if toast_config is not None:
         expected += list(toast_key_map(toast_config.depth))
     check_keys(state, expected, path)
+    state = cast_weights(state, path, CheckpointError)
     check_finite(state, path, CheckpointError)
     try:
         model = _build(MaskTransformer, model_config, convert_backbone(state, model_config))
@@ -260,7 +272,7 @@ def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, *,
     if config.get("format") == SGKERNELS_FORMAT:
         try:
             return load_checkpoint(directory, map_location=map_location)
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, TypeError, ValueError) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise CheckpointError(message) from None
     return load_open_muse(directory, map_location=map_location)

@@ -45,10 +45,12 @@ class TOASTConfig:
     BACKBONE_FIELDS = ("width", "depth", "num_classes", "codebook_size")
 
     def __post_init__(self):
-        for name in ("width", "depth", "num_classes", "codebook_size", "num_factors"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        bounds = dict(width=_dataclass.MAX_WIDTH, depth=_dataclass.MAX_DEPTH, num_classes=_dataclass.MAX_VOCAB,
+                      codebook_size=_dataclass.MAX_VOCAB, num_factors=_dataclass.MAX_FACTORS)
+        for name, maximum in bounds.items():  # sane bounds: checked before any module is built
+            _dataclass.check_int(name, getattr(self, name), maximum)
+        object.__setattr__(self, "anchor_norm_eps",
+                           _dataclass.check_real("anchor_norm_eps", self.anchor_norm_eps, 0.0, 1.0, low_open=True))
 
     @classmethod
     def for_backbone(cls, config: MaskTransformerConfig, num_factors: int = 16, **kw) -> "TOASTConfig":
@@ -150,7 +152,11 @@ class TOAST(nn.Module):
         *,
         return_layers: bool = False,
         with_head: bool = True,
+        dropout: bool = True,
     ):
+        """``with_head=False``: pass 2's last hidden states ``[B, N+1, d]`` instead of the logits (on
+        every path, grad-enabled included); ``dropout=False``: the backbone's pass 2 without dropout
+        even in training mode (its mode is left alone)."""
         self.check_backbone(backbone)
         cfg = backbone.config
         if hidden_states.dim() != 3 or hidden_states.shape[1:] != (cfg.seq_len, cfg.width):
@@ -170,10 +176,13 @@ class TOAST(nn.Module):
         blank = torch.full((b, cfg.seq_len), cfg.mask_token_id, dtype=torch.int64, device=hidden_states.device)
         if torch.is_grad_enabled() and any(p.requires_grad for p in backbone.parameters()):
             # Frozen backbone without touching the caller's requires_grad flags.
-            return _forward_ids_detached(backbone, blank, value_feedbacks, return_layers)
+            out = _forward_ids_detached(backbone, blank, value_feedbacks, return_layers, with_head, dropout)
+        else:
+            out = backbone.forward_ids(blank, value_feedbacks=value_feedbacks, return_layers=return_layers,
+                                       with_head=with_head, dropout=dropout)
         if not with_head:  # the guide's last hidden states only (the sampler's fused head path)
-            return backbone.forward_ids(blank, value_feedbacks=value_feedbacks, with_head=False).hidden_states
-        return backbone.forward_ids(blank, value_feedbacks=value_feedbacks, return_layers=return_layers)
+            return out.hidden_states
+        return out
 
     def reconstruction_loss(self, output: TransformerOutput, weight: float = 0.1) -> torch.Tensor:
         """TOAST's term ``weight * sum_l MSE(A_l(out_l.detach()), in_l.detach())`` over pass 2's layers."""
@@ -195,12 +204,14 @@ def toast_param_count(config: TOASTConfig) -> int:
     return d * f + c * d * f + f + 2 * d + d * d + d + d * d + 2 * L * d * d
 
 
-def _forward_ids_detached(backbone: MaskTransformer, ids, value_feedbacks, return_layers):
+def _forward_ids_detached(backbone: MaskTransformer, ids, value_feedbacks, return_layers, with_head=True,
+                          dropout=True):
     """``backbone.forward_ids`` on detached parameters (no gradient reaches the backbone)."""
     state = {f"m.{k}": v.detach() for k, v in backbone.named_parameters()}
     state.update({f"m.{k}": v for k, v in backbone.named_buffers()})
     return torch.func.functional_call(_ForwardIds(backbone), state, (ids,),
-                                      {"value_feedbacks": value_feedbacks, "return_layers": return_layers})
+                                      {"value_feedbacks": value_feedbacks, "return_layers": return_layers,
+                                       "with_head": with_head, "dropout": dropout})
 
 
 class _ForwardIds(nn.Module):
@@ -208,8 +219,9 @@ class _ForwardIds(nn.Module):
         super().__init__()
         self.m = m
 
-    def forward(self, ids, *, value_feedbacks, return_layers):
-        return self.m.forward_ids(ids, value_feedbacks=value_feedbacks, return_layers=return_layers)
+    def forward(self, ids, *, value_feedbacks, return_layers, with_head, dropout):
+        return self.m.forward_ids(ids, value_feedbacks=value_feedbacks, return_layers=return_layers,
+                                  with_head=with_head, dropout=dropout)
 
 
 def check_model_and_guide(model, guide) -> None:

@@ -71,12 +71,15 @@ class MaskTransformerConfig:
             if len(grid) != 2:
                 raise ValueError(f"grid_size: expected an int or (height, width), got {self.grid_size!r}")
             object.__setattr__(self, "grid_size", grid)
-        for name in ("codebook_size", "num_classes", "width", "depth", "heads", "mlp_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if min(self.grid_hw) < 1:
-            raise ValueError(f"grid_size: expected positive sizes, got {self.grid_size!r}")
+        # sizes within sane bounds (sgkernels._dataclass): a config.json is checked before any module is built
+        bounds = dict(codebook_size=_dataclass.MAX_VOCAB, num_classes=_dataclass.MAX_VOCAB, width=_dataclass.MAX_WIDTH,
+                      depth=_dataclass.MAX_DEPTH, heads=_dataclass.MAX_WIDTH, mlp_dim=_dataclass.MAX_MLP)
+        for name, maximum in bounds.items():
+            _dataclass.check_int(name, getattr(self, name), maximum)
+        for g in self.grid_hw:
+            _dataclass.check_int("grid_size", g, _dataclass.MAX_TOKENS)
+        if self.num_tokens > _dataclass.MAX_TOKENS:
+            raise ValueError(f"grid_size: expected at most {_dataclass.MAX_TOKENS} tokens, got {self.grid_size!r}")
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         if self.norm not in NORMS:
@@ -84,8 +87,10 @@ class MaskTransformerConfig:
         if self.gelu not in GELUS:
             raise ValueError(f"gelu must be one of {GELUS}, got {self.gelu!r}")
         for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, _dataclass.check_real(name, getattr(self, name), 0.0, 1.0, high_open=True))
+        # eps > 0: a negative eps loads and then gives NaN logits at sampling (issue 22)
+        object.__setattr__(self, "layer_norm_eps",
+                           _dataclass.check_real("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, low_open=True))
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -162,17 +167,21 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(d, eps=eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.mlp_out(F.gelu(self.mlp_in(h), approximate=self.gelu_approximate)))
+    def _drop(self, x: torch.Tensor, dropout: bool) -> torch.Tensor:
+        return self.dropout(x) if dropout else x
 
-    def forward(self, h: torch.Tensor, value_feedback: torch.Tensor | None = None) -> torch.Tensor:
+    def _mlp(self, h: torch.Tensor, dropout: bool) -> torch.Tensor:
+        return self._drop(self.mlp_out(F.gelu(self.mlp_in(h), approximate=self.gelu_approximate)), dropout)
+
+    def forward(self, h: torch.Tensor, value_feedback: torch.Tensor | None = None, *, dropout: bool = True) -> torch.Tensor:
+        """``dropout=False``: no dropout even in training mode (the module's mode is left alone)."""
         if self.norm == "post":
-            h = self.attention_norm(h + self.dropout(self.attention(h, value_feedback)))
-            return self.mlp_norm(h + self._mlp(h))
+            h = self.attention_norm(h + self._drop(self.attention(h, value_feedback, dropout=dropout), dropout))
+            return self.mlp_norm(h + self._mlp(h, dropout))
         # Pre-LN: the value feedback is added un-normalised through the value projection.
         x = self.attention_norm(h)
-        h = h + self.dropout(self.attention(x, value_feedback))
-        return h + self._mlp(self.mlp_norm(h))
+        h = h + self._drop(self.attention(x, value_feedback, dropout=dropout), dropout)
+        return h + self._mlp(self.mlp_norm(h), dropout)
 
 
 class MaskTransformer(nn.Module):
@@ -186,7 +195,9 @@ class MaskTransformer(nn.Module):
     * ``value_feedbacks``: None, or a sequence of ``depth`` tensors ``[B, N+1, d]`` (or None entries), added
       to each layer's values through its own value projection;
     * returns logits ``[B, N, K]``, or a :class:`TransformerOutput` when ``return_hidden`` or
-      ``return_layers`` is set.
+      ``return_layers`` is set;
+    * ``dropout=False``: no dropout even in training mode, without changing the module's mode (the
+      sampler passes it: several threads may share one model, whatever mode it is in).
     """
 
     def __init__(self, config: MaskTransformerConfig):
@@ -257,9 +268,10 @@ class MaskTransformer(nn.Module):
         return torch.cat([cls_ids, tokens], dim=1)
 
     # -- forward ------------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, *, dropout: bool = True) -> torch.Tensor:
         pos = self.position_embeddings.weight[: input_ids.shape[1]]
-        return self.embedding_dropout(self.embedding_norm(self.word_embeddings(input_ids) + pos))
+        h = self.embedding_norm(self.word_embeddings(input_ids) + pos)
+        return self.embedding_dropout(h) if dropout else h
 
     def forward_ids(
         self,
@@ -269,6 +281,7 @@ class MaskTransformer(nn.Module):
         return_hidden: bool = False,
         return_layers: bool = False,
         with_head: bool = True,
+        dropout: bool = True,
     ):
         """As :meth:`forward` on prepared ids ``[B, N+1]`` (see :meth:`input_ids`).
 
@@ -281,13 +294,13 @@ class MaskTransformer(nn.Module):
         if value_feedbacks is not None and len(value_feedbacks) != cfg.depth:
             raise ValueError(f"value_feedbacks: expected {cfg.depth} entries (one per layer), "
                              f"got {len(value_feedbacks)}")
-        h = self.embed(input_ids)
+        h = self.embed(input_ids, dropout=dropout)
         ins: list[torch.Tensor] | None = [] if return_layers else None
         outs: list[torch.Tensor] | None = [] if return_layers else None
         for i, block in enumerate(self.blocks):
             if ins is not None:
                 ins.append(h)
-            h = block(h, None if value_feedbacks is None else value_feedbacks[i])
+            h = block(h, None if value_feedbacks is None else value_feedbacks[i], dropout=dropout)
             if outs is not None:
                 outs.append(h)
         if not with_head:  # the caller projects (sgkernels.head_sample): no logits
@@ -331,10 +344,11 @@ class MaskTransformer(nn.Module):
         return_hidden: bool = False,
         return_layers: bool = False,
         with_head: bool = True,
+        dropout: bool = True,
     ):
         return self.forward_ids(
             self.input_ids(tokens, class_labels), value_feedbacks=value_feedbacks, return_hidden=return_hidden,
-            return_layers=return_layers, with_head=with_head,
+            return_layers=return_layers, with_head=with_head, dropout=dropout,
         )
 
     def num_parameters(self) -> int:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _dataclass
-from .._io import check_finite
+from .._io import cast_weights, check_finite
 from ..nn.vector_quantizer import VectorQuantizer
 from ..ops import vq_lookup
 from .pretrained import CONFIG_NAME, CheckpointError, check_keys, folder, read_config, read_weights, weights_file
@@ -69,21 +69,27 @@ class MaskGitVQGANConfig:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise ValueError(f"{name}: expected a list of integers, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult: expected positive integers, got {list(self.channel_mult)}")
-        for name in ("resolution", "num_channels", "hidden_channels", "num_res_blocks", "z_channels",
-                     "num_embeddings", "quantized_embed_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not self.channel_mult or min(self.channel_mult) < 1 or len(self.channel_mult) > _dataclass.MAX_LEVELS:
+            raise ValueError(f"channel_mult: expected 1 to {_dataclass.MAX_LEVELS} positive integers, "
+                             f"got {list(self.channel_mult)[:20]}")
+        # sizes within sane bounds (sgkernels._dataclass): a config.json is checked before any module is built
+        bounds = dict(resolution=_dataclass.MAX_RESOLUTION, num_channels=_dataclass.MAX_WIDTH,
+                      hidden_channels=_dataclass.MAX_WIDTH, num_res_blocks=_dataclass.MAX_BLOCKS,
+                      z_channels=_dataclass.MAX_WIDTH, num_embeddings=_dataclass.MAX_VOCAB,
+                      quantized_embed_dim=_dataclass.MAX_WIDTH)
+        for name, maximum in bounds.items():
+            _dataclass.check_int(name, getattr(self, name), maximum)
         widths = [self.hidden_channels * m for m in self.channel_mult]
+        if max(widths) > _dataclass.MAX_WIDTH:
+            raise ValueError(f"hidden_channels * channel_mult = {widths}: expected widths of at most {_dataclass.MAX_WIDTH}")
         if any(w % 32 for w in widths):
             raise ValueError(f"hidden_channels * channel_mult = {widths}: every width must be a multiple of 32 "
                              "(GroupNorm with 32 groups)")
         if self.z_channels != self.quantized_embed_dim:
             raise ValueError(f"z_channels ({self.z_channels}) must equal quantized_embed_dim ({self.quantized_embed_dim})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", _dataclass.check_real("dropout", self.dropout, 0.0, 1.0, high_open=True))
+        object.__setattr__(self, "commitment_cost",
+                           _dataclass.check_real("commitment_cost", self.commitment_cost, 0.0, 1e6))
 
     @property
     def downsample_factor(self) -> int:
@@ -295,6 +301,7 @@ class MaskGitVQGAN(nn.Module):
             if tuple(state[key].shape) != shape:
                 raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {shape} "
                                       f"from {CONFIG_NAME}")
+        state = cast_weights(state, path, CheckpointError)
         check_finite(state, path, CheckpointError)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()

@@ -54,9 +54,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 class SelfAttention(nn.Module):
     """Multi-head self-attention (query/key/value/out projections with biases).
 
-    ``forward(h, value_feedback=None)``: with ``value_feedback`` ``f`` (same shape as ``h``) the values are
-    ``value(h) + value(f)`` (the bias enters twice, as in the official TOAST code); ``None`` is the
-    ordinary layer.
+    ``forward(h, value_feedback=None, *, dropout=True)``: with ``value_feedback`` ``f`` (same shape as
+    ``h``) the values are ``value(h) + value(f)`` (the bias enters twice, as in the official TOAST
+    code); ``None`` is the ordinary layer. ``dropout=False``: no attention dropout even in training
+    mode (as in eval mode, without changing the module's mode: what a sampler sharing the module
+    with other threads needs).
     """
 
     def __init__(self, width: int, heads: int, attention_dropout: float = 0.0, bias: bool = True):
@@ -71,7 +73,7 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(width, width, bias=bias)
         self.out = nn.Linear(width, width, bias=bias)
 
-    def forward(self, h: torch.Tensor, value_feedback: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, value_feedback: torch.Tensor | None = None, *, dropout: bool = True) -> torch.Tensor:
         b, t, _ = h.shape
         shape = (b, t, self.heads, self.width // self.heads)
         q = self.query(h).view(shape)
@@ -79,6 +81,6 @@ class SelfAttention(nn.Module):
         v = self.value(h)
         if value_feedback is not None:
             v = v + self.value(value_feedback)
-        p = self.attention_dropout if self.training else 0.0
+        p = self.attention_dropout if (self.training and dropout) else 0.0
         out = attention(q, k, v.view(shape), dropout_p=p)
         return self.out(out.reshape(b, t, self.width))

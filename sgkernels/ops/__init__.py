@@ -3,6 +3,7 @@ from ._status import check_errors
 from .cross_entropy import cross_entropy_reference, fused_cross_entropy
 from .guided_sample import guided_sample, guided_sample_reference
 from .head_sample import head_sample, head_sample_reference
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .remask import remask_lowest_confidence, remask_reference
 from .self_guided_step import self_guided_step, self_guided_step_reference
 from .vq_lookup import vq_lookup, vq_lookup_reference
@@ -15,6 +16,8 @@ __all__ = [
     "guided_sample_reference",
     "head_sample",
     "head_sample_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "remask_lowest_confidence",
     "remask_reference",
     "self_guided_step",

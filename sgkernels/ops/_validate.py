@@ -113,12 +113,14 @@ def check_filters(top_k=0, top_p=1.0, min_p=0.0) -> tuple[int, float, float]:
 
     ``top_k``: int >= 0 (0 = off); ``top_p``: float in (0, 1] (1 = off); ``min_p``: float in [0, 1] (0 = off).
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+    # numbers.Integral / numbers.Real: numpy scalars too (np.int64, np.float32, ...)
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise TypeError(f"top_k: expected an int >= 0 (0 = off), got {type(top_k).__name__}")
+    top_k = int(top_k)
     if top_k < 0:
         raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {top_k}")
     for name, value in (("top_p", top_p), ("min_p", min_p)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     top_p, min_p = float(top_p), float(min_p)
     if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):

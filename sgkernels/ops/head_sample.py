@@ -46,12 +46,19 @@ _BAD_ROW = "logits: a sampled row had NaN or +inf logits (hidden @ weight.T + bi
 
 
 def blend_hidden(hidden: torch.Tensor, guide_hidden: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-    """``guide + (1 + s) * (hidden - guide)`` in float32 (``hidden`` as float32 without a guide)."""
-    h = hidden.float()
-    if guide_hidden is None:
-        return h
-    u = guide_hidden.float()
-    return u + (1.0 + guidance_scale) * (h - u)
+    """``guide + (1 + s) * (hidden - guide)`` in float32 (``hidden`` as float32 without a guide).
+
+    A term whose coefficient is 0 is dropped, as guided_sample's blend rule: ``s == 0`` gives
+    exactly ``hidden`` and ``s == -1`` exactly ``guide`` (a NaN, inf or distant value in the dropped
+    term has no effect, and no cancellation rounds the kept one). float64 inputs stay float64.
+    """
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if guide_hidden is None or guidance_scale == 0.0:
+        return hidden.to(dtype)
+    u = guide_hidden.to(dtype)
+    if 1.0 + guidance_scale == 0.0:
+        return u
+    return u + (1.0 + guidance_scale) * (hidden.to(dtype) - u)
 
 
 def _row_ids(rows, lead: torch.Size, n: int, device: torch.device):
@@ -180,8 +187,11 @@ def head_sample(
         weight: ``[V, d]`` the head's weight (``nn.Linear(d, V).weight``), same device, float dtype.
         bias: ``[V]`` or None. ``-inf`` entries forbid their tokens.
         guide_hidden: ``[..., d]`` like ``hidden`` (guide / unconditional branch), or None.
-        guidance_scale: s, any finite float.
-        temperature: >= 0.
+        guidance_scale: s, any finite float. A term whose coefficient is 0 is not read (guided_sample's
+            blend rule): s = 0 ignores ``guide_hidden`` (NaN or inf there changes nothing), s = -1
+            ignores ``hidden``.
+        temperature: >= 0 (below ``1 / FLT_MAX``: argmax over the maxima; above ``1 / FLT_MIN``:
+            uniform over the finite logits, as guided_sample).
         top_k: int >= 0, 0 = off. top_p: float in (0, 1], 1 = off. min_p: float in [0, 1], 0 = off.
             guided_sample's filters of ``softmax(logits / temperature)`` (:mod:`sgkernels.ops.filters`).
         confidence: None (two outputs), or ``"logp" | "prob" | "margin" | "entropy"``: also return
@@ -197,6 +207,12 @@ def head_sample(
     Returns:
         ``tokens`` int64 and ``logp`` float32 (untempered, unfiltered), and with ``confidence`` given
         ``conf`` float32, shaped as described under ``rows`` (conf 0 on the rows a mask leaves out).
+    Autograd: ``logp`` is differentiable with respect to ``hidden``, ``guide_hidden``, ``weight`` and
+        ``bias`` on every backend (tokens and ``conf`` are not): with ``D = onehot(token) -
+        softmax(logits)`` per selected row, ``d blend = D @ W`` (times ``1 + s`` for ``hidden``, ``-s``
+        for ``guide_hidden``; a coefficient of 0 gives a zero gradient), ``d W = D^T @ blend``,
+        ``d b = sum D``. The backward recomputes the logits ``_CHUNK_BYTES`` worth of rows at a time
+        (never all ``[R, V]`` at once); rows outside ``rows`` get a zero gradient.
     Raises:
         TypeError/ValueError on bad arguments. A selected row whose logits have NaN/+inf (non-finite
         hidden states or weights) or are all -inf raises ValueError at once on CPU; on CUDA it sets the
@@ -212,6 +228,10 @@ def head_sample(
     lead = hidden.shape[:-1]
     n = lead.numel()
     _validate.check_rows(rows, lead, hidden.device)
+    if _logp_needs_grad(hidden, guide_hidden, weight, bias):  # autograd: see the end of this module
+        return _head_sample_with_grad(hidden, weight, bias, guide_hidden, rows, guidance_scale=guidance_scale,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                      confidence=confidence, seed=seed, offset=offset)
     impl = choose_impl(hidden.device)
     if impl == "torch":
         return head_sample_reference(
@@ -244,3 +264,104 @@ def _head_sample_fake(hidden, weight, bias, guide_hidden, row_ids, guidance_scal
 
 
 register_triton_cuda("head_sample", "head_sample", "head_sample_triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd of logp (as guided_sample's: the op mutates its status word, so the wrapper samples
+# without grad and attaches the gradient with this Function). The backward recomputes the logits
+# of the selected rows one row chunk at a time: at most _CHUNK_BYTES of float32 logits (and their
+# float64 softmax) exist at once, and a 16-bit weight is upcast _W_TILE_BYTES at a time.
+# ----------------------------------------------------------------------------------------------
+def _logp_needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _head_sample_with_grad(hidden, weight, bias, guide_hidden, rows, **kw):
+    """head_sample's outputs, sampled without grad; ``logp`` then carries :class:`_HeadLogpGrad`."""
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    with torch.no_grad():
+        out = head_sample(hidden.detach(), weight.detach(), detach(bias), detach(guide_hidden), rows=rows, **kw)
+    tokens, logp = out[0], out[1]
+    n = hidden.shape[:-1].numel()
+    if rows is None or rows.dtype == torch.bool:  # outputs shaped like hidden's leading dims
+        sel = torch.arange(n, device=hidden.device)
+    else:
+        sel = rows.to(torch.int64)
+    logp = _HeadLogpGrad.apply(logp, tokens, sel, kw["guidance_scale"], hidden, guide_hidden, weight, bias)
+    return (tokens, logp) + tuple(out[2:])
+
+
+def _blend_coefficients(has_guide: bool, s: float) -> tuple[float, float]:
+    """``(c_h, c_u)``: the blend is ``c_h * hidden + c_u * guide`` (blend_hidden's dropped terms: 0)."""
+    if not has_guide or s == 0.0:
+        return 1.0, 0.0
+    if 1.0 + s == 0.0:
+        return 0.0, 1.0
+    return 1.0 + s, -s
+
+
+class _HeadLogpGrad(torch.autograd.Function):
+    """Identity on ``logp``; backward: ``d logp`` w.r.t. ``hidden``, ``guide``, ``weight``, ``bias``.
+
+    ``logp``, ``tokens`` and ``sel`` share one shape: ``sel`` the row of ``hidden``'s flattened
+    leading dims of each output, ``tokens`` -1 where no row was decoded (no gradient there).
+    float64 inputs are differentiated in float64 (gradcheck), the others in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, logp, tokens, sel, guidance_scale, hidden, guide, weight, bias):
+        ctx.guidance_scale = guidance_scale
+        ctx.has_guide, ctx.has_bias = guide is not None, bias is not None
+        ctx.save_for_backward(tokens, sel, hidden, guide if ctx.has_guide else hidden, weight,
+                              bias if ctx.has_bias else weight)
+        return logp.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        tokens, sel, hidden, guide, weight, bias = ctx.saved_tensors
+        guide = guide if ctx.has_guide else None
+        bias = bias if ctx.has_bias else None
+        s = ctx.guidance_scale
+        need_h, need_u, need_w, need_b = (ctx.needs_input_grad[i] for i in (4, 5, 6, 7))
+        ct = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+        vocab, d = weight.shape
+        h2 = hidden.reshape(-1, d)
+        u2 = None if guide is None else guide.reshape(-1, d)
+        tok, rid, gl = tokens.reshape(-1), sel.reshape(-1), grad_logp.reshape(-1)
+        keep = (tok >= 0).nonzero().squeeze(1)
+        tok, rid, gl = tok[keep], rid[keep], gl[keep].to(torch.float64)
+        c_h, c_u = _blend_coefficients(guide is not None, s)
+        g_blend = torch.zeros(h2.shape, dtype=ct, device=h2.device) if (need_h or need_u) else None
+        g_w = torch.zeros((vocab, d), dtype=ct, device=weight.device) if need_w else None
+        g_b = torch.zeros((vocab,), dtype=ct, device=weight.device) if need_b else None
+        w_tile = max(1, _W_TILE_BYTES // (4 * d))
+        b_ct = None if bias is None else bias.to(ct)
+        chunk = max(1, _CHUNK_BYTES // (4 * vocab))
+        for start in range(0, tok.numel(), chunk):
+            r = rid[start:start + chunk]
+            x = blend_hidden(h2[r].to(ct), None if u2 is None else u2[r].to(ct), s)  # [c, d]
+            logits = torch.empty((x.shape[0], vocab), dtype=ct, device=x.device)
+            for t in range(0, vocab, w_tile):
+                torch.matmul(x, weight[t:t + w_tile].to(ct).T, out=logits[:, t:t + w_tile])
+            if b_ct is not None:
+                logits += b_ct
+            # D = (onehot(token) - softmax(logits)) * grad, in float64 (-inf logits get 0)
+            dl = torch.softmax(logits.double(), dim=-1).neg_()
+            dl.scatter_add_(-1, tok[start:start + chunk, None], torch.ones_like(dl[:, :1]))
+            dl = dl.mul_(gl[start:start + chunk, None]).to(ct)
+            del logits
+            for t in range(0, vocab, w_tile):
+                wt = weight[t:t + w_tile].to(ct)
+                if g_blend is not None:
+                    g_blend.index_add_(0, r, dl[:, t:t + w_tile] @ wt)
+                if g_w is not None:
+                    g_w[t:t + w_tile] += dl[:, t:t + w_tile].T @ x
+            if g_b is not None:
+                g_b += dl.sum(0)
+        grad_h = grad_u = None
+        if need_h:
+            grad_h = (g_blend * c_h).to(hidden.dtype).reshape(hidden.shape)
+        if need_u:
+            grad_u = (g_blend * c_u).to(guide.dtype).reshape(guide.shape)
+        return (None, None, None, None, grad_h, grad_u,
+                None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype))

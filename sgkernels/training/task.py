@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..models.transformer import MaskTransformer
-from ..ops import fused_cross_entropy, guided_sample
+from ..ops import fused_cross_entropy, guided_sample, linear_cross_entropy
 from .config import CE_VOCABS, ERROR_TOKEN_MODES
 
 
@@ -111,7 +111,8 @@ def aux_loss(backbone: MaskTransformer, guide: nn.Module, inputs: torch.Tensor, 
     ``ce_vocab``: the softmax (and label smoothing) of ``ce`` runs over ``"full"``, every id of the
     backbone's head (codebook, [MASK] and class ids: the official code), or ``"codebook"`` only.
     ``"full"`` recomputes the head over pass 2's last block output (the backbone's parameters
-    detached: it still gets no gradient).
+    detached: it still gets no gradient), with the last linear fused into the loss
+    (:func:`sgkernels.linear_cross_entropy`: only the labelled positions are projected).
     """
     if ce_vocab not in CE_VOCABS:
         raise ValueError(f"ce_vocab: expected one of {CE_VOCABS}, got {ce_vocab!r}")
@@ -119,29 +120,37 @@ def aux_loss(backbone: MaskTransformer, guide: nn.Module, inputs: torch.Tensor, 
         hidden = backbone(inputs, class_labels, return_hidden=True).hidden_states
     out = guide(backbone, hidden, class_labels, return_layers=True)
     toast = guide.module if hasattr(guide, "module") else guide
-    logits = out.logits if ce_vocab == "codebook" else _full_vocab_logits(backbone, out.layer_outputs[-1])
-    k = logits.shape[-1]
     flat_t = targets.reshape(-1)
-    ce_sum = fused_cross_entropy(logits.reshape(-1, k), flat_t, ignore_index=ignore_index,
-                                 label_smoothing=label_smoothing, reduction="sum")
+    if ce_vocab == "codebook":
+        k = out.logits.shape[-1]
+        ce_sum = fused_cross_entropy(out.logits.reshape(-1, k), flat_t, ignore_index=ignore_index,
+                                     label_smoothing=label_smoothing, reduction="sum")
+    else:
+        # the full head fused with the loss: only the labelled (error) positions are projected, and
+        # their [rows, vocab_size] logits never exist
+        h = _head_features(backbone, out.layer_outputs[-1])
+        weight = backbone.head.weight.detach().to(h.dtype)  # autocast's cast of the head, done by hand
+        bias = backbone.head.bias.detach().to(h.dtype)
+        ce_sum = linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, flat_t, linear_bias=bias,
+                                      ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum")
     count = (flat_t != ignore_index).sum().clamp_min(1)  # stays on the device: no sync
     ce = ce_sum.float() / count
     recon = toast.reconstruction_loss(out, weight=recon_weight).float()
     return ce + recon, ce, recon
 
 
-class _FullHead(nn.Module):
+class _HeadFeatures(nn.Module):
     def __init__(self, backbone: MaskTransformer):
         super().__init__()
         self.m = backbone
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.m.logits_from_hidden(hidden, full_vocab=True)
+        return self.m.head_features(hidden)
 
 
-def _full_vocab_logits(backbone: MaskTransformer, hidden: torch.Tensor) -> torch.Tensor:
-    """The head's logits over its whole vocabulary from the last block output ``hidden``, with the
-    backbone's parameters detached (gradients reach ``hidden`` only)."""
+def _head_features(backbone: MaskTransformer, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's input (its features before the last linear) from the last block output ``hidden``,
+    with the backbone's parameters detached (gradients reach ``hidden`` only)."""
     state = {f"m.{k}": v.detach() for k, v in backbone.named_parameters()}
     state.update({f"m.{k}": v for k, v in backbone.named_buffers()})
-    return torch.func.functional_call(_FullHead(backbone), state, (hidden,))
+    return torch.func.functional_call(_HeadFeatures(backbone), state, (hidden,))
