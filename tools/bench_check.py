@@ -39,8 +39,8 @@ MODULE = {"self_guided_step": "self_guided_step", "llada_step": "llada_step", "A
           "SelfGuidedSampler": "sampler", "vq_lookup": "vq_lookup", "guided_sample": "guided_sample",
           "remask_lowest_confidence": "remask_lowest_confidence", "cross_entropy fwd+bwd": "cross_entropy",
           "head_sample": "head_sample", "linear_cross_entropy fwd+bwd": "linear_cross_entropy",
-          "confidence_aware_loss fwd+bwd": "linear_cross_entropy", "fast_dllm_threshold_step": "llada_step", "dream_step": "llada_step",
-          "vqgan_quantize": "vqgan_encode", "vqgan_encode": "vqgan_encode"}
+          "confidence_aware_loss fwd+bwd": "linear_cross_entropy", "fast_dllm_threshold_step": "llada_step",
+          "dream_step": "llada_step", "vqgan_quantize": "vqgan_encode", "vqgan_encode": "vqgan_encode"}
 
 
 def parse_section(text: str, title: str) -> list[dict]:
