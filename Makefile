@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-.PHONY: all install test test-all demo bench bench-pytest cmake-check info clean gpu-artifact test-device-versions
+.PHONY: all install test test-all demo bench bench-check bench-pytest cmake-check info clean gpu-artifact test-device-versions
 
 all: install
 
@@ -42,6 +42,12 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks
+
+# Rerun the rows the README quotes (tools/bench_check.py QUOTED) and compare each ratio with
+# benchmarks/RESULTS.md's: fails when one moved by more than 25 % or a row / anchor is missing.
+# On a quiet machine. `$(PY) tools/bench_check.py --table` prints the README's table from RESULTS.md.
+bench-check: install
+	$(PY) tools/bench_check.py
 
 # pytest-benchmark, one file per op (benchmarks/test_bench_<op>.py)
 bench-pytest: install

@@ -1,7 +1,5 @@
-"""Benchmarks: every op against the code users would otherwise run, in one process.
-
-``python -m benchmarks`` runs them all and writes ``benchmarks/RESULTS.md``. Each ``bench_<op>.py``
-exposes ``run(device, quick) -> list[dict]`` rows with keys ``op, shape, dtype, impl, ms, peak_mb``
-and optionally ``bytes`` (for bandwidth) or ``flops``; the row whose impl is ``"sgkernels"`` is the
-one the ratios are taken against.
+"""The repository's benchmark scripts. The op rows, anchors and timing live in the package
+(:mod:`sgkernels.bench`), so ``python -m benchmarks`` and the installed ``sgkernels bench ops`` are
+one code path; this folder adds what only a checkout needs: writing ``benchmarks/RESULTS.md``, the
+pytest-benchmark files (``pytest benchmarks/``), the GPU suite and its sanitizer runs.
 """

@@ -66,10 +66,10 @@ log "gpu_suite: $(date -u +%FT%TZ) ${HOSTNAME:-host} python $($PY -c 'import pla
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
 
 # The benchmark ops, most wanted first: eager step and torch.compile; LLaDA's current step;
-# matmul+argmin; F.cross_entropy; the fused linear cross-entropy; then the rest (any new
-# bench_<op>.py too, diffusers' last).
+# matmul+argmin; F.cross_entropy; the fused linear cross-entropy; then the rest (every other op of
+# sgkernels.bench.ops.OPS, diffusers' last).
 FIRST="self_guided_step llada_step vq_lookup cross_entropy linear_cross_entropy guided_sample remask_lowest_confidence sampler"
-REST=$(cd benchmarks && ls bench_*.py | sed 's/^bench_//; s/\.py$//' | grep -v -x -F "$(echo $FIRST amused_step | tr ' ' '\n')")
+REST=$($PY -c "from sgkernels.bench.ops import OPS; print(*OPS, sep=chr(10))" | grep -v -x -F "$(echo $FIRST amused_step | tr ' ' '\n')")
 section() {  # section FILE TITLE: the body of the "## TITLE" section that python -m benchmarks wrote
   $PY -c 'import re, sys; t = open(sys.argv[1]).read(); m = re.search(r"^## " + sys.argv[2] + r"\n(.*?)(?=^## |\Z)", t, re.S | re.M); print(m.group(1).strip() if m else "(no section)")' "$1" "$2"
 }

@@ -16,7 +16,7 @@ from torch.utils.cpp_extension import load_inline
 
 import sgkernels  # noqa: F401
 
-from ._timing import median_ms
+from sgkernels.bench.timing import median_ms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

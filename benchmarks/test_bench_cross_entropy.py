@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from sgkernels.ops.cross_entropy import fused_cross_entropy
 
 from ._pytest_support import DEVICE, synced
-from .bench_cross_entropy import _step
+from sgkernels.bench.ops.cross_entropy import _step
 
 
 @pytest.mark.parametrize("impl", ["sgkernels", "F.cross_entropy"])

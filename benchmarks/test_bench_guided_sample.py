@@ -7,7 +7,7 @@ import torch
 import sgkernels as sgk
 
 from ._pytest_support import DEVICE, synced
-from .bench_guided_sample import eager_guided_sample
+from sgkernels.bench.ops.guided_sample import eager_guided_sample
 
 
 @pytest.mark.parametrize("impl", ["sgkernels", "eager"])

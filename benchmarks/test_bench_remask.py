@@ -7,7 +7,7 @@ import torch
 import sgkernels as sgk
 
 from ._pytest_support import DEVICE, synced
-from .bench_remask_lowest_confidence import eager_remask
+from sgkernels.bench.ops.remask_lowest_confidence import eager_remask
 
 
 @pytest.mark.parametrize("impl", ["sgkernels", "eager"])

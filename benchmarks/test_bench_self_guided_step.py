@@ -6,9 +6,9 @@ import torch
 
 import sgkernels as sgk
 
-from . import anchors
+from sgkernels.bench import anchors
 from ._pytest_support import DEVICE, synced
-from .bench_self_guided_step import _inputs
+from sgkernels.bench.ops.self_guided_step import _inputs
 
 
 @pytest.mark.parametrize("impl", ["sgkernels", "open-muse eager"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ._pytest_support import DEVICE, synced
-from .bench_vq_lookup import _impls
+from sgkernels.bench.ops.vq_lookup import _impls
 
 Z = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
 CODEBOOK = torch.randn(4096, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import sgkernels as sgk
-from benchmarks.anchors import open_muse_step  # a folder of the checkout, not packaged: run from the root
 from sgkernels._png import tile, write_png
+from sgkernels.bench.anchors import open_muse_step
 
 LEVELS = 16
 GLYPHS = {

@@ -13,6 +13,11 @@ open-muse / UnlockMGM checkpoint folders (``generate --vae``, :mod:`sgkernels.pi
                        [--json] [--sweep [--plot PATH]] [--model DIR] [--no-progress]
     sgkernels demo [--out digits_demo.png] [--num-eval 500]
     sgkernels train tokenizer|generator|guide|classifier --out DIR [--steps N] [--seed S]
+    sgkernels bench sampler [--model DIR [--vae DIR]] [--batch-sizes 1,8,64] [--steps N] [--guidance-scale S]
+    sgkernels bench dllm --model DIR [--pipeline llada|fast-dllm|dream] [--mask-id N] [--gen-length ..]
+                         [--block-length ..] [--steps ..] [--trust-remote-code]
+    sgkernels bench ops [--device cpu|cuda] [--quick] [--only OP ..]
+    (every bench: [--json FILE] [--plot FILE.png] [--no-progress]; see sgkernels.bench)
 
 Without ``--vae``, ``--model`` is a digits model directory (default: the shipped
 ``sgkernels/assets/digits``) and the sampling options default to its tuned settings; with ``--vae``
@@ -26,6 +31,7 @@ import sys
 
 from . import pipeline_cli
 from ._cli import CLIError
+from .bench import cli as bench_cli
 from .digits import cli as commands
 from .digits.evaluate import SWEEP_TEMPERATURES
 from .digits.pipeline import DEFAULTS
@@ -127,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive_int, default=1)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=commands.train)
+
+    bench_cli.add_parser(sub)
     return p
 
 

@@ -124,3 +124,16 @@ def diffusers_vq_model(tmp_path, ns):
 
     (tmp_path / "tokenizer_files").mkdir(exist_ok=True)
     ns["vq_model"] = components._get_wrapped_function()(tmp_path / "tokenizer_files")["vqvae"]
+
+
+def dllm_folders(tmp_path, ns):
+    """Tiny stand-ins of the diffusion LMs docs/benchmarking.md benchmarks, at the paths it names:
+    ``LLaDA-8B-Instruct`` (a random ``BertForMaskedLM`` with LLaDA's vocabulary size, 126464, so that
+    LLaDA's mask id 126336 is in it) and ``Dream-v0-Instruct-7B`` (a Dream-shaped model whose modeling
+    code ships in the folder, ``auto_map``, with its ``mask_token_id`` in the config)."""
+    from lm_folders import save_tiny_dream, save_tiny_mlm
+
+    if not (tmp_path / "LLaDA-8B-Instruct" / "config.json").exists():
+        save_tiny_mlm(tmp_path / "LLaDA-8B-Instruct", vocab_size=126464, hidden_size=16)
+    if not (tmp_path / "Dream-v0-Instruct-7B" / "config.json").exists():
+        save_tiny_dream(tmp_path / "Dream-v0-Instruct-7B")

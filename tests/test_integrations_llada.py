@@ -579,3 +579,20 @@ def test_numpy_scalars():
     kw.update(temperature=np.float32(0.5), cfg_scale=np.float64(0.5), mask_id=np.int64(MASK))
     out = llada.generate(model, prompt, steps=np.int64(4), gen_length=np.int32(8), block_length=np.int64(4), **kw)
     assert torch.equal(out, ref)
+
+
+def test_fused_head_refuses_a_bert_style_mlm_head():
+    """BertForMaskedLM's head transforms the hidden states (dense, GELU, LayerNorm) before its projection:
+    the fused head must fall back to the logits path, not project the base's hidden states directly."""
+    transformers = pytest.importorskip("transformers")
+    from sgkernels.integrations import _fused_head
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    assert _fused_head.resolve(model) is None
+    prompt = _prompt(2)
+    kw = dict(steps=4, gen_length=8, block_length=4, mask_id=MASK, seed=0)
+    torch.testing.assert_close(llada.generate(model, prompt, **kw), llada.generate(model, prompt, fused_head=False, **kw),
+                               rtol=0, atol=0)

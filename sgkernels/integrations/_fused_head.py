@@ -11,7 +11,9 @@ Supported model shapes (anything else falls back to the logits path):
    ``.last_hidden_state``.
 2. A HF model whose ``get_output_embeddings()`` is an ``nn.Linear`` and whose base model
    (``get_decoder()``, else ``.model``) returns ``.last_hidden_state`` with logits = head(that)
-   (Llama / Qwen2 / Dream style: ``logits = lm_head(hidden_states)``).
+   (Llama / Qwen2 / Dream style: ``logits = lm_head(hidden_states)``): the head is a child of the
+   model, and the model's other children have no parameters (a BERT-style MLM head, with a dense
+   transform before the projection, is refused).
 3. A HF model whose base model computes the logits itself (LLaDA's remote code: ``ff_out`` inside
    ``LLaDAModel``): the model is run until it calls its head, where a forward pre-hook takes the
    head's input (the last hidden states) and stops the forward, before the ``[B, L, V]`` logits.
@@ -119,6 +121,12 @@ def resolve(model, head=None, fused_head: bool = True) -> FusedHead | None:
     if base is None or base is model:
         return None
     if lin not in set(base.modules()):  # Llama/Qwen/Dream: the head sits beside the base model
+        # ... and reads the base's output: the model is base + head (+ parameter-free modules such as
+        # dropout). BERT-style MLM heads (BertForMaskedLM's cls.predictions, ModernBERT's head) transform
+        # the hidden states before the projection: logits path.
+        others = [m for m in model.children() if m is not base and m is not lin]
+        if not any(m is lin for m in model.children()) or any(True for m in others for _ in m.parameters()):
+            return None
         return FusedHead(base, lin.weight, lin.bias)
     # LLaDA: the head is inside the base model (its input is taken by a hook, nothing is swapped)
     return FusedHead(model, lin.weight, lin.bias, capture=lin)

@@ -110,7 +110,7 @@ def fused_cross_entropy(
     forward + backward: one gradient-sized buffer (the stored gradient, which becomes
     ``logits.grad``), two with ``retain_graph=True``/``create_graph=True`` or under
     ``torch.compile``, none with ``inplace_grad`` (F.cross_entropy: three, its log-softmax, the
-    gradient of that and the logits' gradient). benchmarks/bench_cross_entropy.py measures it.
+    gradient of that and the logits' gradient). sgkernels/bench/ops/cross_entropy.py measures it.
 
     Args:
         logits: ``[..., V]`` float32/bfloat16/float16, any strides.

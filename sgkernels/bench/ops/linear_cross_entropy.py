@@ -5,7 +5,7 @@ Each timed call is one loss step from leaves ``input`` [N, d], ``linear_weight``
 ``linear_bias`` [V] that require grad: forward, ``backward()``, and the gradients dropped after (so
 the peak counts this step's gradient buffers: ``V d`` + ``N d`` + ``V`` elements). Rows with
 "half ignored" have target ``-100`` on every other row, as the masked positions of a dLLM batch.
-The implementations of one shape are timed interleaved (benchmarks/_timing.py).
+The implementations of one shape are timed interleaved (sgkernels/bench/timing.py).
 
 The ``confidence_aware_loss`` row is a ``train_llada2``-shaped step (V = 157,184, the mask id
 suppressed, per-token weights ``1 / p_mask``, lambda_conf = 0.1) against diffusers'
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import sgkernels  # noqa: F401  (loads the ops)
 from sgkernels.ops.linear_cross_entropy import linear_cross_entropy
 
-from ._timing import measure_interleaved
+from ..timing import measure_interleaved
 
 
 def _leaves(n, d, vocab, dtype, device, *, ignore_every=0, seed=0):

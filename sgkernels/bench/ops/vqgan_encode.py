@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._timing import median_ms_interleaved, peak_mb
+from ..timing import peak_mb, stats_interleaved
 
 
 def official_get_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -27,8 +27,9 @@ def official_get_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 def _rows(op: str, shape: str, fns: dict, device: str, quick: bool) -> list[dict]:
     repeats, warmup = (3, 1) if quick else (9, 2)
-    ms_all = median_ms_interleaved(fns, device, repeats=repeats, warmup=warmup)
-    return [{"op": op, "shape": shape, "dtype": "float32", "impl": name, "ms": ms_all[name],
+    st = stats_interleaved(fns, device, repeats=repeats, warmup=warmup)
+    return [{"op": op, "shape": shape, "dtype": "float32", "impl": name, "ms": st[name].median_ms,
+             "spread": st[name].spread,
              "peak_mb": peak_mb(fn, device), "gflops": None} for name, fn in fns.items()]
 
 

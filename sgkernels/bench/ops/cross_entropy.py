@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import sgkernels  # noqa: F401  (loads the ops)
 from sgkernels.ops.cross_entropy import fused_cross_entropy
 
-from ._timing import measure
+from ..timing import measure
 
 
 def _liger():

@@ -1,12 +1,12 @@
-"""self_guided_step against the open-muse eager step and its torch.compile (LLaDA's step: bench_llada_step.py)."""
+"""self_guided_step against the open-muse eager step and its torch.compile (LLaDA's step: llada_step.py)."""
 from __future__ import annotations
 
 import torch
 
 import sgkernels as sgk
 
-from . import anchors
-from ._timing import measure
+from .. import anchors
+from ..timing import measure
 
 CPU_SHAPES = [(8, 256, 1024, torch.float32), (8, 1024, 1024, torch.float32), (2, 1024, 8192, torch.float32)]
 GPU_SHAPES = [(32, 1024, 1024, torch.bfloat16), (64, 256, 1024, torch.bfloat16), (64, 1024, 1024, torch.bfloat16)]
@@ -60,4 +60,4 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         rows += step_rows(batch, n_tok, vocab, dtype, device, quick, compile_anchor=(device != "cpu" or i == 0))
     batch, n_tok, vocab, dtype = shapes[1]
     rows += step_rows(batch, n_tok, vocab, dtype, device, quick, masked_fraction=0.1, compile_anchor=False)
-    return rows  # LLaDA's step: benchmarks/bench_llada_step.py
+    return rows  # LLaDA's step: sgkernels/bench/ops/llada_step.py

@@ -1,6 +1,6 @@
 """head_sample (LM head fused with guided sampling) against the head GEMM + guided_sample.
 
-Rows (``python -m benchmarks --only head_sample``, or ``python -m benchmarks.bench_head_sample
+Rows (``python -m benchmarks --only head_sample``, or ``python -m sgkernels.bench.ops.head_sample
 [--device cuda] [--quick] [--e2e]`` for the table with peak memory as a % of the logits tensor):
 
 * LLaDA-shaped step: L = 1024 positions, block of 32 decoded rows, V = 126464, hidden d (1024 on
@@ -15,7 +15,7 @@ Rows (``python -m benchmarks --only head_sample``, or ``python -m benchmarks.ben
   ``fused_head`` on and off; ``--e2e-dream``: ``integrations.dream.diffusion_generate`` likewise on a
   small Dream-shaped model (``lm_head`` beside the base model, alg entropy, top_p 0.95, greedy).
 
-Peak extra memory: CPU peak RSS growth / CUDA allocator peak of one call (benchmarks/_timing.py).
+Peak extra memory: CPU peak RSS growth / CUDA allocator peak of one call (sgkernels/bench/timing.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 
 import sgkernels as sgk
 
-from ._timing import measure, median_ms_interleaved, peak_mb
+from ..timing import measure, median_ms_interleaved, peak_mb
 
 
 def _setup(device, rows_total, d, vocab, dtype, seed=0):

@@ -5,7 +5,7 @@ import torch
 
 import sgkernels as sgk
 
-from ._timing import measure
+from ..timing import measure
 
 
 def eager_remask(logp, is_masked, n, tau):

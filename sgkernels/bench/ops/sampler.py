@@ -2,7 +2,7 @@
 
 The official self-guidance code runs, per step, the base pass, the guided (TOAST) pass and the eager
 open-muse step (softmax, multinomial, gather, log, Gumbel, full sort). The anchor below does exactly
-that with our modules; ``SelfGuidedSampler`` runs the same two passes and one fused
+that with our modules (:func:`sgkernels.bench.anchors.official_sampling_loop`); ``SelfGuidedSampler`` runs the same two passes and one fused
 ``self_guided_step``. On CUDA the CUDA-graph option is timed too: the whole step (passes and sampling
 op) replayed from one graph per step index, captured during the warm-up calls.
 """
@@ -12,24 +12,8 @@ import torch
 
 import sgkernels as sgk
 
-from . import anchors
-from ._timing import measure
-
-
-def official_style_loop(sampler: sgk.SelfGuidedSampler, labels: torch.Tensor) -> torch.Tensor:
-    cfg = sampler.model.config
-    b, n = labels.shape[0], cfg.num_tokens
-    tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=labels.device)
-    is_masked = torch.ones(b, n, dtype=torch.bool, device=labels.device)
-    with torch.no_grad():
-        for step in range(sampler.steps):
-            logits, guide_logits = sampler._logits(tokens, labels)
-            num = sgk.mask_len(step, sampler.steps, n, is_masked.sum(-1))
-            tau = sgk.choice_temperature(step, sampler.steps, sampler.choice_temperature, sampler.temperature_decay)
-            tokens, is_masked = anchors.open_muse_step(
-                tokens, is_masked, logits, guide_logits, num, guidance_scale=sampler.guidance_scale,
-                temperature=sampler.temperature, choice_temperature=tau, mask_id=cfg.mask_token_id)
-    return tokens
+from .. import anchors
+from ..timing import measure
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
@@ -48,7 +32,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     common = dict(op="SelfGuidedSampler", shape=shape, dtype="float32")
     sampler = sgk.SelfGuidedSampler(model, guide, steps=steps, guidance_scale=1.0, choice_temperature=25.0)
     rows = [measure(lambda: sampler(labels, seed=0), device, quick, impl="sgkernels", **common),
-            measure(lambda: official_style_loop(sampler, labels), device, quick, impl="official-style loop (eager step)", **common)]
+            measure(lambda: anchors.official_sampling_loop(sampler, labels), device, quick, impl="official-style loop (eager step)", **common)]
     if device != "cpu":
         graphed = sgk.SelfGuidedSampler(model, guide, steps=steps, guidance_scale=1.0, choice_temperature=25.0, cuda_graph=True)
         rows.append(measure(lambda: graphed(labels, seed=0), device, quick, impl="sgkernels + CUDA graph, whole step (< 1x: graph faster)", **common))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._timing import measure
+from ..timing import measure
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:

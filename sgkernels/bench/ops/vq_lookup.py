@@ -6,7 +6,8 @@
      "ms": median_ms, "peak_mb": extra_peak_mb_or_None, "gflops": achieved_or_None}
 
 impls: ``sgkernels`` (the registered op), ``faiss IndexFlatL2`` (exact search, k=1; CPU only, when
-faiss is importable; the index is built outside the timing), ``torch cdist+argmin`` and
+faiss is importable; the index is built outside the timing; faiss's OpenMP threads are set to
+torch's intra-op threads), ``torch cdist+argmin`` and
 ``taming expanded+argmin`` (``||z||^2 + ||e||^2 - 2 z e^T`` then argmin, as in taming-transformers).
 ``gflops`` counts 2*N*K*D flops. ``peak_mb``: on CUDA the growth of max_memory_allocated; on CPU the
 growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs), None if unavailable.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._timing import median_ms_interleaved, peak_mb
+from ..timing import peak_mb, stats_interleaved
 
 SHAPES = [(4096, 1024, 256), (4096, 16384, 8), (16384, 8192, 32), (8192, 4096, 64)]
 
@@ -32,6 +33,7 @@ def _impls(z: torch.Tensor, cb: torch.Tensor, device: str):
         except ImportError:
             faiss = None
         if faiss is not None:
+            faiss.omp_set_num_threads(torch.get_num_threads())  # equal thread counts: torch's intra-op = faiss's OpenMP
             index = faiss.IndexFlatL2(cb.shape[1])
             index.add(cb.numpy())
             zn = z.numpy()
@@ -58,9 +60,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         cb = torch.randn(k, d, generator=gen).to(device)
         flops = 2.0 * n * k * d
         fns = _impls(z, cb, device)
-        ms_all = median_ms_interleaved(fns, device, repeats=repeats, warmup=warmup)
+        stats = stats_interleaved(fns, device, repeats=repeats, warmup=warmup)
         for name, fn in fns.items():
-            ms = ms_all[name]
+            ms = stats[name].median_ms
             rows.append(
                 {
                     "op": "vq_lookup",
@@ -68,6 +70,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                     "dtype": "float32",
                     "impl": name,
                     "ms": ms,
+                    "spread": stats[name].spread,
                     "peak_mb": peak_mb(fn, device),
                     "gflops": flops / (ms * 1e-3) / 1e9,
                 }

@@ -23,8 +23,8 @@ import torch
 from sgkernels.integrations.dream import dream_step
 from sgkernels.integrations.llada import llada_step
 
-from . import anchors
-from ._timing import measure_interleaved
+from .. import anchors
+from ..timing import measure_interleaved
 
 VOCAB, MASK_ID, CFG = 126464, 126336, 1.0
 

@@ -1,0 +1,99 @@
+"""``sgkernels bench ops`` / ``python -m benchmarks``: every op against the code users run today.
+
+Each module here exposes ``run(device, quick) -> list[dict]``: rows with keys ``op, shape, dtype,
+impl, ms, peak_mb`` and optionally ``spread`` (interquartile range / median), ``bytes`` (for
+bandwidth) or ``gflops``; the row whose impl is ``"sgkernels"`` is the one the ratios are taken
+against. The baselines ("anchors") are in :mod:`sgkernels.bench.anchors`.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+from ..machine import roofline
+
+# Module names = op names (``--only``); the order of the table.
+OPS = ("amused_step", "cross_entropy", "guided_sample", "head_sample", "linear_cross_entropy", "llada_step",
+       "remask_lowest_confidence", "sampler", "self_guided_step", "vq_lookup", "vqgan_encode")
+
+
+def modules(only=None) -> list:
+    """The op modules to run (``only``: op names; unknown names raise ValueError)."""
+    if only:
+        unknown = sorted(set(only) - set(OPS))
+        if unknown:
+            raise ValueError(f"unknown op {', '.join(unknown)}; expected some of {', '.join(OPS)}")
+    return [importlib.import_module(f"{__name__}.{n}") for n in OPS if not only or n in only]
+
+
+def run(device: str, quick: bool, only=None, progress=None) -> list[dict]:
+    """Every selected op's rows; ``progress(name)`` is called before each op."""
+    rows = []
+    for mod in modules(only):
+        if progress is not None:
+            progress(mod.__name__.rsplit(".", 1)[1])
+        rows += mod.run(device, quick)
+    return rows
+
+
+def peaks(rows: list[dict], device: str, quick: bool = False) -> dict:
+    """The table's peaks: the measured roofline (:func:`sgkernels.bench.machine.roofline`), each raised
+    to the fastest row of ``rows`` if one beat it (``gflops_row`` / ``gbs_row`` name that row)."""
+    roof = dict(roofline(device, quick))
+    out = dict(roof, gflops_measured=roof["gflops"], gbs_measured=roof["gbs"], gflops_row=None, gbs_row=None)
+    for r in rows:
+        if r.get("gflops") and r["gflops"] > out["gflops"]:
+            out["gflops"], out["gflops_row"] = r["gflops"], f"{r['op']} {r['shape']} {r['impl']}"
+        gbs = bandwidth(r)
+        if gbs and gbs > out["gbs"]:
+            out["gbs"], out["gbs_row"] = gbs, f"{r['op']} {r['shape']} {r['impl']}"
+    return out
+
+
+def bandwidth(row: dict) -> float | None:
+    """GB/s of a row that states its ``bytes`` (the sgkernels rows of memory-bound ops)."""
+    if row.get("bytes") and row["impl"] == "sgkernels" and row["ms"] > 0:
+        return row["bytes"] / (row["ms"] * 1e-3) / 1e9
+    return None
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Geometric-mean speed-up of sgkernels per anchor: ``"op vs impl" -> ratio``."""
+    ours = {(r["op"], r["shape"], r["dtype"]): r["ms"] for r in rows if r["impl"] == "sgkernels"}
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        key = (r["op"], r["shape"], r["dtype"])
+        if r["impl"] != "sgkernels" and key in ours:
+            out.setdefault(f"{r['op']} vs {r['impl']}", []).append(r["ms"] / ours[key])
+    return {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in out.items()}
+
+
+def table(rows: list[dict], peak: dict) -> str:
+    """The markdown table of ``rows`` with speed-ups and % of the (measured) peak, and its footnotes."""
+    out = ["| op | shape | dtype | impl | time ms | speed-up of sgkernels | GB/s or GFLOP/s (% of peak) | "
+           "peak extra MB | spread |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    ours = {(r["op"], r["shape"], r["dtype"]): r["ms"] for r in rows if r["impl"] == "sgkernels"}
+    for r in rows:
+        key = (r["op"], r["shape"], r["dtype"])
+        speedup, rate = "", ""
+        if r.get("gflops"):
+            rate = f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / peak['gflops']:.0f}%)"
+        gbs = bandwidth(r)
+        if gbs:
+            rate = f"{gbs:.0f} GB/s ({100 * gbs / peak['gbs']:.0f}%)"
+        if r["impl"] != "sgkernels" and key in ours:
+            speedup = f"{r['ms'] / ours[key]:.1f}x"
+        mem = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+        spread = "" if r.get("spread") is None else f"{100 * r['spread']:.0f}%"
+        out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['impl']} | {r['ms']:.3f} | {speedup} | {rate} | "
+                   f"{mem} | {spread} |")
+    out.append("")
+    out.append(f"Peaks measured on this device at the start of the run: {peak['gflops_measured']:.0f} GFLOP/s "
+               f"({peak['gemm']}), {peak['gbs_measured']:.0f} GB/s (a {peak['copy_mb']} MB copy, read + write).")
+    for kind, unit in (("gflops", "GFLOP/s"), ("gbs", "GB/s")):
+        if peak[f"{kind}_row"]:
+            out.append(f"The {unit} peak is the faster row {peak[f'{kind}_row']}: {peak[kind]:.0f} {unit}.")
+    out.append("Spread: interquartile range / median of the timed blocks. Geometric-mean speed-up per anchor: "
+               + "; ".join(f"{k}: {v:.1f}x" for k, v in ratios(rows).items()))
+    return "\n".join(out)

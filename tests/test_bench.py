@@ -1,0 +1,287 @@
+"""``sgkernels bench`` (sampler, dllm, ops) on tiny local folders, and the measurement code it shares with
+``python -m benchmarks`` (sgkernels/bench/). Timings are not checked, only that each subcommand runs, its
+JSON has the documented fields, the parts of a step are counted, the greedy agreement is 100 %, a
+percentage of peak cannot exceed 100 % and bad input is one error line."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from lm_folders import DREAM_MASK, MLM_MASK, save_tiny_dream, save_tiny_mlm
+from sgkernels import cli
+from sgkernels.bench import ops, timing
+from sgkernels.bench.parts import PartTimer
+from test_pipeline import make_folders
+
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--repeats", "1", "--max-time", "0", "--no-progress"]
+MACHINE_KEYS = {"date", "device", "cpu", "cpu_isa", "cpu_cores", "torch_threads", "faiss_threads", "gpu", "gpu_driver",
+                "cuda", "python", "torch", "triton", "sgkernels", "env"}
+ROW_KEYS = {"impl", "batch_size", "median_ms", "q1_ms", "q3_ms", "min_ms", "n", "number", "spread", "peak_mb", "parts",
+            "speedup"}
+
+
+def run(argv, capsys):
+    status = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def one_line_error(status, err, *needles):
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("sgkernels: error:"), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lms")
+    # transformers caches a folder's modeling code by the folder's name: one name per process (xdist workers)
+    return save_tiny_mlm(root / "mlm"), save_tiny_dream(root / f"dream_{os.getpid()}")
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+def test_autorange_blocks_fast_calls_and_reports_spread():
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        torch.ones(1)
+        import time
+        time.sleep(0.003)
+
+    st = timing.autorange({"fast": fast, "slow": slow}, "cpu", warmup=1, min_repeats=3, max_repeats=3, block_ms=2.0)
+    assert st["fast"].number > 1 and st["slow"].number == 1  # a block of fast calls lasts >= block_ms
+    assert st["fast"].n == st["slow"].n == 3
+    assert st["slow"].median_ms >= 3.0 and st["slow"].q1_ms <= st["slow"].median_ms <= st["slow"].q3_ms
+    assert st["slow"].spread >= 0 and st["fast"].median_ms < st["slow"].median_ms
+
+
+def test_part_timer_counts_outermost_forwards_once():
+    inner = torch.nn.Linear(4, 4)
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(self.inner(x))
+
+    outer = Outer()
+    with PartTimer("cpu") as pt:
+        pt.attach(outer, "outer").attach(inner, "inner")
+        outer(torch.ones(2, 4))
+        inner(torch.ones(2, 4))
+        with pt.section("other"):
+            pass
+    assert dict(pt.calls) == {"outer": 1, "inner": 1, "other": 1}
+    outer(torch.ones(2, 4))  # detached on exit
+    assert pt.calls["outer"] == 1
+
+
+def test_percent_of_peak_never_exceeds_100(monkeypatch):
+    """A row faster than the measured sgemm / copy raises the peak, and the table says which row did."""
+    monkeypatch.setattr(ops, "roofline", lambda device, quick=False: {"gflops": 10.0, "gbs": 5.0, "gemm": "n",
+                                                                       "copy_mb": 1})
+    rows = [dict(op="x", shape="s", dtype="float32", impl="sgkernels", ms=1.0, peak_mb=0, gflops=40.0),
+            dict(op="x", shape="s", dtype="float32", impl="anchor", ms=2.0, peak_mb=0, gflops=20.0),
+            dict(op="y", shape="s", dtype="float32", impl="sgkernels", ms=1.0, peak_mb=0, bytes=8e6),
+            dict(op="y", shape="s", dtype="float32", impl="anchor", ms=3.0, peak_mb=0)]
+    peak = ops.peaks(rows, "cpu")
+    assert peak["gflops"] == 40.0 and peak["gbs"] == 8.0 and peak["gflops_measured"] == 10.0
+    text = ops.table(rows, peak)
+    pcts = [int(p) for p in __import__("re").findall(r"\((\d+)%\)", text)]
+    assert pcts == [100, 50, 100]
+    assert "The GFLOP/s peak is the faster row x s sgkernels" in text and "| 2.0x |" in text and "| 3.0x |" in text
+
+
+def test_op_rows_live_in_the_package():
+    """One code path: python -m benchmarks runs sgkernels.bench.ops; a bench_<op>.py left in benchmarks/
+    (e.g. from a merge) would not be run by either."""
+    assert not [f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.startswith("bench_")]
+    here = os.path.dirname(ops.__file__)
+    mods = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and f != "__init__.py")
+    assert mods == sorted(ops.OPS)
+
+
+# --- sampler ------------------------------------------------------------------------------------
+
+def test_bench_sampler_official_folders(tmp_path, capsys):
+    model, vae = make_folders(tmp_path)
+    js, png = tmp_path / "s.json", tmp_path / "s.png"
+    status, out, err = run(["bench", "sampler", "--model", model, "--vae", vae, "--batch-sizes", "1,2", "--steps", "2",
+                            "--json", js, "--plot", png, *QUICK], capsys)
+    assert status == 0, err
+    assert out.startswith("Device: CPU") and "| official loop (eager step) | 2 |" in out and "| sgkernels | 2 |" in out
+    data = json.loads(js.read_text())
+    assert data["command"] == "sampler" and MACHINE_KEYS <= set(data["machine"])
+    assert data["settings"]["steps"] == 2 and data["settings"]["batch_sizes"] == [1, 2]
+    assert [(r["impl"], r["batch_size"]) for r in data["rows"]] == [
+        ("official loop (eager step)", 1), ("sgkernels", 1), ("official loop (eager step)", 2), ("sgkernels", 2)]
+    for r in data["rows"]:
+        assert ROW_KEYS | {"images_per_s", "steps"} <= set(r)
+        assert set(r["parts"]) >= {"backbone", "guide", "sampling", "decode"}
+        assert r["parts"]["backbone_calls"] == 2 and r["parts"]["guide_calls"] == 2  # one pass of each per step
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["median_ms"] / 1e3))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_sampler_embedded_digits_model(capsys):
+    status, out, err = run(["bench", "sampler", "--batch-sizes", "1", "--steps", "1", "--guidance-scale", "0", *QUICK],
+                           capsys)
+    assert status == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("| sgkernels | 1 |")).split(" | ")
+    assert row[6] == "0.00" and float(row[5]) > 0  # no guide pass at guidance 0; backbone ms/step
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--batch-sizes", "0"], ["--batch-sizes", "batch sizes >= 1"]),
+    (["--batch-sizes", "1,x"], ["--batch-sizes"]),
+    (["--model", "/nonexistent/sgk"], ["--model", "is not a folder"]),
+    (["--steps", "0"], ["--steps"]),
+    (["--plot", "/tmp/x.jpg"], ["--plot", ".png"]),
+    (["--json", "/nonexistent/dir/x.json"], ["cannot write"]),
+])
+def test_bench_sampler_bad_input(argv, needles, capsys):
+    status, _, err = run(["bench", "sampler", *argv, *QUICK], capsys)
+    one_line_error(status, err, *needles)
+
+
+def test_bench_sampler_vae_without_codebook_match(tmp_path, capsys):
+    model, _ = make_folders(tmp_path)
+    _, vae = make_folders(tmp_path / "other", vq_codes=8)
+    status, _, err = run(["bench", "sampler", "--model", model, "--vae", vae, *QUICK], capsys)
+    one_line_error(status, err, "cannot load")
+
+
+# --- dllm ---------------------------------------------------------------------------------------
+
+DLLM_FAST = ["--prompt-length", "4", "--gen-length", "8", "--block-length", "4", "--steps", "4", *QUICK]
+
+
+@pytest.mark.parametrize("pipeline", ["llada", "fast-dllm"])
+def test_bench_dllm_llada(lm_dirs, pipeline, tmp_path, capsys):
+    js, png = tmp_path / "d.json", tmp_path / "d.png"
+    status, out, err = run(["bench", "dllm", "--model", lm_dirs[0], "--pipeline", pipeline, "--mask-id", MLM_MASK,
+                            "--batch-sizes", "2", "--json", js, "--plot", png, *DLLM_FAST], capsys)
+    assert status == 0, err
+    data = json.loads(js.read_text())
+    assert data["command"] == "dllm" and MACHINE_KEYS <= set(data["machine"])
+    assert data["settings"]["pipeline"] == pipeline and data["settings"]["mask_id"] == MLM_MASK
+    assert [r["impl"] for r in data["rows"]] == [
+        "LLaDA generate()" if pipeline == "llada" else "Fast-dLLM threshold (no cache)", "sgkernels"]
+    for r in data["rows"]:
+        assert ROW_KEYS | {"tokens_per_s", "nfe", "greedy_agreement"} <= set(r) and set(r["parts"]) == {"forward",
+                                                                                                      "sampling"}
+        assert r["greedy_agreement"] == 1.0
+        if pipeline == "llada":
+            assert r["nfe"] == 4  # one model call per step
+        assert r["tokens_per_s"] == pytest.approx(2 * 8 / (r["median_ms"] / 1e3))
+    assert "| 100.0% |" in out and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_dllm_dream_remote_code(lm_dirs, capsys):
+    status, out, err = run(["bench", "dllm", "--model", lm_dirs[1], "--pipeline", "dream", "--trust-remote-code",
+                            *DLLM_FAST], capsys)
+    assert status == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| Dream _sample") or line.startswith("| sgkernels")]
+    assert len(rows) == 2 and all(r.rstrip().endswith("| 100.0% |") for r in rows)
+    assert all("| 4 |" in r for r in rows)  # NFE = steps, mask id from the config
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--model", "/nonexistent/sgk", "--mask-id", "1"], ["--model", "not a folder"]),
+    (["--model", "{mlm}", "--mask-id", str(MLM_MASK), "--batch-sizes", "0"], ["--batch-sizes"]),
+    (["--model", "{mlm}"], ["--mask-id", "no mask_token_id"]),
+    (["--model", "{mlm}", "--mask-id", "64"], ["--mask-id", "outside the model's vocabulary"]),
+    (["--model", "{dream}"], ["--trust-remote-code"]),
+    (["--model", "{mlm}", "--mask-id", str(MLM_MASK), "--pipeline", "dream"], ["does not fit --pipeline dream"]),
+    (["--model", "{mlm}", "--mask-id", str(MLM_MASK), "--block-length", "3"], ["does not fit", "block_length"]),
+    (["--model", "{root}", "--mask-id", "1"], ["no config.json"]),
+])
+def test_bench_dllm_bad_input(lm_dirs, argv, needles, capsys):
+    names = dict(mlm=lm_dirs[0], dream=lm_dirs[1], root=os.path.dirname(lm_dirs[0]))
+    argv = [a.format(**names) for a in argv]
+    status, _, err = run(["bench", "dllm", *DLLM_FAST, *argv], capsys)
+    one_line_error(status, err, *needles)
+    assert DREAM_MASK  # the Dream folder's mask id comes from its config (test_bench_dllm_dream_remote_code)
+
+
+# --- ops ----------------------------------------------------------------------------------------
+
+def test_bench_ops_smoke(tmp_path, capsys):
+    """The installed command's op rows (one small op, quick) with the roofline in the JSON."""
+    js, png = tmp_path / "o.json", tmp_path / "o.png"
+    status, out, err = run(["bench", "ops", "--device", "cpu", "--quick", "--only", "remask_lowest_confidence",
+                            "--json", js, "--plot", png, "--no-progress"], capsys)
+    assert status == 0, err
+    assert "| remask_lowest_confidence | B=8 N=256 | float32 | eager Gumbel+sort |" in out
+    assert "Peaks measured on this device at the start of the run" in out and "environment:" in out
+    data = json.loads(js.read_text())
+    assert data["command"] == "ops" and {"gflops", "gbs", "gflops_measured", "gbs_measured"} <= set(data["roofline"])
+    assert {r["impl"] for r in data["rows"]} == {"sgkernels", "eager Gumbel+sort"}
+    assert all({"op", "shape", "dtype", "impl", "ms", "spread", "peak_mb"} <= set(r) for r in data["rows"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# --- make bench-check ---------------------------------------------------------------------------
+
+def _bench_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_check", os.path.join(ROOT, "tools", "bench_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+RESULTS_MD = """# Benchmark results
+
+## CPU
+
+Device: ...
+
+| op | shape | dtype | impl | time ms | speed-up of sgkernels | GB/s or GFLOP/s (% of peak) | peak extra MB |
+|---|---|---|---|---:|---:|---:|---:|
+| a | s1 | float32 | sgkernels | 1.000 |  |  | 0 |
+| a | s1 | float32 | eager | 10.000 | 10.0x |  | 0 |
+| b | s2 | float32 | sgkernels | 2.000 |  |  | 0 |
+| b | s2 | float32 | old anchor name | 8.000 | 4.0x |  | 0 |
+
+## GPU
+
+| a | s1 | float32 | sgkernels | 9.000 |  |  | 0 |
+"""
+
+
+def test_bench_check_compares_quoted_ratios():
+    bc = _bench_check()
+    recorded = bc.parse_section(RESULTS_MD, "CPU")
+    assert [(r["op"], r["impl"], r["ms"]) for r in recorded][:2] == [("a", "sgkernels", 1.0), ("a", "eager", 10.0)]
+    today = [dict(op="a", shape="s1", impl="sgkernels", ms=1.0), dict(op="a", shape="s1", impl="eager", ms=12.4),
+             dict(op="b", shape="s2", impl="sgkernels", ms=1.0), dict(op="b", shape="s2", impl="new anchor", ms=5.0)]
+    quoted = [("a", "s1", "eager"), ("b", "s2", "old anchor name")]
+    results, ok = bc.compare(recorded, today, quoted, 0.25)
+    assert ok is False and results[0]["status"] == "ok" and results[0]["change"] == pytest.approx(0.24)
+    assert results[1]["status"] == "missing today"  # the anchor was renamed: the README quotes a row that is gone
+    today[1]["ms"] = 13.0
+    results, ok = bc.compare(recorded, today, quoted[:1], 0.25)
+    assert not ok and results[0]["status"] == "moved more than 25%"
+    assert "| a | s1 | eager | 10.0x | 13.0x | +30% | moved more than 25% |" in bc.render(results)
+    assert bc.readme_table(recorded, quoted).splitlines()[2] == "| `a` s1 | 1 ms | eager 10 ms | 10.0x |"
+
+
+def test_bench_check_quoted_rows_name_known_ops():
+    bc = _bench_check()
+    assert all(op in bc.MODULE and bc.MODULE[op] in ops.OPS for rows in bc.QUOTED.values() for op, _, _ in rows)
