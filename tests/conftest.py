@@ -23,9 +23,11 @@ _GPU_SKIP_REASON = re.compile(r"\bno CUDA device\b|\bneeds a CUDA device\b|\bwit
 
 # The fast tier (``make test``, ``-m "not slow"``) runs, of a test with more than FAST_GRID instances,
 # a pairwise-covering subset of its parameter grid: every pair of parameter values (backend x dtype,
-# dtype x shape, ...) at least once. The rest of the grid, the full cross product, is ``slow``
+# dtype x shape, ...) at least once; above LARGE_GRID instances, every single value at least once (each
+# backend, dtype, shape, option). The rest of the grid, the full cross product, is ``slow``
 # (``make test-all``). A grid stays whole when it is small.
 FAST_GRID = 12
+LARGE_GRID = 48
 
 
 # Tests and instances that are slow for the fast tier, and why (node id glob -> reason). CPU seconds
@@ -46,6 +48,8 @@ SLOW_TESTS = {
     "test_gpu_suite.py::test_dry_run": "runs the whole GPU suite script in dry mode (~9 s)",
     "test_gpu_suite.py::test_timeout_keeps_the_log_and_goes_on": "waits for step time-outs (~8 s)",
     "test_train.py::test_ddp_two_processes_gloo": "starts two training processes (~8 s)",
+    "test_compile.py::test_sampler_step": "inductor compiles the sampler's step (~7 s; the ops' compile stays fast)",
+    "test_cli.py::test_demo_png_is_labelled_and_its_grids_unchanged": "the demo samples and evaluates (~5 s)",
 }
 
 
@@ -74,20 +78,23 @@ def pytest_collection_modifyitems(config, items):
             grids.setdefault((item.path, item.cls, item.originalname), []).append(item)
     for grid in grids.values():
         if len(grid) > FAST_GRID:
-            fast = pairwise_cover([item.callspec.id for item in grid])
+            fast = pairwise_cover([item.callspec.id for item in grid], pairs=len(grid) <= LARGE_GRID)
             for item in grid:
                 if item.callspec.id not in fast:
                     item.add_marker(pytest.mark.slow)
 
 
-def pairwise_cover(ids: list[str]) -> set[str]:
+def pairwise_cover(ids: list[str], pairs: bool = True) -> set[str]:
     """Ids (``"cpp-fp32-V13-mean"``) such that every pair of values of two ``-``-separated fields that
-    occurs in ``ids`` occurs in one of them: greedy, the first id first among equals (deterministic)."""
-    def pairs(case_id: str) -> set:
+    occurs in ``ids`` occurs in one of them (``pairs=False``: every single value): greedy, the first id
+    first among equals (deterministic)."""
+    def covered(case_id: str) -> set:
         fields = list(enumerate(case_id.split("-")))
+        if not pairs:
+            return set(fields)
         return {(a, b) for i, a in enumerate(fields) for b in fields[i + 1:]} or {(fields[0], None)}
 
-    of = {i: pairs(i) for i in ids}
+    of = {i: covered(i) for i in ids}
     uncovered = set().union(*of.values())
     chosen: set[str] = set()
     while uncovered:
