@@ -70,6 +70,15 @@ TORCH_LIBRARY(sgkernels, m) {
       "Tensor? noise, int? mask_token_id, int quota, float threshold, float? editing_threshold) "
       "-> (Tensor, Tensor, Tensor)");
 
+  // One step of diffusers' EntropyBoundScheduler (spec: sgkernels/ops/entropy_bound.py) on the
+  // temperature-scaled logits [B, L, V]: tokens ~ softmax(logits), their probabilities, the exact
+  // entropy of each row, and per batch row the positions (by increasing entropy, ties to the lower
+  // position) whose earlier entropies sum to <= entropy_bound; noise int64 [B, L] elsewhere.
+  // -> prev_sample int64, accepted bool, tokens int64, probs float32, entropy float32, each [B, L].
+  m.def(
+      "entropy_bound_step(Tensor logits, Tensor noise, float entropy_bound, SymInt seed, SymInt offset, "
+      "Tensor(a!) status, Tensor? seed_tensor=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // logits [..., V] float32/bfloat16/float16 (any strides), target [...] integer.
   // -> (loss: [] for "mean"/"sum", [...] for "none", in logits' dtype;
   //     grad: d loss / d logits, [..., V], logits' dtype, contiguous;

@@ -60,6 +60,7 @@ KERNELS = {
     "vq_lookup": ("cpp", "cuda"),
     "head_sample": ("cpp", "triton", "cuda"),
     "block_refine_step": ("cpp", "triton", "cuda"),
+    "entropy_bound_step": ("cpp", "triton", "cuda"),
 }
 _CUDA = torch.cuda.is_available()
 _CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not _CUDA, reason="no CUDA device")]
@@ -224,6 +225,7 @@ TOLERANCES = {
     # block_refine_step: tokens and the commit exact (rows of a few dozen tokens, no token on a CDF
     # step's rounding edge), probabilities to float32 rounding.
     **{("block_refine_step", dt): Tol(rtol=1e-5, atol=1e-6) for dt in FLOAT_DTYPES},
+    **{("entropy_bound_step", dt): Tol(rtol=1e-5, atol=1e-6) for dt in FLOAT_DTYPES},
 }
 
 

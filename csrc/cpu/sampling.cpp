@@ -74,6 +74,7 @@ Confidence parse_confidence(c10::string_view s) {
   if (s == "prob") return Confidence::kProb;
   if (s == "margin") return Confidence::kMargin;
   if (s == "entropy") return Confidence::kEntropy;
+  if (s == "neg_entropy") return Confidence::kNegEntropy;
   TORCH_CHECK(false, "confidence: expected \"logp\", \"prob\", \"margin\" or \"entropy\", got \"", std::string(s), "\"");
 }
 
@@ -164,8 +165,16 @@ double apply_filters(const SampleParams& p, const float* g, float* e, double* bs
   return total;
 }
 
-// Dream's confidence of the kept distribution q = e / z (e at the max = 1).
-float row_confidence(Confidence kind, const float* e, int64_t v, double z, int64_t tok, int64_t first_max) {
+// Dream's confidence of the kept distribution q = e / z (e at the max = 1); kNegEntropy: the exact
+// sum q log q = sum q d - log z with d = (g - M) * inv_t = log e (no log per element).
+float row_confidence(Confidence kind, const float* e, int64_t v, double z, int64_t tok, int64_t first_max,
+                     const float* g, float m, float inv_t) {
+  if (kind == Confidence::kNegEntropy) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < v; ++i)
+      if (e[i] > 0.0f) acc += static_cast<double>(e[i]) * (static_cast<double>(g[i] - m) * inv_t);
+    return static_cast<float>(acc / z - std::log(z));
+  }
   if (kind == Confidence::kProb) return static_cast<float>(static_cast<double>(e[tok]) / z);
   if (kind == Confidence::kMargin) {
     float e2 = 0.0f;
@@ -264,7 +273,8 @@ RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, 
   }
   const double lp = static_cast<double>(g[tok]) - static_cast<double>(m) - std::log(sum);
   const float conf = p.confidence == Confidence::kLogp ? static_cast<float>(lp)
-                                                        : row_confidence(p.confidence, e, v, z, tok, first_max);
+                                                        : row_confidence(p.confidence, e, v, z, tok, first_max, g, m,
+                                                                         inv_t);
   return {tok, static_cast<float>(lp), false, conf};
 }
 
@@ -707,10 +717,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ref
   return {prev, transfer, edit, tokens, probs};
 }
 
+// entropy_bound_step (spec: sgkernels/ops/entropy_bound.py): guided_sample at temperature 1 with the
+// exact entropy of each row, then per batch row the positions sorted by (entropy, position) and
+// accepted while the float64 sum of the entropies before them is <= entropy_bound.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_bound_step_cpu(
+    const at::Tensor& logits, const at::Tensor& noise, double entropy_bound, int64_t seed, int64_t offset,
+    const at::Tensor& status, const std::optional<at::Tensor>& seed_tensor) {
+  TORCH_CHECK(logits.dim() == 3, "logits: expected shape [B, L, V], got ", logits.sizes());
+  TORCH_CHECK(noise.device().is_cpu() && noise.scalar_type() == at::kLong && noise.dim() == 2 &&
+                  noise.size(0) == logits.size(0) && noise.size(1) == logits.size(1),
+              "noise: expected an int64 CPU tensor of shape [", logits.size(0), ", ", logits.size(1), "]");
+  TORCH_CHECK_VALUE(!std::isnan(entropy_bound), "entropy_bound: expected a float, got NaN");
+  auto [tokens, logp, negh] = guided_sample_cpu(logits, std::nullopt, 0.0, 1.0, seed, offset, status, 0, 1.0, 0.0,
+                                                "neg_entropy", seed_tensor, std::nullopt, std::nullopt, "dream");
+  at::Tensor entropy = negh.neg();
+  const int64_t batch = logits.size(0), len = logits.size(1);
+  TORCH_CHECK(len < (int64_t(1) << 32), "L must be < 2**32");
+  at::Tensor accepted = at::empty({batch, len}, noise.options().dtype(at::kBool));
+  at::Tensor prev = at::empty({batch, len}, noise.options());
+  if (prev.numel() == 0) return {prev, accepted, tokens, logp.exp(), entropy};
+  const at::Tensor nz = noise.contiguous();
+  const float* hp = entropy.const_data_ptr<float>();
+  const int64_t* tkp = tokens.const_data_ptr<int64_t>();
+  const int64_t* nzp = nz.const_data_ptr<int64_t>();
+  bool* acc_p = accepted.mutable_data_ptr<bool>();
+  int64_t* prev_p = prev.mutable_data_ptr<int64_t>();
+  const double bound = static_cast<double>(static_cast<float>(entropy_bound));  // float32, as torch compares
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads_for(batch * len * 16), batch));
+  parallel_rows(batch, nt, 1, [&](int64_t b, Scratch& s) {
+    const int64_t base = b * len;
+    s.keys.clear();
+    for (int64_t n = 0; n < len; ++n) s.keys.push_back(conf_key(hp[base + n], n));
+    std::sort(s.keys.begin(), s.keys.end());
+    double before = 0.0;
+    for (const uint64_t key : s.keys) {
+      const int64_t n = static_cast<int64_t>(key & 0xFFFFFFFFu);
+      acc_p[base + n] = before <= bound;
+      before += static_cast<double>(hp[base + n]);
+    }
+    for (int64_t n = 0; n < len; ++n) prev_p[base + n] = acc_p[base + n] ? tkp[base + n] : nzp[base + n];
+    return 0;
+  });
+  return {prev, accepted, tokens, logp.exp(), entropy};
+}
+
 }  // namespace
 }  // namespace sgk
 
 TORCH_LIBRARY_IMPL(sgkernels, CPU, m) {
+  m.impl("entropy_bound_step", &sgk::entropy_bound_step_cpu);
   m.impl("block_refine_step", &sgk::block_refine_step_cpu);
   m.impl("block_commit", &sgk::block_commit_cpu);
   m.impl("guided_sample", &sgk::guided_sample_cpu);

@@ -15,7 +15,8 @@
 
 namespace sgk {
 
-enum class Confidence : int { kLogp = 0, kProb = 1, kMargin = 2, kEntropy = 3 };
+// kNegEntropy: the exact negative entropy sum q log q (entropy_bound_step; not a remask confidence).
+enum class Confidence : int { kLogp = 0, kProb = 1, kMargin = 2, kEntropy = 3, kNegEntropy = 4 };
 
 // The k-th largest of g[0..v) (1 <= k < v); `buf` is scratch.
 inline float kth_largest(const float* g, int64_t v, int64_t k, std::vector<float>& buf) {

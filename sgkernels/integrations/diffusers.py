@@ -63,12 +63,13 @@ __all__ = ["CFGLogits", "FusedAmusedPipeline", "FusedAmusedScheduler", "GuidedLo
 
 # Block diffusion (LLaDA2 / DiffusionGemma): diffusers >= 0.39 has the stock classes.
 try:
-    from ._block_diffusion import FusedBlockRefinementScheduler  # noqa: F401
+    from ._block_diffusion import (FusedBlockRefinementScheduler, FusedEntropyBoundScheduler,  # noqa: F401
+                                   FusedLLaDA2Pipeline)
 except ImportError as e:  # pragma: no cover - depends on the install
     _BLOCK_DIFFUSION_ERROR = e
 else:
     _BLOCK_DIFFUSION_ERROR = None
-    __all__ += ["FusedBlockRefinementScheduler"]
+    __all__ += ["FusedBlockRefinementScheduler", "FusedEntropyBoundScheduler", "FusedLLaDA2Pipeline"]
 
 
 def __getattr__(name):

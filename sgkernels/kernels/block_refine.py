@@ -1,4 +1,5 @@
-"""Triton kernels of ``block_refine_step`` and ``block_commit`` (spec: sgkernels/ops/block_refine.py).
+"""Triton kernels of ``block_refine_step`` / ``block_commit`` (spec: sgkernels/ops/block_refine.py) and
+of ``entropy_bound_step`` (spec: sgkernels/ops/entropy_bound.py).
 
 ``block_refine_step`` = guided_sample's row kernel (:func:`sampling._sample_rows_kernel`, confidence
 "prob" and ``filter_order``; greedy: "logp") + :func:`_block_commit_kernel`: two launches, no host
@@ -168,3 +169,62 @@ def block_refine_step_triton(logits, sample, committed, prompt_mask, noise, mask
         tokens, conf, sample, committed, prompt_mask, noise, mask_token_id, quota, float(threshold),
         None if editing_threshold is None else float(editing_threshold), exp_conf=greedy)
     return prev, transfer, edit, tokens, probs.reshape(batch, length)
+
+
+# ----------------------------------------------------------------------------------------------
+# entropy_bound_step (spec: sgkernels/ops/entropy_bound.py)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _entropy_accept_kernel(negh_ptr, tokens_ptr, noise_ptr, entropy_ptr, prev_ptr, accepted_ptr, L, bound,
+                           BLOCK: tl.constexpr):
+    """The entropy-bound accept set of one batch row (program ``b``), contiguous ``[B, L]`` buffers.
+
+    Reads ``negh`` (float32, the rows' negative entropies), ``tokens`` and ``noise`` (int64). Writes
+    ``entropy`` (float32), ``prev`` (int64: the token where accepted, the noise elsewhere) and
+    ``accepted`` (bool): position i is accepted when the float64 sum of the entropies ordered before it
+    (by entropy, ties to the lower position) is <= ``bound``. ``L^2`` compares in [BLOCK, BLOCK] tiles.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    base = b * L
+    offs = tl.arange(0, BLOCK)
+    for i0 in range(0, L, BLOCK):
+        i = i0 + offs
+        mi = i < L
+        h_i = -tl.load(negh_ptr + base + i, mask=mi, other=0.0)
+        before = tl.zeros([BLOCK], tl.float64)
+        for j0 in range(0, L, BLOCK):
+            j = j0 + offs
+            mj = j < L
+            h_j = -tl.load(negh_ptr + base + j, mask=mj, other=0.0)
+            ahead = mj[None, :] & ((h_j[None, :] < h_i[:, None]) | ((h_j[None, :] == h_i[:, None]) &
+                                                                   (j[None, :] < i[:, None])))
+            before += tl.sum(tl.where(ahead, h_j[None, :].to(tl.float64), 0.0), axis=1)
+        accepted = before <= bound
+        tok = tl.load(tokens_ptr + base + i, mask=mi, other=0)
+        noise = tl.load(noise_ptr + base + i, mask=mi, other=0)
+        tl.store(entropy_ptr + base + i, h_i, mask=mi)
+        tl.store(prev_ptr + base + i, tl.where(accepted, tok, noise), mask=mi)
+        tl.store(accepted_ptr + base + i, accepted.to(tl.int8), mask=mi)
+
+
+def entropy_bound_step_triton(logits, noise, entropy_bound, seed, offset, status, seed_tensor=None):
+    """CUDA kernels of ``torch.ops.sgkernels.entropy_bound_step``: the row sampler (temperature 1,
+    confidence "neg_entropy"), then the accept kernel. Two launches, no host sync."""
+    batch, length, vocab = logits.shape
+    device = logits.device
+    n_rows = batch * length
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
+    logp = torch.empty(n_rows, dtype=torch.float32, device=device)
+    negh = torch.empty(n_rows, dtype=torch.float32, device=device)
+    prev = torch.empty((batch, length), dtype=torch.int64, device=device)
+    accepted = torch.empty((batch, length), dtype=torch.bool, device=device)
+    entropy = torch.empty((batch, length), dtype=torch.float32, device=device)
+    if n_rows > 0:
+        _launch_sampler(_prep_logits(logits, vocab), None, None, tokens, logp, status, 0.0, 1.0, int(seed),
+                        int(offset), conf=negh, confidence="neg_entropy", seed_t=seed_tensor)
+        block = min(triton.next_power_of_2(length), _COMMIT_TILE)
+        _launch(_entropy_accept_kernel)[(batch,)](
+            negh, tokens, noise.contiguous(), entropy, prev, accepted.view(torch.uint8), length, _f32(entropy_bound),
+            BLOCK=block, num_warps=max(1, min(4, block // 32)),
+        )
+    return prev, accepted, tokens.reshape(batch, length), logp.exp().reshape(batch, length), entropy

@@ -265,6 +265,15 @@ def _multi_tile_filtered(l_row, guide_row, live, V, stride_lv, stride_guide_v, o
             q = _keep(e, key, thr_k, thr_p, min_p) * inv_z[:, None]
             acc += tl.sum(tl.where(q > 0.0, q * tl.log(q + 1e-10), 0.0).to(tl.float64), axis=1)
         conf = acc.to(tl.float32)
+    if CONF == 4:  # exact sum q log q = sum e d / z - log z, d = (g - M) / T = log e
+        acc = tl.zeros([BLOCK_R], tl.float64)
+        for t in range(0, n_iter):
+            g, m2, key, e = _tile_e(l_row, guide_row, (t * BLOCK_V + cols)[None, :], live, V, stride_lv,
+                                    stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE)
+            e = _keep(e, key, thr_k, thr_p, min_p)
+            acc += tl.sum(tl.where(e > 0.0, e.to(tl.float64) * ((g - Mz[:, None]) * inv_t).to(tl.float64), 0.0),
+                          axis=1)
+        conf = (acc / zs - tl.log(zs)).to(tl.float32)
     if CONF == 2:
         e2 = tl.where(n_top > 1, 1.0, e2)
         conf = ((1.0 - e2.to(tl.float64)) / zs).to(tl.float32)
@@ -427,6 +436,9 @@ def _sample_rows_kernel(
             if CONF == 3:
                 q = e * (1.0 / zs).to(tl.float32)[:, None]
                 conf = tl.sum(tl.where(q > 0.0, q * tl.log(q + 1e-10), 0.0).to(tl.float64), axis=1).to(tl.float32)
+            if CONF == 4:  # exact sum q log q (entropy_bound_step): sum e d / z - log z, d = log e
+                ed = tl.where(e > 0.0, e.to(tl.float64) * (d * inv_t).to(tl.float64), 0.0)
+                conf = (tl.sum(ed, axis=1) / zs - tl.log(zs)).to(tl.float32)
     else:
         # ---------------- multi-tile: one pass over the tiles, then one tile again ----------------
         tids = tl.arange(0, NUM_TILES)
@@ -734,7 +746,7 @@ def _sampler_config(n_rows: int, vocab: int):
 
 _FLT_MIN = 1.1754943508222875e-38
 _FLT_MAX = 3.4028234663852886e38
-_CONF_CODES = {"logp": 0, "prob": 1, "margin": 2, "entropy": 3}
+_CONF_CODES = {"logp": 0, "prob": 1, "margin": 2, "entropy": 3, "neg_entropy": 4}
 
 
 def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, temperature, seed, offset, *, conf=None,
