@@ -17,6 +17,7 @@ from diffusers import BlockRefinementScheduler  # noqa: E402
 
 from sgkernels.integrations.diffusers import FusedBlockRefinementScheduler  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 OUT_FIELDS = ("prev_sample", "transfer_index", "editing_transfer_index", "sampled_tokens")
 
 
@@ -144,3 +145,132 @@ def test_bad_input_names_the_argument_and_changes_nothing(kwargs, name):
     assert torch.equal(fused._committed, before)
     with pytest.raises(ValueError, match="block_length"):
         fused.set_timesteps(3, block_length=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# FusedLLaDA2Pipeline against the stock LLaDA2Pipeline on a tiny block-causal LM
+
+from diffusers import LLaDA2Pipeline  # noqa: E402
+from tiny_block_lm import TinyBlockLM, TinyNoCacheLM  # noqa: E402
+
+from sgkernels.integrations.diffusers import FusedLLaDA2Pipeline  # noqa: E402
+
+VOCAB, MASK, BLOCK = 64, 63, 8
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    model = TinyBlockLM(vocab_size=VOCAB, block_length=BLOCK).eval()
+    stock = LLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(block_length=BLOCK))
+    fused = FusedLLaDA2Pipeline.from_pipe(stock)
+    for p in (stock, fused):
+        p.set_progress_bar_config(disable=True)
+    return stock, fused
+
+
+def _prompt():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB - 2, (2, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 left-padded
+    return ids, mask
+
+
+def _run(pipe, **kw):
+    ids, mask = _prompt()
+    args = dict(input_ids=ids, attention_mask=mask, gen_length=27, block_length=BLOCK, num_inference_steps=4,
+                mask_token_id=MASK, output_type="seq", threshold=0.7, editing_threshold=0.5, eos_token_id=None,
+                max_post_steps=4)
+    args.update(kw)
+    return pipe(**args).sequences
+
+
+def test_from_pipe_converts_the_scheduler(pipes):
+    stock, fused = pipes
+    assert isinstance(fused.scheduler, FusedBlockRefinementScheduler)
+    again = FusedLLaDA2Pipeline(**stock.components)
+    assert isinstance(again.scheduler, FusedBlockRefinementScheduler) and again.model is stock.model
+
+
+def _matrix():
+    return [pytest.param(v, pc, fh, id=f"{v}-cache{pc}-head{fh}")
+            for v in ("editing", "no-editing", "eos", "greedy-method") for pc in (False, True) for fh in (True, False)]
+
+
+@pytest.mark.parametrize("variant, prefix_cache, fused_head", _matrix())
+def test_greedy_token_equal_to_stock(pipes, prefix_cache, fused_head, variant):
+    stock, fused = pipes
+    kw = {"no-editing": dict(editing_threshold=None), "greedy-method": dict(temperature=0.8, sampling_method="greedy"),
+          "editing": {}, "eos": {}}[variant]
+    if variant == "eos":  # a token the stock run commits early in row 0: its rows stop there
+        kw = dict(eos_token_id=int(_run(stock)[0, 4]))
+    want = _run(stock, **kw)
+    got = _run(fused, prefix_cache=prefix_cache, fused_head=fused_head, **kw)
+    assert torch.equal(got, want)
+    if variant == "eos":
+        assert bool((want == kw["eos_token_id"]).any())
+
+
+def test_head_only_on_the_active_block(pipes):
+    """fused_head: the LM head module never runs; prefix_cache: the backbone never sees more than a block
+    at a time after the prompt's full blocks."""
+    _, fused = pipes
+    model = fused.model
+    head_calls, lengths = [], []
+    h1 = model.lm_head.register_forward_hook(lambda m, i, o: head_calls.append(tuple(o.shape)))
+    h2 = model.model.register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1]))
+    try:
+        _run(fused, prefix_cache=True)
+        assert head_calls == [] and max(lengths) <= BLOCK
+        lengths.clear()
+        _run(fused)
+        assert head_calls == [] and max(lengths) > BLOCK  # the whole window, without the head
+        _run(fused, fused_head=False)
+        assert head_calls and head_calls[0][-1] == VOCAB
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def test_sampled_generator_and_tuple_output(pipes):
+    _, fused = pipes
+    kw = dict(temperature=0.9, top_k=20, top_p=0.9)
+    a = _run(fused, generator=torch.Generator().manual_seed(3), **kw)
+    b = _run(fused, generator=torch.Generator().manual_seed(3), prefix_cache=True, **kw)
+    c = _run(fused, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not bool((a == MASK).any())
+    ids, mask = _prompt()
+    seqs, texts = fused(input_ids=ids, attention_mask=mask, gen_length=9, block_length=BLOCK, mask_token_id=MASK,
+                        output_type="seq", return_dict=False)
+    assert seqs.shape == (2, 9) and texts is None
+
+
+def test_callback_runs_the_stock_loop(pipes):
+    stock, fused = pipes
+    seen = []
+
+    def cb(pipe, step, t, kw):
+        seen.append(step)
+        return kw
+
+    assert torch.equal(_run(fused, callback_on_step_end=cb), _run(stock))
+    assert seen
+    with pytest.raises(ValueError, match="prefix_cache"):
+        _run(fused, callback_on_step_end=cb, prefix_cache=True)
+
+
+def test_bad_input(pipes):
+    _, fused = pipes
+    no_cache = FusedLLaDA2Pipeline(model=TinyNoCacheLM(vocab_size=VOCAB, block_length=BLOCK).eval(),
+                                   scheduler=BlockRefinementScheduler(block_length=BLOCK))
+    no_cache.set_progress_bar_config(disable=True)
+    state = {k: v.clone() for k, v in no_cache.model.state_dict().items()}
+    with pytest.raises(ValueError, match="prefix_cache"):
+        _run(no_cache, prefix_cache=True)
+    assert all(torch.equal(v, no_cache.model.state_dict()[k]) for k, v in state.items())
+    assert _run(no_cache).shape == (2, 27)  # without the cache it runs
+    for kw, name in ((dict(block_length=0), "block_length"), (dict(threshold=math.nan), "threshold"),
+                     (dict(temperature=1.0, top_p=1.5), "top_p"), (dict(sampling_method="beam"), "sampling_method")):
+        with pytest.raises(ValueError, match=name):
+            _run(fused, **kw)
