@@ -26,13 +26,13 @@ KERNELS = {  # every kernel of each module of sgkernels/kernels
     "sampling": ("_sample_rows_kernel", "_remask_kernel", "_philox_words_kernel"),
     "cross_entropy": ("_xent_rows_kernel",),
     "head_sample": ("_head_stats_kernel", "_head_pick_kernel"),
-    "block_refine": ("_block_commit_kernel",),
+    "block_refine": ("_block_commit_kernel", "_entropy_accept_kernel"),
 }
 N_XENT_CONFIGS = 6
 N_HEAD_CONFIGS = 6
 N_REMASK_CONFIGS = 7
-N_SAMPLER_CONFIGS = 17
-N_BLOCK_CONFIGS = 3
+N_SAMPLER_CONFIGS = 19
+N_BLOCK_CONFIGS = 4
 
 
 def _load():
@@ -104,6 +104,9 @@ def _sampler_configs(S):
     # filter_order "hf" (block_refine_step: confidence "prob", seed from memory), one tile and the tile loop
     picks += [("bf16", False, "temp", False, 16, 128, 1, True, 1, True, True),
               ("fp32", False, "temp", False, 1, 2048, 128, True, 1, True, True)]
+    # the exact negative entropy (confidence code 4, entropy_bound_step), one tile and the tile loop
+    picks += [("bf16", False, "t1", False, 16, 128, 1, False, 4, True, False),
+              ("fp32", False, "t1", False, 1, 2048, 128, False, 4, True, False)]
     out = []
     for dt, guide, mode, rowmask, block_r, block_v, tiles, filt, conf, rng_ptr, hf in picks:
         types = dict(base, logits_ptr=f"*{dt}", guide_ptr=f"*{dt}")
@@ -222,6 +225,9 @@ def _block_configs(B):
         const = dict(MASK_MODE=mask_mode, HAS_PROMPT=prompt, EDIT=edit, EXP_CONF=exp_conf, BLOCK=block)
         name = f"block_commit[mask={mask_mode},prompt={prompt},edit={edit},exp={exp_conf},BLOCK={block}]"
         out.append((name, B._block_commit_kernel, types, const, max(1, block // 32)))
+    types = {"negh_ptr": "*fp32", "tokens_ptr": "*i64", "noise_ptr": "*i64", "entropy_ptr": "*fp32", "prev_ptr": "*i64",
+             "accepted_ptr": "*i8", "L": "i32", "bound": "fp32"}
+    out.append(("entropy_accept[BLOCK=64]", B._entropy_accept_kernel, types, dict(BLOCK=64), 2))
     assert len(out) == N_BLOCK_CONFIGS
     return out
 
@@ -312,6 +318,7 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
         assert any(f"sm_{cc} xent_rows" in line for line in ok)
         assert any(f"sm_{cc} head_stats" in line for line in ok) and any(f"sm_{cc} head_pick" in line for line in ok)
         assert any(f"sm_{cc} block_commit" in line for line in ok)
+        assert any(f"sm_{cc} entropy_accept" in line for line in ok)
 
 
 def test_every_kernel_is_covered():
