@@ -149,7 +149,7 @@ double apply_filters(const SampleParams& p, const float* g, float* e, double* bs
       for (int64_t i = 0; i < v; ++i)
         if (g[i] >= thr) mass += static_cast<double>(e[i]);
     }
-    thr = std::max(thr, top_p_threshold(g, e, v, z, p.top_p * mass, s.sel_pairs));
+    thr = std::max(thr, top_p_threshold(g, e, v, z, p.top_p * mass, s.sel_pairs, p.hf_order ? thr : -INFINITY));
   }
   const float min_e = static_cast<float>(p.min_p);
   double total = 0.0;
