@@ -1,10 +1,12 @@
 # Two commands from a clean clone: `make demo` and `make test`. Both create .venv and install into it.
+# `make test` is the fast tier (every op on every backend, every drop-in, the CLI and the loaders; a few
+# minutes on 2 cores); `make test-all` is the full suite (CI runs both).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-.PHONY: all install test demo bench bench-pytest cmake-check info clean gpu-artifact test-device-versions \
+.PHONY: all install test test-all demo bench bench-pytest cmake-check info clean gpu-artifact test-device-versions \
         test-diffusers-upstream
 
 all: install
@@ -22,9 +24,17 @@ $(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp cs
 
 install: $(VENV)/.installed
 
+# -n: pytest-xdist workers (TEST_WORKERS=0 runs in one process). -m "not slow": tests/conftest.py and
+# pytest.ini say what is slow and why.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 test: install
 	$(PY) -m sgkernels.info
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
+
+test-all: install
+	$(PY) -m sgkernels.info
+	$(PY) -m pytest -q $(XDIST)
 
 # The embedded digits model: a self-guided and a plain MaskGIT grid (same seed) side by side in
 # digits_demo.png, and both metric lines. The synthetic kernel demo: $(PY) -m examples.kernel_demo

@@ -10,7 +10,7 @@ Quick use::
 Guide training (``sgkernels.training``, also reachable as ``sgkernels.train``, with
 ``sgkernels.train_guide`` and ``sgkernels.TrainConfig``) is imported on first use, not by ``import sgkernels``.
 """
-import importlib
+from importlib import import_module as _import_module
 
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
@@ -46,10 +46,18 @@ _LAZY_TRAINING = ("TrainConfig", "train_guide")
 def __getattr__(name: str):
     """``sgkernels.training`` (alias ``sgkernels.train``) and its names, imported on first access."""
     if name in ("training", "train"):
-        return importlib.import_module(".training", __name__)
+        return _import_module(".training", __name__)
     if name in _LAZY_TRAINING:
-        return getattr(importlib.import_module(".training", __name__), name)
+        return getattr(_import_module(".training", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API only (what ``__all__`` lists), not the modules this file imports."""
+    return sorted([*__all__, "__version__"])
+
+
+del torch  # imported for its side effect only
 
 __all__ = [
     "MaskTransformer",

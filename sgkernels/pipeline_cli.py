@@ -108,5 +108,5 @@ def generate(args) -> int:
     if rank == 0:
         dt = time.perf_counter() - t0
         print(f"wrote {where}: {args.num} images, T={steps}, s={scale:g}, tau0={tau:g}, seed={args.seed}, "
-              f"{world} process{'es' if world > 1 else ''} ({args.num / dt:.2f} images/s)")
+              f"{world} process{'es' if world > 1 else ''}, {dt:.1f} s (the first batch includes warm-up)")
     return 0

@@ -41,17 +41,16 @@ tensor the kernels read): a sample is T graph launches.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from . import _rng
 from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
-from .ops import _status, _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
+from .ops import _validate, check_errors, head_sample, remask_lowest_confidence, self_guided_step
 from .ops._dispatch import choose_impl
 from .ops.remask import TIE_RULES
 from .schedule import ROUNDINGS, TEMPERATURE_DECAYS, choice_temperature, mask_len
+from .step_graphs import StepGraphCache, check_graph_device
 
 # log(float32 max) as the official code computes it (float32): decoded positions' confidence.
 LOG_FLOAT32_MAX = float(torch.log(torch.tensor(torch.finfo(torch.float32).max)))
@@ -83,138 +82,6 @@ def guidance_active(guide: TOAST | None, guidance_scale: float) -> bool:
     only see the guide's logits or None.
     """
     return guide is not None and guidance_requested(guidance_scale)
-
-
-class _CudaGraphAPI:
-    """The CUDA-graph calls of :class:`SelfGuidedSampler` (``cuda_graph=True``), in one place.
-
-    A seam: the CPU tests swap :data:`_GRAPH_API` for a stand-in that records the captured
-    callables and replays them by calling them again, so the capture logic (static buffers, the seed
-    tensor, one graph per step, replay order) is exercised without a GPU.
-    """
-
-    device_type = "cuda"
-
-    def pool(self, device: torch.device):
-        """A memory pool shared by the graphs of one key (they replay one after the other)."""
-        with torch.cuda.device(device):
-            return torch.cuda.graph_pool_handle()
-
-    def warmup(self, fns, device: torch.device) -> None:
-        """Run each of ``fns`` once on a side stream, outside any capture: Triton JIT compiles,
-        cuBLAS handles and workspaces, the ops' status word are created here, not inside a capture."""
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for fn in fns:
-                fn()
-        current.wait_stream(side)
-
-    def capture(self, fn, pool, device: torch.device):
-        """``fn()`` captured into a new graph allocating from ``pool``: an object with ``replay()``."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool):
-            fn()
-        return graph
-
-    def after(self, previous, device: torch.device):
-        """Order the current stream after ``previous`` (the stream of the last use of the static
-        buffers, or None) and return it: a call from a thread on another stream must not overwrite
-        them while the last one's work is queued."""
-        stream = torch.cuda.current_stream(device)
-        if previous is not None and previous != stream:
-            stream.wait_stream(previous)
-        return stream
-
-    def status_word(self, device: torch.device) -> torch.Tensor:
-        """The status word the captured kernels write: this thread's (the warm-up created it)."""
-        return _status.status_buffer(device)
-
-    def raise_flagged(self, word: torch.Tensor) -> None:
-        """Raise the errors the graphs' kernels flagged in ``word`` (and clear it), as :func:`check_errors`."""
-        torch.cuda.synchronize(word.device)
-        flags = int(word.item())
-        if flags:
-            word.zero_()
-            _status._raise_flags(word.device, flags)
-
-
-_GRAPH_API = _CudaGraphAPI()
-_CAPTURE_LOCK = threading.Lock()
-
-
-class _StepGraphs:
-    """One graph per step index of a :class:`SelfGuidedSampler`, for one batch size and device.
-
-    Graph ``k`` is :meth:`SelfGuidedSampler.step` at step ``k`` (model passes and sampling op: its
-    choice temperature, mask count rule and offset ``k`` are baked in as Python scalars) on the
-    static buffers: it reads ``tokens`` / ``is_masked`` / ``labels`` / ``seed`` (a 0-dim int64 tensor
-    the kernels read at replay) and ends by copying the new tokens and mask into ``tokens`` /
-    ``is_masked``, where graph ``k + 1`` reads them. The T graphs share one memory pool; they are
-    captured in step order and must be replayed in that order (:meth:`replay` checks it).
-
-    The kernels flag bad input in the status word of the thread that captured them (the graphs
-    keep it alive): :meth:`raise_flagged` reads that one, whichever thread replays. One sample at a
-    time uses the buffers (:attr:`lock`; across streams, :meth:`_CudaGraphAPI.after`).
-    """
-
-    def __init__(self, sampler: SelfGuidedSampler, batch: int, device: torch.device):
-        cfg = sampler.model.config
-        self.tokens = torch.full((batch, cfg.num_tokens), cfg.mask_token_id, dtype=torch.int64, device=device)
-        self.is_masked = torch.ones((batch, cfg.num_tokens), dtype=torch.bool, device=device)
-        self.labels = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.seed = torch.zeros((), dtype=torch.int64, device=device)
-        self.mask_token_id = cfg.mask_token_id
-        self.graphs: list = []
-        self.status = None  # the status word the captured kernels write
-        self.lock = threading.Lock()
-        self._stream = None  # the stream of the last sample
-        self._next = 0
-
-    @classmethod
-    def capture(cls, sampler: SelfGuidedSampler, batch: int, device: torch.device) -> _StepGraphs:
-        """Warm up every step on the static buffers, then capture steps 0 .. T-1 in order.
-
-        The caller holds ``torch.no_grad()`` and the modules in eval mode (both are baked in).
-        """
-        self = cls(sampler, batch, device)
-
-        def body(k):  # pure: reads the static buffers, writes nothing of theirs
-            return sampler.step(self.tokens, self.is_masked, self.labels, k, self.seed)
-
-        def graphed(k):
-            def fn():
-                tokens, is_masked = body(k)
-                self.tokens.copy_(tokens)
-                self.is_masked.copy_(is_masked)
-            return fn
-
-        _GRAPH_API.warmup([lambda k=k: body(k) for k in range(sampler.steps)], device)
-        self.status = _GRAPH_API.status_word(device)
-        pool = _GRAPH_API.pool(device)
-        self.graphs = [_GRAPH_API.capture(graphed(k), pool, device) for k in range(sampler.steps)]
-        return self
-
-    def reset(self, labels: torch.Tensor, seed: int) -> None:
-        """Start a sample: all positions masked, ``labels`` and ``seed`` copied in (no host sync, no capture)."""
-        self._stream = _GRAPH_API.after(self._stream, self.tokens.device)
-        self.tokens.fill_(self.mask_token_id)
-        self.is_masked.fill_(True)
-        self.labels.copy_(labels)
-        self.seed.fill_(seed)
-        self._next = 0
-
-    def replay(self, step: int) -> None:
-        """Replay graph ``step``: the static buffers advance by one step."""
-        if step != self._next:
-            raise RuntimeError(f"step graphs replay in order: expected step {self._next}, got {step}")
-        self.graphs[step].replay()
-        self._next = step + 1
-
-    def raise_flagged(self) -> None:
-        """Raise what the graphs' kernels flagged (a host sync: once, after the loop)."""
-        _GRAPH_API.raise_flagged(self.status)
 
 
 class SelfGuidedSampler:
@@ -318,7 +185,7 @@ class SelfGuidedSampler:
         self.cfg_scale = _validate.check_float("cfg_scale", cfg_scale)
         self.cuda_graph = bool(cuda_graph)
         self.fused_head = bool(fused_head)
-        self._graphs: dict = {}
+        self._graphs = StepGraphCache()
 
     def _step_rules(self, mask_token_id: int) -> dict:
         """The preset's options of :func:`self_guided_step` (only the non-default ones are passed)."""
@@ -398,37 +265,6 @@ class SelfGuidedSampler:
         reset = tokens if mask_token_id is None else torch.full_like(tokens, mask_token_id)
         return torch.where(remask, reset, new_tokens), remask
 
-    # -- CUDA graphs ---------------------------------------------------------------------------
-    def _graph_key(self, batch: int, device: torch.device) -> tuple:
-        """What a captured set of step graphs depends on besides the weights' memory: the batch size,
-        the device and every setting baked into the graphs as a Python scalar."""
-        return (batch, device, self.guided, self.cfg_scale, self.steps, self.guidance_scale, self.temperature,
-                self.choice_temperature, self.temperature_decay, self.mask_rounding, self.at_least_one,
-                self.decoded_confidence, self.tie_rule)
-
-    def _step_graphs(self, labels: torch.Tensor) -> _StepGraphs:
-        """The captured step graphs for ``labels``' batch size (captured on first use)."""
-        b, device = labels.shape[0], labels.device
-        key = self._graph_key(b, device)
-        with _CAPTURE_LOCK:  # one capture at a time in the process (a capture forbids others' CUDA calls)
-            graphs = self._graphs.get(key)
-            if graphs is None:
-                graphs = self._graphs[key] = _StepGraphs.capture(self, b, device)
-        return graphs
-
-    def _graphed_loop(self, labels: torch.Tensor, seed: int, steps, callback) -> tuple[torch.Tensor, _StepGraphs]:
-        """The sampling loop as replays of the captured step graphs: no host work per step but a launch.
-
-        Returns the tokens and the graphs (whose :meth:`_StepGraphs.raise_flagged` the caller calls)."""
-        graphs = self._step_graphs(labels)
-        with graphs.lock:
-            graphs.reset(labels, seed)
-            for step in steps:
-                graphs.replay(step)
-                if callback is not None:  # the static buffers are overwritten by the next replay
-                    callback(step, graphs.tokens.clone(), graphs.is_masked.clone())
-            return graphs.tokens.clone(), graphs
-
     # -- sampling -----------------------------------------------------------------------------
     def step(self, tokens: torch.Tensor, is_masked: torch.Tensor, labels: torch.Tensor, step: int, seed):
         """Step ``step`` of the loop: the network passes and one fused :func:`self_guided_step`
@@ -479,8 +315,8 @@ class SelfGuidedSampler:
         if guide is not None:
             guide.check_backbone(model)
         device = next(model.parameters()).device
-        if self.cuda_graph and device.type != _GRAPH_API.device_type:
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        if self.cuda_graph:
+            check_graph_device(device)
         if self.cuda_graph and device.type == "cuda" and choose_impl(device) == "torch":
             raise ValueError("cuda_graph=True needs the sampling op's CUDA kernels (Triton), not the torch "
                              "backend: the reference reads the seed tensor on the host, which a capture forbids")
@@ -504,7 +340,7 @@ class SelfGuidedSampler:
             with torch.no_grad():
                 graphs = None
                 if self.cuda_graph:
-                    tokens, graphs = self._graphed_loop(labels, seed, steps, callback)
+                    tokens, graphs = self._graphs.loop(self, labels, seed, steps, callback)
                 else:
                     b, n = labels.shape[0], cfg.num_tokens
                     tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=device)

@@ -55,3 +55,13 @@ def test_cpu_isa_is_the_dispatchers_choice(monkeypatch):
     monkeypatch.setenv("SGKERNELS_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="SGKERNELS_CPU_ISA"):
         _C.cpu_isa()
+
+
+def test_public_namespace_is_the_public_api():
+    import sgkernels
+
+    names = [n for n in dir(sgkernels) if not n.startswith("__")]
+    assert "torch" not in names and "importlib" not in names
+    assert sorted(names) == sorted(sgkernels.__all__)
+    for name in sgkernels.__all__:  # every listed name resolves (lazy ones included)
+        assert getattr(sgkernels, name) is not None

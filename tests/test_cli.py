@@ -340,3 +340,29 @@ def test_batch_seed_and_grid_agree(folders, tmp_path, capsys):
                 "--out-npz", tmp_path / "s.npz"], capsys)[0] == 0
     with np.load(tmp_path / "s.npz") as f:
         assert np.array_equal(f["arr_0"], first.numpy())
+
+
+def test_demo_png_is_labelled_and_its_grids_unchanged(tmp_path, capsys):
+    """The demo's picture explains itself (a caption band over each grid), and the grids' pixels are
+    the unlabelled grids of the same seed."""
+    pytest.importorskip("matplotlib")
+    from sgkernels.digits.cli import _grid
+    from sgkernels.digits.pipeline import DEFAULTS, DigitsModel, class_balanced_labels
+    from sgkernels.digits.plot import captioned
+
+    out = tmp_path / "demo.png"
+    status, text, _ = run(["demo", "--out", out, "--num-eval", "4"], capsys)
+    assert status == 0 and "wrote" in text
+    import matplotlib.image
+
+    png = (matplotlib.image.imread(out)[..., :3] * 255).round().astype(np.uint8)
+    dm = DigitsModel.load(None)
+    labels = class_balanced_labels(20, dm.num_classes)
+    left = _grid(dm.generate(labels, seed=0, steps=DEFAULTS.steps, guidance_scale=DEFAULTS.guidance_scale,
+                             choice_temperature=DEFAULTS.choice_temperature), 10)
+    band = png.shape[0] - left.shape[0]
+    assert band > 0
+    assert np.array_equal(png[band:, :left.shape[1]], left)
+    assert (png[:band] < 128).any()  # text in the band
+    labelled = captioned(left, ["x"])
+    assert np.array_equal(labelled[-left.shape[0]:], left)

@@ -1,6 +1,6 @@
 """SelfGuidedSampler(cuda_graph=True): the whole step (passes + sampling op) captured per step index.
 
-On CPU the CUDA-graph calls (``sgkernels.sampler._GRAPH_API``) are replaced by a stand-in that
+On CPU the CUDA-graph calls (``sgkernels.step_graphs._GRAPH_API``) are replaced by a stand-in that
 records each captured callable and replays it by calling it again on the static buffers, so the
 mechanism (static buffers, the seed tensor, one graph per step, replay order, no recapture for a new
 seed) is checked against the eager loop without a GPU. A second stand-in runs the capture on fake
@@ -14,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sgkernels as sgk
-from sgkernels import sampler as sampler_module
+from sgkernels import step_graphs
 from sgkernels._backend import triton_available
 from sgkernels.ops import _status
 from sgkernels.models import TOAST, MaskTransformer, MaskTransformerConfig
@@ -93,7 +93,7 @@ class _RecordingGraphs:
 @pytest.fixture
 def recording(monkeypatch):
     api = _RecordingGraphs()
-    monkeypatch.setattr(sampler_module, "_GRAPH_API", api)
+    monkeypatch.setattr(step_graphs, "_GRAPH_API", api)
     return api
 
 
@@ -202,7 +202,7 @@ def test_captured_step_has_no_host_sync_on_the_cuda_path(monkeypatch, preset, cf
     branches, the mask counts, the seed tensor; any ``.item()`` / ``bool(tensor)`` on a device value
     raises there (DataDependentOutputException), as a sync would abort a real capture."""
     api = _FakeCudaGraphs()
-    monkeypatch.setattr(sampler_module, "_GRAPH_API", api)
+    monkeypatch.setattr(step_graphs, "_GRAPH_API", api)
     monkeypatch.setattr(_status, "_local", threading.local())  # the fake status word stays here
     model, guide = _models()  # fresh modules: moving them under the fake mode makes their parameters fake
     with FakeTensorMode(allow_non_fake_inputs=True), sgk.use_backend("auto"):  # CUDA tensors: the Triton op
@@ -213,7 +213,7 @@ def test_captured_step_has_no_host_sync_on_the_cuda_path(monkeypatch, preset, cf
         labels = torch.tensor([0, 3, 4], device="cuda")
         with torch.no_grad():
             for seed in (5, 6):
-                out, _ = s._graphed_loop(labels, seed, range(STEPS), None)
+                out, _ = s._graphs.loop(s, labels, seed, range(STEPS), None)
     assert out.shape == (3, model.config.num_tokens) and out.device.type == "cuda"
     assert len(api.captured) == STEPS and api.warmed_up == STEPS and len(api.replayed) == 2 * STEPS
     assert api.streams == [None, "stream 1"]  # the second sample is ordered after the first

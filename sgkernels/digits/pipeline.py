@@ -20,7 +20,7 @@ class SamplingDefaults:
 
     Self-guidance at T = 12 steps with s = 0.5 and MaskGIT's tau_0 = 4.5: at this scale the paper's
     pairing (s = 1.0, tau_0 = 10 for T = 12 at 256px) loses to plain MaskGIT on FID, while s = 0.5
-    at tau_0 = 4.5 beats it (README, "The paper's claim at toy scale"). Plain MaskGIT (the baseline)
+    at tau_0 = 4.5 beats it (docs/images.md, "The paper's claim at toy scale"). Plain MaskGIT (the baseline)
     is guidance 0 with tau_0 = 4.5.
     """
 

@@ -38,3 +38,26 @@ def plot_sweep(results: list[dict], path: str) -> None:
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
+
+
+def captioned(image, lines: list[str], height: int = 40):
+    """``image`` (uint8 ``[H, W, 3]``) with a white band of ``height`` pixels above it holding ``lines``
+    of text; the image's own pixels are unchanged (they are the band's lower neighbours). Needs matplotlib."""
+    import numpy as np
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("labelled images need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    width = image.shape[1]
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    canvas = FigureCanvasAgg(fig)
+    fig.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", fontsize=9, family="DejaVu Sans")
+    canvas.draw()
+    band = np.asarray(canvas.buffer_rgba())[:height, :width, :3]
+    return np.concatenate([band, image], axis=0)
