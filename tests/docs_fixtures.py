@@ -124,3 +124,19 @@ def diffusers_vq_model(tmp_path, ns):
 
     (tmp_path / "tokenizer_files").mkdir(exist_ok=True)
     ns["vq_model"] = components._get_wrapped_function()(tmp_path / "tokenizer_files")["vqvae"]
+
+
+def llada2_pipe(tmp_path, ns):
+    """``pipe``, ``input_ids``, ``mask_id`` for the diffusers LLaDA2 snippet: a stock ``LLaDA2Pipeline``
+    on the tests' tiny block-causal LM (tests/tiny_block_lm.py) with LLaDA2's vocabulary (157184 ids),
+    d = 32, one layer, and a prompt of 40 tokens (so the first active block starts inside the prompt)."""
+    import torch
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+    from tiny_block_lm import TinyBlockLM
+
+    vocab = 157184
+    model = TinyBlockLM(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, block_length=32).eval()
+    ns["pipe"] = LLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(block_length=32))
+    ns["pipe"].set_progress_bar_config(disable=True)
+    ns["mask_id"] = 156895
+    ns["input_ids"] = torch.randint(0, 150000, (1, 40), generator=torch.Generator().manual_seed(0))
