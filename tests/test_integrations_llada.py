@@ -412,6 +412,25 @@ def test_attention_mask_reaches_the_model():
     torch.testing.assert_close(with_mask, reference_generate_current(model, prompt, am, 4, 4, 4), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rule", [dict(threshold=0.5), dict(factor=1.0)])
+@pytest.mark.parametrize("cfg", [0.0, 1.5])
+def test_threshold_and_factor_sample_the_candidate_rows_only(rule, cfg):
+    """Fast-dLLM's rules read only the candidate rows: NaN logits in decoded rows change nothing (before,
+    every row of the window was sampled, and such a row raised)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, MASK, (2, 10), generator=gen)
+    x[:, 6:] = MASK
+    x[1, 4] = MASK
+    cand = x == MASK
+    logits, uncond = 3 * torch.randn(2, 10, V, generator=gen), torch.randn(2, 10, V, generator=gen)
+    kw = dict(cfg_scale=cfg, temperature=0.0, seed=1, **rule)
+    want = llada.llada_step(x, cand, logits, uncond if cfg else None, None, **kw)
+    bad, bad_u = logits.clone(), uncond.clone()
+    bad[~cand], bad_u[~cand] = float("nan"), float("nan")
+    assert torch.equal(llada.llada_step(x, cand, bad, bad_u if cfg else None, None, **kw), want)
+    assert (want[cand] != MASK).any() and torch.equal(want[~cand], x[~cand])
+
+
 def test_factor_count_rule():
     conf = torch.tensor([[0.99, 0.9, 0.5, 0.2], [0.99, 0.9, 0.8, 0.7], [0.3, 0.1, -torch.inf, -torch.inf]],
                         dtype=torch.float64)

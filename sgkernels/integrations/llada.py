@@ -182,11 +182,19 @@ def llada_step(
         zeros = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         remask = remask_lowest_confidence(zeros, candidates, n_remask, choice_temperature=1.0, seed=seed, offset=offset)
         return torch.where(remask, x, sampled)
-    tokens, logp = guided_sample(logits, uncond_logits, guidance_scale=scale, temperature=temperature,
-                                 seed=seed, offset=offset)
-    conf = _confidence(tokens, logp, logits, uncond_logits, scale, remasking,
-                       tuple(confidence_drop_ids) if remasking == "low_confidence" else (), seed, offset)
-    conf = torch.where(candidates, conf, -math.inf)
+    # Fast-dLLM's threshold / factor rules: only the candidate rows are sampled (their logits gathered,
+    # [K, V]); the decoded rows of the window are never read. (On CUDA, nonzero costs one host sync.)
+    rows = candidates.nonzero(as_tuple=True)
+    cond_k = logits[rows]
+    uncond_k = None if uncond_logits is None else uncond_logits[rows]
+    tokens_k, logp_k = guided_sample(cond_k, uncond_k, guidance_scale=scale, temperature=temperature,
+                                     seed=seed, offset=offset)
+    conf_k = _confidence(tokens_k, logp_k, cond_k, uncond_k, scale, remasking,
+                         tuple(confidence_drop_ids) if remasking == "low_confidence" else (), seed, offset)
+    tokens = x.clone()
+    tokens[rows] = tokens_k
+    conf = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device)
+    conf[rows] = conf_k
     if threshold is not None:
         keep = candidates & (conf >= threshold)
         best = torch.zeros_like(candidates).scatter_(1, conf.argmax(-1, keepdim=True), True)
