@@ -257,3 +257,19 @@ def test_filter_order_on_guided_sample(backend):
     assert (hf.sum(-1) <= keep_mask_reference(x, 10, 0.6, 0.0, "dream").sum(-1)).all()
     with pytest.raises(ValueError, match="filter_order"):
         sgk.guided_sample(logits, filter_order="HF")
+
+
+@pytest.mark.slow  # a torch.compile (~20 s on the 2-core box)
+def test_compiles_fullgraph_with_a_tensor_seed():
+    """The step traces into one graph (no host sync, no graph break) and gives the eager tokens."""
+    logits, sample, committed, noise, prompt = _inputs(2, 8, 23, seed=3)
+    seed = torch.tensor(7)
+
+    def step(logits, sample, seed):
+        return block_refine_step(logits, sample, mask_token_id=22, prompt_mask=prompt, quota=2, threshold=0.4,
+                                 editing_threshold=0.2, temperature=0.9, top_k=5, top_p=0.9, seed=seed)
+
+    got = torch.compile(step, fullgraph=True)(logits, sample, seed)
+    want = step(logits, sample, seed)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
