@@ -11,7 +11,8 @@ pipeline against diffusers' stock ``BlockRefinementScheduler`` / ``LLaDA2Pipelin
   and with a long prompt (768) and a deeper backbone (d = 256, 4 layers), ``prefix_cache=True``.
 
 Timings interleaved in one process (``median_ms_interleaved``); peak extra memory of one call each.
-``python -m benchmarks.bench_llada2_pipeline [--device cpu|cuda] [--quick] [--e2e] [--gen N] [--steps N]``.
+``python -m benchmarks.bench_llada2_pipeline [--device cpu|cuda] [--quick] [--e2e] [--gen N] [--steps N]
+[--long-prompt N] [--long-gen N] [--threads N]``.
 """
 from __future__ import annotations
 
@@ -104,14 +105,20 @@ def main(argv=None) -> int:
     p.add_argument("--gen", type=int, default=256, help="generated tokens of the end-to-end rows")
     p.add_argument("--steps", type=int, default=32, help="num_inference_steps of the end-to-end rows")
     p.add_argument("--long-prompt", type=int, default=768, help="prompt of the prefix-cache row (0: skip it)")
+    p.add_argument("--long-gen", type=int, default=None, help="generated tokens of the prefix-cache row (default: --gen)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (1 on a shared CPU box: OpenMP barriers of the tiny backbone's small "
+                        "ops otherwise dominate both pipelines alike)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     rows = [] if a.no_step else step_rows(a.device, a.quick)
     if a.e2e:
         rows += e2e_rows(a.device, a.quick, gen=a.gen, steps=a.steps, repeats=a.repeats)
         if a.long_prompt:
-            rows += e2e_rows(a.device, a.quick, prompt=a.long_prompt, gen=a.gen, d=256, layers=4, steps=a.steps,
-                             prefix_cache=True, repeats=a.repeats)
+            rows += e2e_rows(a.device, a.quick, prompt=a.long_prompt, gen=a.long_gen or a.gen, d=256, layers=4,
+                             steps=a.steps, prefix_cache=True, repeats=a.repeats)
     print("| op | shape | impl | ms | speed-up | peak extra MB |")
     print("|---|---|---|---:|---:|---:|")
     base = {}
