@@ -6,7 +6,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-.PHONY: all install test test-all demo bench bench-check bench-pytest cmake-check info clean gpu-artifact test-device-versions
+.PHONY: all install test test-all demo bench bench-check bench-pytest cmake-check info clean gpu-artifact test-device-versions \
+        test-diffusers-upstream
 
 all: install
 
@@ -107,6 +108,20 @@ test-device-versions: $(DVENV)/.deps
 	DIST_EXTRA_CONFIG=build/device/setup.cfg SGKERNELS_CUDA=0 $(DPY) setup.py -q build_ext --inplace
 	$(DPY) -m sgkernels.info
 	$(DPY) -m pytest -q -p no:cacheprovider $(DEVICE_TESTS) -m "$(DEVICE_TESTS_M)" $(if $(DEVICE_TESTS_K),-k "$(DEVICE_TESTS_K)")
+
+# diffusers' own tests of BlockRefinementScheduler, EntropyBoundScheduler and LLaDA2Pipeline with the fused
+# classes swapped in (tools/diffusers_swap.py). UPSTREAM: a folder holding diffusers' tests/ (read from the
+# huggingface/diffusers repository, never committed here); skipped when unset or absent.
+UPSTREAM ?=
+UPSTREAM_TESTS := tests/schedulers/test_scheduler_block_refinement.py tests/schedulers/test_scheduler_entropy_bound.py \
+                  tests/pipelines/llada2/test_llada2.py
+test-diffusers-upstream: install
+	@if [ -z "$(UPSTREAM)" ] || [ ! -f "$(UPSTREAM)/tests/pipelines/llada2/test_llada2.py" ]; then \
+	  echo "test-diffusers-upstream: skipped (set UPSTREAM=/path/to/diffusers, the folder holding its tests/)"; \
+	else \
+	  PYTHONPATH="$(CURDIR)/tools$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -m pytest -q -p diffusers_swap -p no:cacheprovider \
+	    --rootdir="$(UPSTREAM)" -c "$(CURDIR)/tools/pytest_upstream.ini" $(addprefix $(UPSTREAM)/,$(UPSTREAM_TESTS)); \
+	fi
 
 clean:
 	rm -rf build build-cmake dist *.egg-info sgkernels/_C*.so $(VENV) $(DVENV)

@@ -156,6 +156,29 @@ def run_linear_cross_entropy(dev: str, gen: torch.Generator) -> None:
         assert all(torch.isfinite(g).all() for g in (x.grad, w.grad, b.grad))
 
 
+def run_block_refine(dev: str, gen: torch.Generator) -> None:
+    """block_refine_step (mask and uniform modes, greedy and hf-filtered sampling, several commit tiles),
+    block_commit, entropy_bound_step (the exact-entropy row kernel, then the accept kernel)."""
+    from sgkernels.ops.block_refine import block_commit, block_refine_step
+    from sgkernels.ops.entropy_bound import entropy_bound_step
+
+    for batch, length, vocab, dtype in [(2, 32, 1000, torch.float32), (3, 70, 9000, torch.bfloat16)]:
+        logits = (3 * torch.randn(batch, length, vocab, generator=gen, device=dev)).to(dtype)
+        sample = torch.full((batch, length), vocab - 1, device=dev)
+        committed = torch.rand(batch, length, generator=gen, device=dev) < 0.3
+        noise = torch.randint(0, vocab, (batch, length), generator=gen, device=dev)
+        for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=50, top_p=0.9)):
+            prev, transfer, _, tokens, probs = block_refine_step(logits, sample, mask_token_id=vocab - 1, quota=4,
+                                                                 threshold=0.5, editing_threshold=0.3, seed=3, **kw)
+            assert int(transfer.sum()) >= batch and int(tokens.max()) < vocab and bool((probs <= 1).all())
+            prev, _, _, _, _ = block_refine_step(logits, sample, committed=committed, noise=noise, quota=length // 2,
+                                                 threshold=0.9, seed=3, **kw)
+            out = block_commit(tokens, probs, sample, mask_token_id=vocab - 1, quota=2, threshold=0.5)
+            assert out[0].shape == sample.shape
+        prev, accepted, _, _, entropy = entropy_bound_step(logits, noise, entropy_bound=1.0, seed=5)
+        assert bool(accepted.any()) and bool((entropy >= -1e-4).all())
+
+
 # One run per op in the torch.ops.sgkernels namespace (a run may cover several ops).
 RUNS: dict[str, Callable[[str, torch.Generator], None]] = {
     "guided_sample": run_guided_sample,
@@ -168,6 +191,9 @@ RUNS: dict[str, Callable[[str, torch.Generator], None]] = {
     "philox_rows": run_philox_rows,
     "linear_cross_entropy_fwd": run_linear_cross_entropy,
     "linear_cross_entropy_bwd": run_linear_cross_entropy,
+    "block_refine_step": run_block_refine,
+    "block_commit": run_block_refine,
+    "entropy_bound_step": run_block_refine,
 }
 # Each Triton kernel of sgkernels.kernels and the run that launches it.
 KERNELS: dict[str, Callable[[str, torch.Generator], None]] = {
@@ -179,6 +205,8 @@ KERNELS: dict[str, Callable[[str, torch.Generator], None]] = {
     "head_sample._head_pick_kernel": run_head_sample,
     "linear_cross_entropy._lce_mm_kernel": run_linear_cross_entropy,
     "linear_cross_entropy._lce_rows_kernel": run_linear_cross_entropy,
+    "block_refine._block_commit_kernel": run_block_refine,
+    "block_refine._entropy_accept_kernel": run_block_refine,
 }
 
 

@@ -14,13 +14,15 @@ TORCH_LIBRARY(sgkernels, m) {
   // confidence: "logp" | "prob" | "margin" | "entropy". seed_tensor / offset_tensor: 0-dim int64
   // tensors on the logits' device that replace the int seed / offset when given (read by the kernel).
   // row_ids: int64 [rows] on the logits' device, each row's Philox row key (None: its flat index).
+  // filter_order: "dream" (top-k and top-p on one distribution, intersected) or "hf" (top-p on the
+  // distribution renormalised over the top-k set).
   // -> tokens int64 [...], logp float32 [...] (untempered, unfiltered guided log-softmax at the
   //    token), conf float32 [...] (the confidence of each row).
   m.def(
       "guided_sample(Tensor logits, Tensor? guide_logits, float guidance_scale, float temperature, "
       "SymInt seed, SymInt offset, Tensor(a!) status, int top_k=0, float top_p=1.0, float min_p=0.0, "
-      "str confidence=\"logp\", Tensor? seed_tensor=None, Tensor? offset_tensor=None, Tensor? row_ids=None) "
-      "-> (Tensor, Tensor, Tensor)");
+      "str confidence=\"logp\", Tensor? seed_tensor=None, Tensor? offset_tensor=None, Tensor? row_ids=None, "
+      "str filter_order=\"dream\") -> (Tensor, Tensor, Tensor)");
   // head_sample: the LM head fused with guided_sample. hidden, guide_hidden [R, d], weight [V, d],
   // bias [V] (float32/bfloat16/float16), row_ids int64 [R] (each row's Philox row index; None = 0..R-1).
   // -> tokens int64 [R], logp float32 [R] of guided_sample(blend(hidden) @ weight^T + bias).
@@ -47,6 +49,35 @@ TORCH_LIBRARY(sgkernels, m) {
       "SymInt seed, SymInt offset, Tensor(a!) status, float? decoded_confidence=None, bool strict_below=False, "
       "int? mask_token_id=None, int top_k=0, float top_p=1.0, float min_p=0.0, str confidence=\"logp\", "
       "Tensor? seed_tensor=None, Tensor? offset_tensor=None) -> (Tensor, Tensor)");
+
+  // One step of block-wise refinement (diffusers' BlockRefinementScheduler; spec:
+  // sgkernels/ops/block_refine.py). logits [B, L, V] float32/bfloat16/float16 (any strides), sample
+  // int64 [B, L]; mask_token_id given: mask mode (committed, noise unused; prompt_mask bool [L] or
+  // None: never edited); None: uniform mode (committed bool [B, L] and noise int64 [B, L] required).
+  // quota: mask mode: commits owed this step (< 0: none); uniform: the cumulative target.
+  // editing_threshold: None = no editing. temperature 0: argmax and the untempered probability;
+  // else guided_sample with top_k / top_p in filter_order and confidence "prob".
+  // -> prev_sample int64, transfer bool, edit bool, tokens int64, probs float32, each [B, L].
+  m.def(
+      "block_refine_step(Tensor logits, Tensor sample, Tensor? committed, Tensor? prompt_mask, Tensor? noise, "
+      "int? mask_token_id, int quota, float threshold, float? editing_threshold, float temperature, int top_k, "
+      "float top_p, str filter_order, SymInt seed, SymInt offset, Tensor(a!) status, Tensor? seed_tensor=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The commit of block_refine_step alone, on sampled tokens int64 [B, L] and probs float32 [B, L].
+  // -> prev_sample int64, transfer bool, edit bool, each [B, L].
+  m.def(
+      "block_commit(Tensor tokens, Tensor probs, Tensor sample, Tensor? committed, Tensor? prompt_mask, "
+      "Tensor? noise, int? mask_token_id, int quota, float threshold, float? editing_threshold) "
+      "-> (Tensor, Tensor, Tensor)");
+
+  // One step of diffusers' EntropyBoundScheduler (spec: sgkernels/ops/entropy_bound.py) on the
+  // temperature-scaled logits [B, L, V]: tokens ~ softmax(logits), their probabilities, the exact
+  // entropy of each row, and per batch row the positions (by increasing entropy, ties to the lower
+  // position) whose earlier entropies sum to <= entropy_bound; noise int64 [B, L] elsewhere.
+  // -> prev_sample int64, accepted bool, tokens int64, probs float32, entropy float32, each [B, L].
+  m.def(
+      "entropy_bound_step(Tensor logits, Tensor noise, float entropy_bound, SymInt seed, SymInt offset, "
+      "Tensor(a!) status, Tensor? seed_tensor=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // logits [..., V] float32/bfloat16/float16 (any strides), target [...] integer.
   // -> (loss: [] for "mean"/"sum", [...] for "none", in logits' dtype;

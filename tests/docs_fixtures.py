@@ -137,3 +137,19 @@ def dllm_folders(tmp_path, ns):
         save_tiny_mlm(tmp_path / "LLaDA-8B-Instruct", vocab_size=126464, hidden_size=16)
     if not (tmp_path / "Dream-v0-Instruct-7B" / "config.json").exists():
         save_tiny_dream(tmp_path / "Dream-v0-Instruct-7B")
+
+
+def llada2_pipe(tmp_path, ns):
+    """``pipe``, ``input_ids``, ``mask_id`` for the diffusers LLaDA2 snippet: a stock ``LLaDA2Pipeline``
+    on the tests' tiny block-causal LM (tests/tiny_block_lm.py) with LLaDA2's vocabulary (157184 ids),
+    d = 32, one layer, and a prompt of 40 tokens (so the first active block starts inside the prompt)."""
+    import torch
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+    from tiny_block_lm import TinyBlockLM
+
+    vocab = 157184
+    model = TinyBlockLM(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, block_length=32).eval()
+    ns["pipe"] = LLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(block_length=32))
+    ns["pipe"].set_progress_bar_config(disable=True)
+    ns["mask_id"] = 156895
+    ns["input_ids"] = torch.randint(0, 150000, (1, 40), generator=torch.Generator().manual_seed(0))

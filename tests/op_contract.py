@@ -60,6 +60,8 @@ KERNELS = {
     "vq_lookup": ("cpp", "cuda"),
     "head_sample": ("cpp", "triton", "cuda"),
     "linear_cross_entropy_fwd": ("cpp", "triton", "cuda"),
+    "block_refine_step": ("cpp", "triton", "cuda"),
+    "entropy_bound_step": ("cpp", "triton", "cuda"),
 }
 _CUDA = torch.cuda.is_available()
 _CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not _CUDA, reason="no CUDA device")]
@@ -226,6 +228,10 @@ TOLERANCES = {
     **{("linear_cross_entropy_fwd", dt): Tol(rtol=2e-2, atol=2e-3) for dt in (_BF16, _F16)},
     ("head_sample", _F32): Tol(rtol=1e-4, atol=1e-4, agree=0.99),
     **{("head_sample", dt): Tol(rtol=3e-2, atol=3e-2, agree=0.97) for dt in (_BF16, _F16)},
+    # block_refine_step: tokens and the commit exact (rows of a few dozen tokens, no token on a CDF
+    # step's rounding edge), probabilities to float32 rounding.
+    **{("block_refine_step", dt): Tol(rtol=1e-5, atol=1e-6) for dt in FLOAT_DTYPES},
+    **{("entropy_bound_step", dt): Tol(rtol=1e-5, atol=1e-6) for dt in FLOAT_DTYPES},
 }
 
 

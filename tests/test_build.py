@@ -22,7 +22,8 @@ def test_cuda_kernels_were_compiled():
 
 def test_every_op_has_cpu_and_cuda_kernels():
     triton_ops = ("guided_sample", "remask_lowest_confidence", "self_guided_step", "cross_entropy_fwd",
-                  "cross_entropy_fwd_inplace", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd")
+                  "cross_entropy_fwd_inplace", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd",
+                  "head_sample", "block_refine_step", "block_commit", "entropy_bound_step")
     for op in (*triton_ops, "vq_lookup"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sgkernels::{op}", "CPU"), op
     # The CUDA kernels of these ops are Triton, registered from Python.

@@ -27,12 +27,14 @@ KERNELS = {  # every kernel of each module of sgkernels/kernels
     "cross_entropy": ("_xent_rows_kernel",),
     "head_sample": ("_head_stats_kernel", "_head_pick_kernel"),
     "linear_cross_entropy": ("_lce_mm_kernel", "_lce_rows_kernel"),
+    "block_refine": ("_block_commit_kernel", "_entropy_accept_kernel"),
 }
 N_XENT_CONFIGS = 6
 N_HEAD_CONFIGS = 6
 N_LCE_CONFIGS = 7
 N_REMASK_CONFIGS = 7
-N_SAMPLER_CONFIGS = 15
+N_SAMPLER_CONFIGS = 19
+N_BLOCK_CONFIGS = 4
 
 
 def _load():
@@ -91,7 +93,8 @@ def _sampler_configs(S):
         ("fp32", False, "greedy", True, 1, 2048, 4),
     ]
     # filters / confidence (0 logp, 1 prob, 2 margin, 3 entropy) / seed and offset from memory
-    picks = [p + (False, 0, False) for p in picks] + [
+    picks = [p + (False, 0, False, False) for p in picks]
+    picks += [p + (False,) for p in [  # (the last flag: HF_ORDER, filter_order "hf")
         ("fp32", False, "temp", False, 1, 8192, 1, True, 3, True),
         ("bf16", True, "t1", True, 2, 1024, 1, True, 2, True),
         ("bf16", True, "greedy", True, 2, 1024, 1, True, 1, False),
@@ -99,17 +102,24 @@ def _sampler_configs(S):
         ("fp32", True, "temp", True, 1, 2048, 64, True, 3, True),
         ("bf16", False, "t1", True, 1, 2048, 64, True, 1, True),
         ("bf16", True, "greedy", True, 1, 2048, 64, True, 2, False),
-    ]
+    ]]
+    # filter_order "hf" (block_refine_step: confidence "prob", seed from memory), one tile and the tile loop
+    picks += [("bf16", False, "temp", False, 16, 128, 1, True, 1, True, True),
+              ("fp32", False, "temp", False, 1, 2048, 128, True, 1, True, True)]
+    # the exact negative entropy (confidence code 4, entropy_bound_step), one tile and the tile loop
+    picks += [("bf16", False, "t1", False, 16, 128, 1, False, 4, True, False),
+              ("fp32", False, "t1", False, 1, 2048, 128, False, 4, True, False)]
     out = []
-    for dt, guide, mode, rowmask, block_r, block_v, tiles, filt, conf, rng_ptr in picks:
+    for dt, guide, mode, rowmask, block_r, block_v, tiles, filt, conf, rng_ptr, hf in picks:
         types = dict(base, logits_ptr=f"*{dt}", guide_ptr=f"*{dt}")
         const = dict(
             HAS_GUIDE=guide, HAS_ROWMASK=rowmask, GREEDY=mode == "greedy", TEMP_ONE=mode == "t1",
             BLOCK_R=block_r, BLOCK_V=block_v, NUM_TILES=tiles, FILTER=filt, CONF=conf, SEED_PTR=rng_ptr,
             OFFSET_PTR=rng_ptr, HAS_IDS=filt and mode != "greedy",  # row ids: head_sample's row-chunk path
+            HF_ORDER=hf,
         )
         name = (f"sample_rows[{dt},guide={guide},{mode},rowmask={rowmask},R={block_r},V={block_v},tiles={tiles},"
-                f"filter={filt},conf={conf},rng_ptr={rng_ptr},ids={const['HAS_IDS']}]")
+                f"filter={filt},conf={conf},rng_ptr={rng_ptr},ids={const['HAS_IDS']},hf={hf}]")
         out.append((name, S._sample_rows_kernel, types, const, max(1, min(16, block_r * block_v // 256))))
     assert len(out) == N_SAMPLER_CONFIGS
     return out
@@ -224,6 +234,26 @@ def _lce_configs(L):
         out.append((f"lce_rows[conf={conf},t1={temp_one},ls={smooth},grad={grad},c={has_c}]", L._lce_rows_kernel,
                     rows_types, const, 8))
     assert len(out) == N_LCE_CONFIGS
+
+
+def _block_configs(B):
+    """block_refine: the commit kernel in the mask mode (prompt, editing, exp of the greedy logp) and
+    the uniform mode, one tile and the tile loop's width."""
+    types = {
+        "tokens_ptr": "*i64", "conf_ptr": "*fp32", "sample_ptr": "*i64", "committed_ptr": "*i8", "prompt_ptr": "*i8",
+        "noise_ptr": "*i64", "prev_ptr": "*i64", "transfer_ptr": "*i8", "edit_ptr": "*i8", "probs_ptr": "*fp32",
+        "L": "i32", "mask_id": "i64", "quota": "i64", "threshold": "fp32", "edit_threshold": "fp32",
+    }
+    out = []
+    for mask_mode, prompt, edit, exp_conf, block in ((True, True, True, True, 32), (True, False, False, False, 64),
+                                                     (False, False, True, False, 64)):
+        const = dict(MASK_MODE=mask_mode, HAS_PROMPT=prompt, EDIT=edit, EXP_CONF=exp_conf, BLOCK=block)
+        name = f"block_commit[mask={mask_mode},prompt={prompt},edit={edit},exp={exp_conf},BLOCK={block}]"
+        out.append((name, B._block_commit_kernel, types, const, max(1, block // 32)))
+    types = {"negh_ptr": "*fp32", "tokens_ptr": "*i64", "noise_ptr": "*i64", "entropy_ptr": "*fp32", "prev_ptr": "*i64",
+             "accepted_ptr": "*i8", "L": "i32", "bound": "fp32"}
+    out.append(("entropy_accept[BLOCK=64]", B._entropy_accept_kernel, types, dict(BLOCK=64), 2))
+    assert len(out) == N_BLOCK_CONFIGS
     return out
 
 
@@ -231,7 +261,8 @@ def main(only=()) -> int:
     triton, ASTSource, GPUTarget, S = _load()
     C = _load_module("cross_entropy")
     configs = _sampler_configs(S) + _remask_configs(S) + _philox_configs(S) + _xent_configs(C)
-    configs += _head_configs(_load_module("head_sample")) + _lce_configs(_load_module("linear_cross_entropy"))
+    configs += (_head_configs(_load_module("head_sample")) + _lce_configs(_load_module("linear_cross_entropy"))
+                + _block_configs(_load_module("block_refine")))
     assert {fn.__name__ for _, fn, _, _, _ in configs} == {k for ks in KERNELS.values() for k in ks}
     failed = 0
     for name, fn, types, const, num_warps in configs:
@@ -305,13 +336,15 @@ def test_aot_compile_all_kernels_sm80_sm90(tmp_path):
     assert proc.returncode == 0, out[-6000:]
     ok = [line for line in out.splitlines() if line.startswith("OK ")]
     assert len(ok) == len(ARCHS) * (N_SAMPLER_CONFIGS + N_REMASK_CONFIGS + 1 + N_XENT_CONFIGS + N_HEAD_CONFIGS
-                                     + N_LCE_CONFIGS), out[-6000:]
+                                     + N_LCE_CONFIGS + N_BLOCK_CONFIGS), out[-6000:]
     for cc in ARCHS:
         assert any(f"sm_{cc} sample_rows" in line for line in ok)
         assert any(f"sm_{cc} remask" in line for line in ok)
         assert any(f"sm_{cc} philox_words" in line for line in ok)
         assert any(f"sm_{cc} xent_rows" in line for line in ok)
         assert any(f"sm_{cc} head_stats" in line for line in ok) and any(f"sm_{cc} head_pick" in line for line in ok)
+        assert any(f"sm_{cc} block_commit" in line for line in ok)
+        assert any(f"sm_{cc} entropy_accept" in line for line in ok)
 
 
 def test_every_kernel_is_covered():

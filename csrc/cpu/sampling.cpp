@@ -65,6 +65,7 @@ struct SampleParams {
   double top_p;   // 1 = off
   double min_p;   // 0 = off
   bool filtered;  // some filter is on
+  bool hf_order;  // filter_order "hf": top-p on the distribution renormalised over the top-k set
   Confidence confidence;
 };
 
@@ -73,10 +74,15 @@ Confidence parse_confidence(c10::string_view s) {
   if (s == "prob") return Confidence::kProb;
   if (s == "margin") return Confidence::kMargin;
   if (s == "entropy") return Confidence::kEntropy;
+  if (s == "neg_entropy") return Confidence::kNegEntropy;
   TORCH_CHECK(false, "confidence: expected \"logp\", \"prob\", \"margin\" or \"entropy\", got \"", std::string(s), "\"");
 }
 
-void set_filters(SampleParams& p, int64_t top_k, double top_p, double min_p, c10::string_view confidence) {
+void set_filters(SampleParams& p, int64_t top_k, double top_p, double min_p, c10::string_view confidence,
+                 c10::string_view filter_order = "dream") {
+  TORCH_CHECK(filter_order == "dream" || filter_order == "hf", "filter_order: expected \"dream\" or \"hf\", got \"",
+              std::string(filter_order), "\"");
+  p.hf_order = filter_order == "hf";
   TORCH_CHECK(top_k >= 0, "top_k: expected an int >= 0 (0 = off), got ", top_k);
   TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p: expected a float in (0, 1] (1 = off), got ", top_p);
   TORCH_CHECK(min_p >= 0.0 && min_p <= 1.0, "min_p: expected a float in [0, 1] (0 = off), got ", min_p);
@@ -135,7 +141,16 @@ double apply_filters(const SampleParams& p, const float* g, float* e, double* bs
                      Scratch& s) {
   float thr = -std::numeric_limits<float>::infinity();
   if (p.top_k > 0 && p.top_k < v) thr = std::max(thr, kth_largest(g, v, p.top_k, s.sel));
-  if (p.top_p < 1.0) thr = std::max(thr, top_p_threshold(g, e, v, z, p.top_p * z, s.sel_pairs));
+  if (p.top_p < 1.0) {
+    // "hf": top-p needs top_p of the top-k set's mass (thr is the top-k cut, -inf when off)
+    double mass = z;
+    if (p.hf_order && thr > -std::numeric_limits<float>::infinity()) {
+      mass = 0.0;
+      for (int64_t i = 0; i < v; ++i)
+        if (g[i] >= thr) mass += static_cast<double>(e[i]);
+    }
+    thr = std::max(thr, top_p_threshold(g, e, v, z, p.top_p * mass, s.sel_pairs, p.hf_order ? thr : -INFINITY));
+  }
   const float min_e = static_cast<float>(p.min_p);
   double total = 0.0;
   for (int64_t b = 0; b < vp / kBlock; ++b) {
@@ -150,8 +165,16 @@ double apply_filters(const SampleParams& p, const float* g, float* e, double* bs
   return total;
 }
 
-// Dream's confidence of the kept distribution q = e / z (e at the max = 1).
-float row_confidence(Confidence kind, const float* e, int64_t v, double z, int64_t tok, int64_t first_max) {
+// Dream's confidence of the kept distribution q = e / z (e at the max = 1); kNegEntropy: the exact
+// sum q log q = sum q d - log z with d = (g - M) * inv_t = log e (no log per element).
+float row_confidence(Confidence kind, const float* e, int64_t v, double z, int64_t tok, int64_t first_max,
+                     const float* g, float m, float inv_t) {
+  if (kind == Confidence::kNegEntropy) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < v; ++i)
+      if (e[i] > 0.0f) acc += static_cast<double>(e[i]) * (static_cast<double>(g[i] - m) * inv_t);
+    return static_cast<float>(acc / z - std::log(z));
+  }
   if (kind == Confidence::kProb) return static_cast<float>(static_cast<double>(e[tok]) / z);
   if (kind == Confidence::kMargin) {
     float e2 = 0.0f;
@@ -250,7 +273,8 @@ RowOut sample_row(const char* logits, const char* guide, const SampleParams& p, 
   }
   const double lp = static_cast<double>(g[tok]) - static_cast<double>(m) - std::log(sum);
   const float conf = p.confidence == Confidence::kLogp ? static_cast<float>(lp)
-                                                        : row_confidence(p.confidence, e, v, z, tok, first_max);
+                                                        : row_confidence(p.confidence, e, v, z, tok, first_max, g, m,
+                                                                         inv_t);
   return {tok, static_cast<float>(lp), false, conf};
 }
 
@@ -362,7 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& guide_in, double guidance_scale, double temperature,
     int64_t seed, int64_t offset, const at::Tensor& status, int64_t top_k, double top_p, double min_p,
     c10::string_view confidence, const std::optional<at::Tensor>& seed_tensor,
-    const std::optional<at::Tensor>& offset_tensor, const std::optional<at::Tensor>& row_ids) {
+    const std::optional<at::Tensor>& offset_tensor, const std::optional<at::Tensor>& row_ids,
+    c10::string_view filter_order) {
   seed = rng_value("seed", seed, seed_tensor);
   offset = rng_value("offset", offset, offset_tensor);
   check_common(logits_in, guide_in, temperature, seed, offset);
@@ -376,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_sample_cpu(
   at::Tensor logp = at::empty(lead, logits.options().dtype(at::kFloat));
   at::Tensor conf = at::empty(lead, logits.options().dtype(at::kFloat));
   SampleParams p = make_params(logits, guide, guidance_scale, temperature);
-  set_filters(p, top_k, top_p, min_p, confidence);
+  set_filters(p, top_k, top_p, min_p, confidence, filter_order);
   const int64_t rows = tokens.numel();
   at::Tensor ids_c;
   if (row_ids.has_value()) {
@@ -578,10 +603,171 @@ std::tuple<at::Tensor, at::Tensor> self_guided_step_cpu(const at::Tensor& tokens
   return {new_tokens, new_mask};
 }
 
+// ------------------------------------------------------------------------------------------------
+// block_commit / block_refine_step (spec: sgkernels/ops/block_refine.py). Per batch row: the
+// candidates' composite keys (order_key(-prob) << 32 | position), the `need` smallest by
+// std::nth_element (most confident first, ties to the lower position), OR the ones above threshold.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_commit_cpu(
+    const at::Tensor& tokens, const at::Tensor& probs, const at::Tensor& sample,
+    const std::optional<at::Tensor>& committed, const std::optional<at::Tensor>& prompt_mask,
+    const std::optional<at::Tensor>& noise, std::optional<int64_t> mask_token_id, int64_t quota, double threshold,
+    std::optional<double> editing_threshold) {
+  TORCH_CHECK(sample.device().is_cpu() && sample.scalar_type() == at::kLong && sample.dim() == 2,
+              "sample: expected an int64 CPU tensor [B, L], got ", sample.scalar_type(), " ", sample.sizes());
+  TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.sizes() == sample.sizes(),
+              "tokens: expected an int64 CPU tensor of shape ", sample.sizes());
+  TORCH_CHECK(probs.device().is_cpu() && probs.scalar_type() == at::kFloat && probs.sizes() == sample.sizes(),
+              "probs: expected a float32 CPU tensor of shape ", sample.sizes());
+  TORCH_CHECK_VALUE(!std::isnan(threshold), "threshold: expected a float, got NaN");
+  TORCH_CHECK_VALUE(!editing_threshold.has_value() || !std::isnan(*editing_threshold),
+                    "editing_threshold: expected a float or None, got NaN");
+  const bool mask_mode = mask_token_id.has_value();
+  const int64_t batch = sample.size(0), len = sample.size(1);
+  TORCH_CHECK(len < (int64_t(1) << 32), "L must be < 2**32");
+  at::Tensor comm_c, noise_c, prompt_c;
+  if (!mask_mode) {
+    TORCH_CHECK(committed.has_value() && committed->device().is_cpu() && committed->scalar_type() == at::kBool &&
+                    committed->sizes() == sample.sizes(),
+                "committed: expected a bool CPU tensor of shape ", sample.sizes(), " in the uniform mode");
+    TORCH_CHECK(noise.has_value() && noise->device().is_cpu() && noise->scalar_type() == at::kLong &&
+                    noise->sizes() == sample.sizes(),
+                "noise: expected an int64 CPU tensor of shape ", sample.sizes(), " in the uniform mode");
+    comm_c = committed->contiguous();
+    noise_c = noise->contiguous();
+  } else if (prompt_mask.has_value()) {
+    TORCH_CHECK(prompt_mask->device().is_cpu() && prompt_mask->scalar_type() == at::kBool && prompt_mask->dim() == 1 &&
+                    prompt_mask->size(0) == len,
+                "prompt_mask: expected a bool CPU tensor of shape [", len, "]");
+    prompt_c = prompt_mask->contiguous();
+  }
+  at::Tensor prev = at::empty({batch, len}, sample.options());
+  at::Tensor transfer = at::zeros({batch, len}, sample.options().dtype(at::kBool));
+  at::Tensor edit = at::empty({batch, len}, sample.options().dtype(at::kBool));
+  if (prev.numel() == 0) return {prev, transfer, edit};
+  const at::Tensor tk = tokens.contiguous(), pr = probs.contiguous(), sm = sample.contiguous();
+  const int64_t* tkp = tk.const_data_ptr<int64_t>();
+  const float* prp = pr.const_data_ptr<float>();
+  const int64_t* smp = sm.const_data_ptr<int64_t>();
+  const bool* cmp = comm_c.defined() ? comm_c.const_data_ptr<bool>() : nullptr;
+  const int64_t* nzp = noise_c.defined() ? noise_c.const_data_ptr<int64_t>() : nullptr;
+  const bool* pmp = prompt_c.defined() ? prompt_c.const_data_ptr<bool>() : nullptr;
+  int64_t* prev_p = prev.mutable_data_ptr<int64_t>();
+  bool* tr_p = transfer.mutable_data_ptr<bool>();
+  bool* ed_p = edit.mutable_data_ptr<bool>();
+  // float32 comparisons, as torch compares a float32 tensor with a Python float
+  const float thr = static_cast<float>(threshold);
+  const bool edit_on = editing_threshold.has_value();
+  const float eth = edit_on ? static_cast<float>(*editing_threshold) : 0.0f;
+  const int64_t mask_id = mask_mode ? *mask_token_id : 0;
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads_for(batch * len * 16), batch));
+  parallel_rows(batch, nt, 1, [&](int64_t b, Scratch& s) {
+    const int64_t base = b * len;
+    int64_t need = quota;
+    if (!mask_mode) {
+      int64_t n_comm = 0;
+      for (int64_t n = 0; n < len; ++n) n_comm += cmp[base + n] ? 1 : 0;
+      need = std::max<int64_t>(quota - n_comm, 0);
+    }
+    if (!mask_mode || quota >= 0) {
+      s.keys.clear();
+      for (int64_t n = 0; n < len; ++n) {
+        const int64_t r = base + n;
+        const bool cand = mask_mode ? smp[r] == mask_id : !cmp[r];
+        if (!cand) continue;
+        s.keys.push_back(conf_key(-prp[r], n));
+        if (prp[r] > thr) tr_p[r] = true;
+      }
+      mark_smallest(s.keys, need, false, tr_p + base);
+    }
+    for (int64_t n = 0; n < len; ++n) {
+      const int64_t r = base + n;
+      bool e = false;
+      if (edit_on) {
+        const bool editable = mask_mode ? (smp[r] != mask_id && (pmp == nullptr || !pmp[n])) : cmp[r];
+        e = editable && tkp[r] != smp[r] && prp[r] > eth;
+      }
+      ed_p[r] = e;
+      int64_t v = (tr_p[r] || e) ? tkp[r] : smp[r];
+      if (!mask_mode && !(cmp[r] || tr_p[r])) v = nzp[r];
+      prev_p[r] = v;
+    }
+    return 0;
+  });
+  return {prev, transfer, edit};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_refine_step_cpu(
+    const at::Tensor& logits, const at::Tensor& sample, const std::optional<at::Tensor>& committed,
+    const std::optional<at::Tensor>& prompt_mask, const std::optional<at::Tensor>& noise,
+    std::optional<int64_t> mask_token_id, int64_t quota, double threshold, std::optional<double> editing_threshold,
+    double temperature, int64_t top_k, double top_p, c10::string_view filter_order, int64_t seed, int64_t offset,
+    const at::Tensor& status, const std::optional<at::Tensor>& seed_tensor) {
+  TORCH_CHECK(logits.dim() == 3 && sample.dim() == 2 && logits.size(0) == sample.size(0) &&
+                  logits.size(1) == sample.size(1),
+              "logits: expected shape [B, L, V] with [B, L] = sample's ", sample.sizes(), ", got ", logits.sizes());
+  const bool greedy = temperature == 0.0;
+  // greedy: argmax and the untempered, unfiltered probability exp(logp) (diffusers ignores the filters)
+  auto [tokens, logp, conf] = guided_sample_cpu(logits, std::nullopt, 0.0, temperature, seed, offset, status,
+                                                greedy ? 0 : top_k, greedy ? 1.0 : top_p, 0.0,
+                                                greedy ? "logp" : "prob", seed_tensor, std::nullopt, std::nullopt,
+                                                filter_order);
+  at::Tensor probs = greedy ? logp.exp() : conf;
+  auto [prev, transfer, edit] = block_commit_cpu(tokens, probs, sample, committed, prompt_mask, noise, mask_token_id,
+                                                 quota, threshold, editing_threshold);
+  return {prev, transfer, edit, tokens, probs};
+}
+
+// entropy_bound_step (spec: sgkernels/ops/entropy_bound.py): guided_sample at temperature 1 with the
+// exact entropy of each row, then per batch row the positions sorted by (entropy, position) and
+// accepted while the float64 sum of the entropies before them is <= entropy_bound.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_bound_step_cpu(
+    const at::Tensor& logits, const at::Tensor& noise, double entropy_bound, int64_t seed, int64_t offset,
+    const at::Tensor& status, const std::optional<at::Tensor>& seed_tensor) {
+  TORCH_CHECK(logits.dim() == 3, "logits: expected shape [B, L, V], got ", logits.sizes());
+  TORCH_CHECK(noise.device().is_cpu() && noise.scalar_type() == at::kLong && noise.dim() == 2 &&
+                  noise.size(0) == logits.size(0) && noise.size(1) == logits.size(1),
+              "noise: expected an int64 CPU tensor of shape [", logits.size(0), ", ", logits.size(1), "]");
+  TORCH_CHECK_VALUE(!std::isnan(entropy_bound), "entropy_bound: expected a float, got NaN");
+  auto [tokens, logp, negh] = guided_sample_cpu(logits, std::nullopt, 0.0, 1.0, seed, offset, status, 0, 1.0, 0.0,
+                                                "neg_entropy", seed_tensor, std::nullopt, std::nullopt, "dream");
+  at::Tensor entropy = negh.neg();
+  const int64_t batch = logits.size(0), len = logits.size(1);
+  TORCH_CHECK(len < (int64_t(1) << 32), "L must be < 2**32");
+  at::Tensor accepted = at::empty({batch, len}, noise.options().dtype(at::kBool));
+  at::Tensor prev = at::empty({batch, len}, noise.options());
+  if (prev.numel() == 0) return {prev, accepted, tokens, logp.exp(), entropy};
+  const at::Tensor nz = noise.contiguous();
+  const float* hp = entropy.const_data_ptr<float>();
+  const int64_t* tkp = tokens.const_data_ptr<int64_t>();
+  const int64_t* nzp = nz.const_data_ptr<int64_t>();
+  bool* acc_p = accepted.mutable_data_ptr<bool>();
+  int64_t* prev_p = prev.mutable_data_ptr<int64_t>();
+  const double bound = static_cast<double>(static_cast<float>(entropy_bound));  // float32, as torch compares
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads_for(batch * len * 16), batch));
+  parallel_rows(batch, nt, 1, [&](int64_t b, Scratch& s) {
+    const int64_t base = b * len;
+    s.keys.clear();
+    for (int64_t n = 0; n < len; ++n) s.keys.push_back(conf_key(hp[base + n], n));
+    std::sort(s.keys.begin(), s.keys.end());
+    double before = 0.0;
+    for (const uint64_t key : s.keys) {
+      const int64_t n = static_cast<int64_t>(key & 0xFFFFFFFFu);
+      acc_p[base + n] = before <= bound;
+      before += static_cast<double>(hp[base + n]);
+    }
+    for (int64_t n = 0; n < len; ++n) prev_p[base + n] = acc_p[base + n] ? tkp[base + n] : nzp[base + n];
+    return 0;
+  });
+  return {prev, accepted, tokens, logp.exp(), entropy};
+}
+
 }  // namespace
 }  // namespace sgk
 
 TORCH_LIBRARY_IMPL(sgkernels, CPU, m) {
+  m.impl("entropy_bound_step", &sgk::entropy_bound_step_cpu);
+  m.impl("block_refine_step", &sgk::block_refine_step_cpu);
+  m.impl("block_commit", &sgk::block_commit_cpu);
   m.impl("guided_sample", &sgk::guided_sample_cpu);
   m.impl("remask_lowest_confidence", &sgk::remask_cpu);
   m.impl("self_guided_step", &sgk::self_guided_step_cpu);

@@ -15,7 +15,8 @@
 
 namespace sgk {
 
-enum class Confidence : int { kLogp = 0, kProb = 1, kMargin = 2, kEntropy = 3 };
+// kNegEntropy: the exact negative entropy sum q log q (entropy_bound_step; not a remask confidence).
+enum class Confidence : int { kLogp = 0, kProb = 1, kMargin = 2, kEntropy = 3, kNegEntropy = 4 };
 
 // The k-th largest of g[0..v) (1 <= k < v); `buf` is scratch.
 inline float kth_largest(const float* g, int64_t v, int64_t k, std::vector<float>& buf) {
@@ -27,12 +28,14 @@ inline float kth_largest(const float* g, int64_t v, int64_t k, std::vector<float
 // The largest logit value t among g[0..v) with sum_{g_i >= t} e_i >= target (0 < target <= sum e):
 // top-p keeps {g_i >= t}. e_i >= 0 is monotone in g_i. Tokens with e_i < (sum e - target) / v are
 // below t (all of them together weigh less than sum e - target), so only the others are searched.
+// min_g: only tokens with g_i >= min_g can matter (filter_order "hf": the top-k cut, which t is at least).
 inline float top_p_threshold(const float* g, const float* e, int64_t v, double total, double target,
-                             std::vector<std::pair<float, float>>& buf) {
+                             std::vector<std::pair<float, float>>& buf,
+                             float min_g = -std::numeric_limits<float>::infinity()) {
   const double floor_e = (total - target) / static_cast<double>(v);
   buf.clear();
   for (int64_t i = 0; i < v; ++i)
-    if (e[i] > 0.0f && static_cast<double>(e[i]) >= floor_e) buf.emplace_back(g[i], e[i]);
+    if (e[i] > 0.0f && static_cast<double>(e[i]) >= floor_e && g[i] >= min_g) buf.emplace_back(g[i], e[i]);
   auto lo = buf.begin(), hi = buf.end();
   double need = target;
   float last = std::numeric_limits<float>::infinity();

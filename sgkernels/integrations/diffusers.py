@@ -1,4 +1,6 @@
-"""diffusers drop-ins: ``FusedAmusedScheduler`` and ``FusedAmusedPipeline`` (needs ``pip install diffusers``).
+"""diffusers drop-ins: ``FusedAmusedScheduler`` and ``FusedAmusedPipeline`` (needs ``pip install diffusers``),
+and for block diffusion (LLaDA2 / DiffusionGemma, diffusers >= 0.39) ``FusedBlockRefinementScheduler``,
+``FusedEntropyBoundScheduler`` and ``FusedLLaDA2Pipeline`` (:mod:`._block_diffusion`; docs/dllm.md).
 
 ``FusedAmusedScheduler`` has diffusers' ``AmusedScheduler`` config, ``set_timesteps``, ``step`` and
 outputs, and does the step with two fused ops (:func:`sgkernels.guided_sample` then
@@ -58,6 +60,23 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from ..ops import guided_sample, remask_lowest_confidence
 
 __all__ = ["CFGLogits", "FusedAmusedPipeline", "FusedAmusedScheduler", "GuidedLogits"]
+
+# Block diffusion (LLaDA2 / DiffusionGemma): diffusers >= 0.39 has the stock classes.
+try:
+    from ._block_diffusion import (FusedBlockRefinementScheduler, FusedEntropyBoundScheduler,  # noqa: F401
+                                   FusedLLaDA2Pipeline)
+except ImportError as e:  # pragma: no cover - depends on the install
+    _BLOCK_DIFFUSION_ERROR = e
+else:
+    _BLOCK_DIFFUSION_ERROR = None
+    __all__ += ["FusedBlockRefinementScheduler", "FusedEntropyBoundScheduler", "FusedLLaDA2Pipeline"]
+
+
+def __getattr__(name):
+    if name.startswith("Fused") and _BLOCK_DIFFUSION_ERROR is not None:
+        raise ImportError(f"{name} needs diffusers >= 0.39 (BlockRefinementScheduler, LLaDA2Pipeline): "
+                          f"pip install -U diffusers ({_BLOCK_DIFFUSION_ERROR})")
+    raise AttributeError(name)
 
 
 @dataclass

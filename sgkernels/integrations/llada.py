@@ -3,7 +3,8 @@
 :func:`generate` is a drop-in for ``generate()`` of the public LLaDA code (``ML-GSAI/LLaDA``,
 ``generate.py``), with its current signature, positional order and semantics, plus, keyword-only,
 Fast-dLLM's parallel decoding rules (``threshold=``, ``factor=``; ``NVlabs/Fast-dLLM``,
-``llada/generate.py``, without KV cache) and a ``seed``:
+``llada/generate.py``, without KV cache) and a ``seed``. Fast-dLLM's KV-cache variants are
+:func:`generate_with_prefix_cache` and :func:`generate_with_dual_cache` (the model's own cache API):
 
 * the answer (``gen_length`` masks after the prompt) is decoded in ``gen_length // block_length``
   blocks, left to right; each block gets ``steps // num_blocks`` steps, and the number of tokens
@@ -183,11 +184,19 @@ def llada_step(
         zeros = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         remask = remask_lowest_confidence(zeros, candidates, n_remask, choice_temperature=1.0, seed=seed, offset=offset)
         return torch.where(remask, x, sampled)
-    tokens, logp = guided_sample(logits, uncond_logits, guidance_scale=scale, temperature=temperature,
-                                 seed=seed, offset=offset)
-    conf = _confidence(tokens, logp, logits, uncond_logits, scale, remasking,
-                       tuple(confidence_drop_ids) if remasking == "low_confidence" else (), seed, offset)
-    conf = torch.where(candidates, conf, -math.inf)
+    # Fast-dLLM's threshold / factor rules: only the candidate rows are sampled (their logits gathered,
+    # [K, V]); the decoded rows of the window are never read. (On CUDA, nonzero costs one host sync.)
+    rows = candidates.nonzero(as_tuple=True)
+    cond_k = logits[rows]
+    uncond_k = None if uncond_logits is None else uncond_logits[rows]
+    tokens_k, logp_k = guided_sample(cond_k, uncond_k, guidance_scale=scale, temperature=temperature,
+                                     seed=seed, offset=offset)
+    conf_k = _confidence(tokens_k, logp_k, cond_k, uncond_k, scale, remasking,
+                         tuple(confidence_drop_ids) if remasking == "low_confidence" else (), seed, offset)
+    tokens = x.clone()
+    tokens[rows] = tokens_k
+    conf = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device)
+    conf[rows] = conf_k
     if threshold is not None:
         keep = candidates & (conf >= threshold)
         best = torch.zeros_like(candidates).scatter_(1, conf.argmax(-1, keepdim=True), True)
@@ -438,3 +447,111 @@ def generate(
                     f"(the model keeps predicting mask_id={mask_id})"
                 )
     return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast-dLLM v1's KV-cache variants (NVlabs/Fast-dLLM, llada/generate.py)
+
+
+def _forward_takes(model, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+@torch.no_grad()
+def _generate_cached(model, prompt, steps, gen_length, block_length, temperature, remasking, mask_id, threshold,
+                     factor, seed, dual):
+    num_blocks = _check_args(prompt, None, steps, gen_length, block_length, temperature, 0.0, remasking, mask_id,
+                             False, False, threshold, factor)
+    if not _forward_takes(model, "past_key_values"):
+        raise ValueError("model: its forward takes no `past_key_values` (Fast-dLLM's KV-cache API, as its "
+                         "modeling_llada.py provides it); use generate()")
+    if dual and not _forward_takes(model, "replace_position"):
+        raise ValueError("model: its forward takes no `replace_position` (Fast-dLLM's dual-cache API); "
+                         "use generate_with_prefix_cache()")
+    steps_per_block = steps // num_blocks
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    batch, plen = prompt.shape
+    device = _model_device(model, prompt)
+    x = torch.full((batch, plen + gen_length), mask_id, dtype=torch.int64, device=device)
+    x[:, :plen] = prompt
+    kw = dict(temperature=temperature, remasking=remasking, threshold=threshold, factor=factor, seed=seed)
+    by_count = threshold is None and factor is None
+    nfe = offset = 0
+    for block in range(num_blocks):
+        start, end = plen + block * block_length, plen + (block + 1) * block_length
+        num_transfer = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block) if by_count else None
+        # the first step of the block: the whole sequence, which also fills the cache
+        out = model(x, use_cache=True)
+        nfe += 1
+        if offset == 0:
+            _check_vocab(out.logits.shape[-1], mask_id, False, False)
+        candidates = x == mask_id
+        candidates[:, end:] = False
+        x = llada_step(x, candidates, out.logits, None, None if num_transfer is None else num_transfer[:, 0],
+                       offset=offset, **kw)
+        offset += 1
+        past = out.past_key_values
+        if dual:  # the block's own entries are replaced in place by the model at every step
+            replace = torch.zeros_like(x, dtype=torch.bool)
+            replace[:, start:end] = True
+        else:  # the prefix only: the block and everything after it are recomputed at every step
+            past = [tuple(t[:, :, :start] for t in layer) for layer in past]
+        i = 1
+        while True:  # Fast-dLLM runs at least one cached step per block, then stops when the block is done
+            if dual:
+                logits = model(x[:, start:end], past_key_values=past, use_cache=True, replace_position=replace).logits
+            else:
+                logits = model(x[:, start:], past_key_values=past, use_cache=True).logits
+            nfe += 1
+            block_x = x[:, start:end]
+            n = None
+            if by_count:
+                n = num_transfer[:, i] if i < steps_per_block else torch.zeros_like(num_transfer[:, 0])
+            x[:, start:end] = llada_step(block_x, block_x == mask_id, logits[:, :block_length], None, n, offset=offset,
+                                         **kw)
+            offset += 1
+            if not bool((x[:, start:end] == mask_id).any()):
+                break
+            i += 1
+            if i > 4 * block_length + steps_per_block:
+                raise RuntimeError(f"block {block} still has masked positions after {i} cached steps "
+                                   f"(the model keeps predicting mask_id={mask_id})")
+    return x, nfe
+
+
+def generate_with_prefix_cache(model, prompt, steps=128, gen_length=128, block_length=128, temperature=0.0,
+                               remasking="low_confidence", mask_id=126336, threshold=None, factor=None, *,
+                               seed=None):
+    """Fast-dLLM's ``generate_with_prefix_cache`` with fused steps: returns ``(x, nfe)``.
+
+    Per block: one forward of the whole sequence with ``use_cache=True`` (its logits make the block's
+    first step, its ``past_key_values`` cut to the prefix before the block), then steps on
+    ``x[:, block_start:]`` against that prefix cache (``model(x[:, start:], past_key_values=...,
+    use_cache=True)``), until the block has no mask (at least one cached step, as Fast-dLLM). Each
+    step is :func:`llada_step` on the block (``threshold``, ``factor`` or the ``steps`` split, as
+    :func:`generate`). ``nfe``: the model calls. The model must take Fast-dLLM's KV-cache API (its
+    ``modeling_llada.py``): ``past_key_values`` a list of ``(key, value)`` per layer, ``[B, heads, L, d]``.
+    The cache is exact only for models whose prefix keys do not depend on later tokens; for LLaDA
+    (bidirectional) it is Fast-dLLM's approximation.
+    """
+    return _generate_cached(model, prompt, steps, gen_length, block_length, temperature, remasking, mask_id,
+                            threshold, factor, seed, dual=False)
+
+
+def generate_with_dual_cache(model, prompt, steps=128, gen_length=128, block_length=128, temperature=0.0,
+                             remasking="low_confidence", mask_id=126336, threshold=None, factor=None, *, seed=None):
+    """Fast-dLLM's ``generate_with_dual_cache`` with fused steps: returns ``(x, nfe)``.
+
+    As :func:`generate_with_prefix_cache`, but the cache of the whole sequence (prefix and suffix) is
+    kept, and each step runs only the block: ``model(x[:, start:end], past_key_values=...,
+    use_cache=True, replace_position=...)`` (the model replaces the block's cache entries in place,
+    as Fast-dLLM's modeling code does). Needs ``replace_position`` in the model's forward.
+    """
+    return _generate_cached(model, prompt, steps, gen_length, block_length, temperature, remasking, mask_id,
+                            threshold, factor, seed, dual=True)

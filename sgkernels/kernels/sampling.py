@@ -191,9 +191,10 @@ def _threshold(target, key, e, m2, l_row, guide_row, cols, live, V, stride_lv, s
 @triton.jit
 def _filter_thresholds(top_k, top_p, z_all, key, e, m2, l_row, guide_row, cols, live, V, stride_lv, stride_guide_v,
                        one_plus_s, inv_t, Mz, IN_REGS: tl.constexpr, HAS_GUIDE: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_V: tl.constexpr):
+                       BLOCK_V: tl.constexpr, HF_ORDER: tl.constexpr = False):
     """(thr_k, thr_p) int64 [R]: the order keys that top-k and top-p keep (key >= thr; 0, all, for a
-    filter that is off). top-p: the largest entries whose mass reaches ``top_p * z_all``.
+    filter that is off). top-p: the largest entries whose mass reaches ``top_p * z_all``; with
+    HF_ORDER (filter_order "hf") ``top_p`` times the mass of the top-k set (one more pass in tiles).
     The rows in registers or in tiles: see :func:`_threshold`."""
     thr_k = tl.zeros([BLOCK_R], tl.int64)
     thr_p = tl.zeros([BLOCK_R], tl.int64)
@@ -201,6 +202,17 @@ def _filter_thresholds(top_k, top_p, z_all, key, e, m2, l_row, guide_row, cols, 
         thr_k = _threshold(tl.zeros([BLOCK_R], tl.float64) + top_k, key, e, m2, l_row, guide_row, cols, live, V,
                            stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, False, IN_REGS, HAS_GUIDE, BLOCK_V)
     if top_p < 1.0:
+        if HF_ORDER:
+            if top_k > 0:
+                if IN_REGS:
+                    z_all = tl.sum(tl.where(key >= thr_k[:, None], e.to(tl.float64), 0.0), axis=1)
+                else:
+                    z_all = tl.zeros([BLOCK_R], tl.float64)
+                    n_iter = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, tl.cdiv(V, BLOCK_V), 0)
+                    for t in range(0, n_iter):
+                        _g, m2_t, key_t, e_t = _tile_e(l_row, guide_row, (t * BLOCK_V + cols)[None, :], live, V,
+                                                       stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE)
+                        z_all += tl.sum(tl.where(key_t >= thr_k[:, None], e_t.to(tl.float64), 0.0), axis=1)
         thr_p = _threshold(z_all * top_p, key, e, m2, l_row, guide_row, cols, live, V, stride_lv, stride_guide_v,
                            one_plus_s, inv_t, Mz, True, IN_REGS, HAS_GUIDE, BLOCK_V)
     return thr_k, thr_p
@@ -210,7 +222,7 @@ def _filter_thresholds(top_k, top_p, z_all, key, e, m2, l_row, guide_row, cols, 
 def _multi_tile_filtered(l_row, guide_row, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, M, t_usum, t_sum,
                          dm, best_idx, uniform, top_k, top_p, min_p, HAS_GUIDE: tl.constexpr, GREEDY: tl.constexpr,
                          TEMP_ONE: tl.constexpr, FILTER: tl.constexpr, CONF: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_V: tl.constexpr, NUM_TILES: tl.constexpr):
+                         BLOCK_V: tl.constexpr, NUM_TILES: tl.constexpr, HF_ORDER: tl.constexpr):
     """Multi-tile rows with filters / a Dream confidence: thresholds (32 passes per filter), one pass for
     the kept tile sums (and the margin's second largest), one for the entropy, then the chosen tile."""
     cols = tl.arange(0, BLOCK_V)
@@ -226,7 +238,8 @@ def _multi_tile_filtered(l_row, guide_row, live, V, stride_lv, stride_guide_v, o
             z_all = tl.sum(t_sum * tl.exp(dm * inv_t), axis=1)
         # key, e, m2: not used when the rows are read in tiles
         thr_k, thr_p = _filter_thresholds(top_k, top_p, z_all, Mz, Mz, Mz, l_row, guide_row, cols, live, V, stride_lv,
-                                          stride_guide_v, one_plus_s, inv_t, Mz, False, HAS_GUIDE, BLOCK_R, BLOCK_V)
+                                          stride_guide_v, one_plus_s, inv_t, Mz, False, HAS_GUIDE, BLOCK_R, BLOCK_V,
+                                          HF_ORDER)
     # kept tile sums (and the margin's e_2 / tie count at the max)
     t_w = tl.zeros([BLOCK_R, NUM_TILES], tl.float64)
     e2 = tl.zeros([BLOCK_R], tl.float32)
@@ -252,6 +265,15 @@ def _multi_tile_filtered(l_row, guide_row, live, V, stride_lv, stride_guide_v, o
             q = _keep(e, key, thr_k, thr_p, min_p) * inv_z[:, None]
             acc += tl.sum(tl.where(q > 0.0, q * tl.log(q + 1e-10), 0.0).to(tl.float64), axis=1)
         conf = acc.to(tl.float32)
+    if CONF == 4:  # exact sum q log q = sum e d / z - log z, d = (g - M) / T = log e
+        acc = tl.zeros([BLOCK_R], tl.float64)
+        for t in range(0, n_iter):
+            g, m2, key, e = _tile_e(l_row, guide_row, (t * BLOCK_V + cols)[None, :], live, V, stride_lv,
+                                    stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE)
+            e = _keep(e, key, thr_k, thr_p, min_p)
+            acc += tl.sum(tl.where(e > 0.0, e.to(tl.float64) * ((g - Mz[:, None]) * inv_t).to(tl.float64), 0.0),
+                          axis=1)
+        conf = (acc / zs - tl.log(zs)).to(tl.float32)
     if CONF == 2:
         e2 = tl.where(n_top > 1, 1.0, e2)
         conf = ((1.0 - e2.to(tl.float64)) / zs).to(tl.float32)
@@ -315,6 +337,7 @@ def _sample_rows_kernel(
     OFFSET_PTR: tl.constexpr = False,
     ids_ptr=None,
     HAS_IDS: tl.constexpr = False,
+    HF_ORDER: tl.constexpr = False,
 ):
     """Sample one token per row of ``g = guide + one_plus_s * (l - guide)`` by inverse CDF; write token and logp.
 
@@ -390,7 +413,7 @@ def _sample_rows_kernel(
                 key = tl.where(m2, _order_key(g), 0)
                 thr_k, thr_p = _filter_thresholds(top_k, top_p, tl.sum(e.to(tl.float64), axis=1), key, e, m2, l_row,
                                                   guide_row, cols, active, V, stride_lv, stride_guide_v, one_plus_s,
-                                                  inv_t, Mz, True, HAS_GUIDE, BLOCK_R, BLOCK_V)
+                                                  inv_t, Mz, True, HAS_GUIDE, BLOCK_R, BLOCK_V, HF_ORDER)
                 e = _keep(e, key, thr_k, thr_p, min_p)
             cdf = tl.cumsum(e.to(tl.float64), axis=1)
             z = tl.max(cdf, axis=1)
@@ -413,6 +436,9 @@ def _sample_rows_kernel(
             if CONF == 3:
                 q = e * (1.0 / zs).to(tl.float32)[:, None]
                 conf = tl.sum(tl.where(q > 0.0, q * tl.log(q + 1e-10), 0.0).to(tl.float64), axis=1).to(tl.float32)
+            if CONF == 4:  # exact sum q log q (entropy_bound_step): sum e d / z - log z, d = log e
+                ed = tl.where(e > 0.0, e.to(tl.float64) * (d * inv_t).to(tl.float64), 0.0)
+                conf = (tl.sum(ed, axis=1) / zs - tl.log(zs)).to(tl.float32)
     else:
         # ---------------- multi-tile: one pass over the tiles, then one tile again ----------------
         tids = tl.arange(0, NUM_TILES)
@@ -455,7 +481,7 @@ def _sample_rows_kernel(
             tok, gk, conf = _multi_tile_filtered(
                 l_row, guide_row, active & ~bad, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, M, t_usum,
                 t_sum, dm, best_idx, uniform if not GREEDY else Mz.to(tl.float64), top_k, top_p, min_p, HAS_GUIDE,
-                GREEDY, TEMP_ONE, FILTER, CONF, BLOCK_R, BLOCK_V, NUM_TILES,
+                GREEDY, TEMP_ONE, FILTER, CONF, BLOCK_R, BLOCK_V, NUM_TILES, HF_ORDER,
             )
         elif GREEDY:
             tok = best_idx
@@ -720,11 +746,12 @@ def _sampler_config(n_rows: int, vocab: int):
 
 _FLT_MIN = 1.1754943508222875e-38
 _FLT_MAX = 3.4028234663852886e38
-_CONF_CODES = {"logp": 0, "prob": 1, "margin": 2, "entropy": 3}
+_CONF_CODES = {"logp": 0, "prob": 1, "margin": 2, "entropy": 3, "neg_entropy": 4}
 
 
 def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, temperature, seed, offset, *, conf=None,
-                    confidence="logp", top_k=0, top_p=1.0, min_p=0.0, seed_t=None, offset_t=None, row_ids=None):
+                    confidence="logp", top_k=0, top_p=1.0, min_p=0.0, seed_t=None, offset_t=None, row_ids=None,
+                    filter_order="dream"):
     n_rows, vocab = x.shape
     block_r, block_v, num_tiles, num_warps = _sampler_config(n_rows, vocab)
     greedy = temperature == 0.0
@@ -756,7 +783,8 @@ def _launch_sampler(x, guide, rowmask, tokens, logp, status, guidance_scale, tem
         HAS_GUIDE=has_guide, HAS_ROWMASK=has_rowmask, GREEDY=greedy, TEMP_ONE=temp_one, BLOCK_R=block_r,
         BLOCK_V=block_v, NUM_TILES=num_tiles, FILTER=filtered, CONF=code, SEED_PTR=seed_t is not None,
         OFFSET_PTR=offset_t is not None, ids_ptr=status if row_ids is None else row_ids,
-        HAS_IDS=row_ids is not None, num_warps=num_warps,
+        HAS_IDS=row_ids is not None, HF_ORDER=filter_order == "hf" and 0 < top_k < vocab and top_p < 1.0,
+        num_warps=num_warps,
     )
 
 
@@ -783,7 +811,8 @@ def _launch_remask(logp, is_masked, num_to_mask, out_mask, status, tau, seed, of
 
 
 def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed, offset, status, top_k=0, top_p=1.0,
-                         min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None, row_ids=None):
+                         min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None, row_ids=None,
+                         filter_order="dream"):
     """CUDA kernel of ``torch.ops.sgkernels.guided_sample`` (see the op for the arguments)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     x = _prep_logits(logits, vocab)
@@ -796,7 +825,7 @@ def guided_sample_triton(logits, guide_logits, guidance_scale, temperature, seed
         _launch_sampler(x, guide, None, tokens, logp, status, float(guidance_scale), float(temperature), int(seed),
                         int(offset), conf=conf, confidence=confidence, top_k=int(top_k), top_p=float(top_p),
                         min_p=float(min_p), seed_t=seed_tensor, offset_t=offset_tensor,
-                        row_ids=None if row_ids is None else row_ids.contiguous())
+                        row_ids=None if row_ids is None else row_ids.contiguous(), filter_order=filter_order)
     if confidence == "logp":
         conf = logp.clone()
     return tokens.reshape(lead), logp.reshape(lead), conf.reshape(lead)

@@ -14,11 +14,18 @@ The token with the highest probability is always kept.
   ``{i : q_i >= tau}`` for the largest ``tau`` among the ``q_i`` with ``sum_{q_j >= tau} q_j >= top_p``.
 * ``min_p`` (0.0 = off): keep the tokens with ``q_i >= min_p * max_j q_j``.
 
-Order: intersecting filters computed on one distribution is what Dream's ``sample_tokens`` does
-(top-p on the full tempered distribution, then top-k on the logits). Hugging Face's and vLLM's
-warpers instead apply top-p to the distribution *renormalised after top-k*, which may keep fewer
-tokens when both are set. Dream's own top-p keeps a token while the mass before it is <= top_p,
-which differs from the rule above only when a prefix mass equals top_p exactly.
+Order (``filter_order``), two named rules, which differ only when top-k and top-p are both set:
+
+* ``"dream"`` (the default): the filters are computed on the *same* distribution and intersected,
+  as Dream's ``sample_tokens`` does (top-p on the full tempered distribution, then top-k on the
+  logits);
+* ``"hf"``: top-k first, then top-p on the distribution *renormalised over the top-k set*, as Hugging
+  Face's logits warpers, vLLM and diffusers' ``BlockRefinementScheduler`` do. It keeps at most as
+  many tokens as ``"dream"`` (top-p then needs ``top_p`` of the top-k mass, which is <= 1).
+  ``min_p`` is a ratio to the top probability, which renormalising does not change: the same in both.
+
+Dream's and Hugging Face's own top-p keep a token while the mass *before* it is <= top_p, which
+differs from the rule above only when a prefix mass equals top_p exactly.
 
 Confidences (the score a remask step keeps the highest of; ``choice_temperature * Gumbel`` noise
 is added to it). ``"logp"`` is the ops' default (MaskGIT's); the other three are Dream's
@@ -42,6 +49,7 @@ import torch
 from ._validate import CONFIDENCES, check_confidence, check_filters
 
 DREAM_CONFIDENCES = ("prob", "margin", "entropy")
+FILTER_ORDERS = ("dream", "hf")
 ENTROPY_EPS = 1e-10  # Dream's epsilon inside the log
 
 
@@ -49,9 +57,18 @@ def filters_active(top_k: int, top_p: float, min_p: float) -> bool:
     return top_k > 0 or top_p < 1.0 or min_p > 0.0
 
 
-def keep_mask_reference(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+def check_filter_order(order) -> str:
+    """``order`` if it is one of :data:`FILTER_ORDERS`, else ValueError naming ``filter_order``."""
+    if order not in FILTER_ORDERS:
+        raise ValueError(f"filter_order: expected one of {FILTER_ORDERS}, got {order!r}")
+    return order
+
+
+def keep_mask_reference(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                        filter_order: str = "dream") -> torch.Tensor:
     """bool ``[..., V]``: the tokens the three filters keep (see the module docstring)."""
     top_k, top_p, min_p = check_filters(top_k, top_p, min_p)
+    check_filter_order(filter_order)
     g = logits if logits.dtype == torch.float64 else logits.float()
     keep = torch.ones_like(g, dtype=torch.bool)
     vocab = g.shape[-1]
@@ -63,6 +80,8 @@ def keep_mask_reference(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0
         if min_p > 0.0:
             keep &= p >= min_p * p.amax(-1, keepdim=True)
         if top_p < 1.0:
+            if filter_order == "hf" and top_k > 0 and top_k < vocab:  # top-p on the renormalised top-k set
+                p = torch.softmax(g.double().masked_fill(~keep, -math.inf), dim=-1)
             sorted_p = torch.sort(p, dim=-1, descending=True).values
             mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
             # the last sorted position still needed: mass before it < top_p; its probability is tau
@@ -72,12 +91,13 @@ def keep_mask_reference(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0
     return keep
 
 
-def filter_logits_reference(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+def filter_logits_reference(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                            filter_order: str = "dream") -> torch.Tensor:
     """float32 ``logits`` with the tokens the filters drop set to ``-inf`` (sort-based reference)."""
     g = logits.float()
     if not filters_active(*check_filters(top_k, top_p, min_p)):
         return g
-    return g.masked_fill(~keep_mask_reference(g, top_k, top_p, min_p), -math.inf)
+    return g.masked_fill(~keep_mask_reference(g, top_k, top_p, min_p, filter_order), -math.inf)
 
 
 def confidence_reference(logits: torch.Tensor, kind: str, tokens: torch.Tensor | None = None) -> torch.Tensor:

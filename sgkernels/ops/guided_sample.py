@@ -16,7 +16,7 @@ import torch
 from .. import _rng
 from . import _status, _validate
 from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda
-from .filters import ENTROPY_EPS, filters_active, keep_mask_reference
+from .filters import ENTROPY_EPS, check_filter_order, filters_active, keep_mask_reference
 
 BLEND_RULE = """The blend ``g = guide + (1 + s) * (logits - guide)``, i.e. ``(1 + s) * logits + (-s) * guide``,
     in float32, with non-finite terms defined exactly:
@@ -45,12 +45,12 @@ def guided_logits(logits: torch.Tensor, guide_logits: torch.Tensor | None, guida
 
 def _sample_rows_reference(
     g: torch.Tensor, temperature: float, u: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-    confidence: str = "logp",
+    confidence: str = "logp", filter_order: str = "dream",
 ):
     """Inverse-CDF sample of each row of float32 ``g`` [R, V] with uniforms ``u`` [R] (float64).
 
     The filters (:mod:`.filters`) act on ``q = softmax(x)``, ``x = g / temperature`` in float64
-    (``x = g`` when ``temperature == 0``); the token is drawn from ``q`` renormalised over the kept
+    (``x = g`` when ``temperature == 0``), combined as ``filter_order`` says; the token is drawn from ``q`` renormalised over the kept
     tokens (argmax of ``g`` when ``temperature == 0``, always kept). Returns ``tokens`` int64 [R],
     ``logp`` float32 [R] (untempered, unfiltered ``log_softmax(g)[token]``) and ``conf`` float32 [R],
     the ``confidence`` score (``logp`` itself for ``"logp"``).
@@ -62,7 +62,7 @@ def _sample_rows_reference(
     log_z = torch.log(torch.exp(d).sum(dim=-1))
     x = d if temperature == 0.0 else d / temperature
     if filters_active(top_k, top_p, min_p):
-        x = x.masked_fill(~keep_mask_reference(x, top_k, top_p, min_p), -math.inf)
+        x = x.masked_fill(~keep_mask_reference(x, top_k, top_p, min_p, filter_order), -math.inf)
     w = torch.softmax(x, dim=-1)
     if temperature == 0.0:
         tokens = torch.argmax(g64, dim=-1)
@@ -92,7 +92,7 @@ def bad_rows(g: torch.Tensor) -> torch.Tensor:
 
 def guided_sample_reference(
     logits, guide_logits=None, *, guidance_scale=0.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, confidence=None,
-    seed, offset=0,
+    seed, offset=0, filter_order="dream",
 ):
     """Plain-PyTorch spec of :func:`guided_sample` (float64 softmax, sort-based filters, same Philox stream).
 
@@ -100,13 +100,14 @@ def guided_sample_reference(
     0-dim int64 tensor). Raises ValueError for a row that cannot be sampled (see :func:`bad_rows`).
     """
     top_k, top_p, min_p = _validate.check_filters(top_k, top_p, min_p)
+    check_filter_order(filter_order)
     seed, offset = _validate.reference_rng(seed, offset, logits.device)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     g = guided_logits(logits, guide_logits, guidance_scale).reshape(-1, vocab)
     _status.raise_if(bad_rows(g).any(), "logits: a sampled row had NaN or +inf guided logits (or all -inf)")
     w0, w1, _, _ = _rng.row_words(seed, offset, torch.arange(g.shape[0], device=g.device))
     tokens, logp, conf = _sample_rows_reference(
-        g, temperature, _rng.token_uniform(w0, w1), top_k, top_p, min_p, confidence or "logp"
+        g, temperature, _rng.token_uniform(w0, w1), top_k, top_p, min_p, confidence or "logp", filter_order
     )
     if confidence is None:
         return tokens.reshape(lead), logp.reshape(lead)
@@ -123,6 +124,7 @@ def guided_sample(
     confidence: str | None = None,
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor = 0,
+    filter_order: str = "dream",
 ):
     """Sample one token per row from the self-guided, tempered, filtered distribution.
 
@@ -153,6 +155,9 @@ def guided_sample(
             and ``torch.compile`` safe), or None to draw one from torch's default generator.
         offset: stream offset (e.g. the step index), int or 0-dim int64 tensor like ``seed``; the same
             seed/offset reproduce exactly, and tensors give the same tokens as the ints they hold.
+        filter_order: how top-k and top-p combine when both are set (:mod:`sgkernels.ops.filters`):
+            ``"dream"`` (one distribution, intersected: Dream's order) or ``"hf"`` (top-k, then top-p on
+            the renormalised top-k set: Hugging Face's, vLLM's and diffusers' order).
     Returns:
         ``tokens`` int64 ``[...]``, ``logp`` float32 ``[...]``: ``log_softmax(g)[token]`` under the
         untempered, *unfiltered* guided distribution (so it does not depend on temperature or the
@@ -169,24 +174,25 @@ def guided_sample(
     _validate.check_inputs("logits", logits, "guide_logits", guide_logits)
     guidance_scale, temperature, top_k, top_p, min_p = _validate.check_sampling(
         guidance_scale, temperature, top_k, top_p, min_p, confidence)
+    check_filter_order(filter_order)
     seed, offset, seed_t, offset_t = _validate.check_rng(seed, offset, logits.device)
     if _logp_needs_grad(logits, guide_logits):  # autograd: see the end of this module
         return _guided_sample_with_grad(
             logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence,
-            seed if seed_t is None else seed_t, offset if offset_t is None else offset_t,
+            seed if seed_t is None else seed_t, offset if offset_t is None else offset_t, filter_order,
         )
     impl = choose_impl(logits.device)
     if impl == "torch":
         return guided_sample_reference(
             logits, guide_logits, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
             min_p=min_p, confidence=confidence, seed=seed if seed_t is None else seed_t,
-            offset=offset if offset_t is None else offset_t,
+            offset=offset if offset_t is None else offset_t, filter_order=filter_order,
         )
     tokens, logp, conf = call_sampling_kernel(
         "guided_sample", "sampling.guided_sample_triton", impl, logits.device,
         logits, guide_logits, guidance_scale, temperature, seed, offset,
         top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence or "logp",
-        seed_tensor=seed_t, offset_tensor=offset_t,
+        seed_tensor=seed_t, offset_tensor=offset_t, filter_order=filter_order,
     )
     if confidence is None:
         return tokens, logp
@@ -195,7 +201,8 @@ def guided_sample(
 
 @torch.library.register_fake("sgkernels::guided_sample")
 def _guided_sample_fake(logits, guide_logits, guidance_scale, temperature, seed, offset, status, top_k=0, top_p=1.0,
-                        min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None, row_ids=None):
+                        min_p=0.0, confidence="logp", seed_tensor=None, offset_tensor=None, row_ids=None,
+                        filter_order="dream"):
     lead = logits.shape[:-1]
     return (logits.new_empty(lead, dtype=torch.int64), logits.new_empty(lead, dtype=torch.float32),
             logits.new_empty(lead, dtype=torch.float32))
@@ -216,14 +223,14 @@ def _logp_needs_grad(logits: torch.Tensor, guide_logits: torch.Tensor | None) ->
 
 
 def _guided_sample_with_grad(logits, guide_logits, guidance_scale, temperature, top_k, top_p, min_p, confidence,
-                             seed, offset):
+                             seed, offset, filter_order="dream"):
     """Samples without grad, then attaches the gradient of ``logp`` only (``conf``, if asked for,
     is returned without a gradient)."""
     guide = None if guide_logits is None else guide_logits.detach()
     with torch.no_grad():
         out = guided_sample(
             logits.detach(), guide, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-            top_p=top_p, min_p=min_p, confidence=confidence, seed=seed, offset=offset,
+            top_p=top_p, min_p=min_p, confidence=confidence, seed=seed, offset=offset, filter_order=filter_order,
         )
     tokens, logp = out[0], out[1]
     if guide_logits is None:

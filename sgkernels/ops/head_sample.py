@@ -36,7 +36,7 @@ import torch
 from .. import _rng
 from . import _status, _validate
 from ._dispatch import call_sampling_kernel, choose_impl, register_triton_cuda
-from .filters import DREAM_CONFIDENCES, filters_active
+from .filters import DREAM_CONFIDENCES, check_filter_order, filters_active
 from .guided_sample import _sample_rows_reference, bad_rows
 
 # The row-chunk path (filters, Dream confidences): float32 logits per projected chunk (tests shrink it).
@@ -113,7 +113,7 @@ def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _sample_chunked(h2, g2, ids, weight, bias, guidance_scale, temperature, top_k, top_p, min_p, confidence,
-                    seed, offset, impl):
+                    seed, offset, impl, filter_order="dream"):
     """The row-chunk path: ``(tokens [K], logp [K], conf [K])`` of the selected rows ``h2``/``g2``
     ``[K, d]`` with Philox row keys ``ids`` [K] (module docstring), on guided_sample's kernel ``impl``
     ("op" or "triton"). Bad rows: ValueError on CPU; on CUDA the status flag, as the kernels."""
@@ -128,13 +128,14 @@ def _sample_chunked(h2, g2, ids, weight, bias, guidance_scale, temperature, top_
         logits = project(blend_hidden(h2[s:e], None if g2 is None else g2[s:e], guidance_scale), weight, bias)
         tokens[s:e], logp[s:e], conf[s:e] = call_sampling_kernel(
             "guided_sample", "sampling.guided_sample_triton", impl, device, logits, None, 0.0, temperature, seed,
-            offset, top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence or "logp", row_ids=ids[s:e])
+            offset, top_k=top_k, top_p=top_p, min_p=min_p, confidence=confidence or "logp", row_ids=ids[s:e],
+            filter_order=filter_order)
     return tokens, logp, conf
 
 
 def head_sample_reference(
     hidden, weight, bias=None, guide_hidden=None, *, guidance_scale=0.0, temperature=1.0, top_k=0, top_p=1.0,
-    min_p=0.0, confidence=None, seed, offset=0, rows=None,
+    min_p=0.0, confidence=None, seed, offset=0, rows=None, filter_order="dream",
 ):
     """Plain-PyTorch spec of :func:`head_sample`: float32 ``blend(hidden) @ weight.T + bias`` of the
     selected rows, then guided_sample's float64 inverse-CDF sampler (and its filters and confidence)
@@ -156,7 +157,7 @@ def head_sample_reference(
     _status.raise_if(bad_rows(logits).any(), _BAD_ROW)
     w0, w1, _, _ = _rng.row_words(seed, offset, sel)
     tokens, logp, conf = _sample_rows_reference(logits, temperature, _rng.token_uniform(w0, w1), top_k, top_p, min_p,
-                                                confidence or "logp")
+                                                confidence or "logp", filter_order)
     return _expand(kind, lead, ids, tokens, logp, None if confidence is None else conf)
 
 
@@ -173,6 +174,7 @@ def head_sample(
     seed: int | None = None,
     offset: int = 0,
     rows: torch.Tensor | None = None,
+    filter_order: str = "dream",
 ):
     """Sample one token per row of ``logits = blend(hidden) @ weight.T + bias`` without forming the logits.
 
@@ -204,6 +206,7 @@ def head_sample(
             ``hidden.shape[:-1]``: outputs keep that shape, with token -1 and logp 0 on the rows
             outside (on CUDA the mask costs one host sync, ``nonzero``). An integer index tensor
             ``[K]`` into the flattened leading dims (no sync): outputs are ``[K]``, in its order.
+        filter_order: ``"dream"`` or ``"hf"``, how top-k and top-p combine, as :func:`guided_sample`.
     Returns:
         ``tokens`` int64 and ``logp`` float32 (untempered, unfiltered), and with ``confidence`` given
         ``conf`` float32, shaped as described under ``rows`` (conf 0 on the rows a mask leaves out).
@@ -223,6 +226,7 @@ def head_sample(
     _validate.check_head(weight, bias, d, hidden.device)
     guidance_scale, temperature, top_k, top_p, min_p = _validate.check_sampling(
         guidance_scale, temperature, top_k, top_p, min_p, confidence)
+    check_filter_order(filter_order)
     seed = _rng.resolve_seed(seed)
     offset = _rng.check_offset(offset)
     lead = hidden.shape[:-1]
@@ -237,6 +241,7 @@ def head_sample(
         return head_sample_reference(
             hidden, weight, bias, guide_hidden, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
             top_p=top_p, min_p=min_p, confidence=confidence, seed=seed, offset=offset, rows=rows,
+            filter_order=filter_order,
         )
     kind, ids = _row_ids(rows, lead, n, hidden.device)
     h2 = hidden.reshape(n, d)
@@ -247,7 +252,7 @@ def head_sample(
     if _needs_chunks(temperature, top_k, top_p, min_p, confidence):
         keys = torch.arange(n, device=hidden.device) if ids is None else ids
         tokens, logp, conf = _sample_chunked(h2, g2, keys, weight, bias, guidance_scale, temperature, top_k, top_p,
-                                             min_p, confidence, seed, offset, impl)
+                                             min_p, confidence, seed, offset, impl, filter_order)
         return _expand(kind, lead, ids, tokens, logp, None if confidence is None else conf)
     tokens, logp = call_sampling_kernel(
         "head_sample", "head_sample.head_sample_triton", impl, hidden.device,
