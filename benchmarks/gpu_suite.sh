@@ -118,7 +118,7 @@ else
   fi
   for op in guided_sample remask_lowest_confidence sampler $REST amused_step; do bench "$op" 30; done
   # end to end: the fused LLaDA2 pipeline (head on the active block; prefix cache) vs diffusers' (issue 20)
-  step llada2_e2e 90 $PY -m benchmarks.bench_llada2_pipeline --device cuda --quick --e2e --no-step --gen 64
+  step llada2_e2e 90 $PY -m benchmarks.e2e_llada2_pipeline --device cuda --quick --e2e --no-step --gen 64
 fi
 rm -rf "$TMP"
 log "gpu_suite: $([ $FAILED = 0 ] && echo PASS || echo FAIL) in $((SECONDS - T0)) s: ${SUMMARY[*]}"

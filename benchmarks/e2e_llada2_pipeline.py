@@ -11,7 +11,7 @@ pipeline against diffusers' stock ``BlockRefinementScheduler`` / ``LLaDA2Pipelin
   and with a long prompt (768) and a deeper backbone (d = 256, 4 layers), ``prefix_cache=True``.
 
 Timings interleaved in one process (``median_ms_interleaved``); peak extra memory of one call each.
-``python -m benchmarks.bench_llada2_pipeline [--device cpu|cuda] [--quick] [--e2e] [--gen N] [--steps N]
+``python -m benchmarks.e2e_llada2_pipeline [--device cpu|cuda] [--quick] [--e2e] [--gen N] [--steps N]
 [--long-prompt N] [--long-gen N] [--threads N]``.
 """
 from __future__ import annotations
