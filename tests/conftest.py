@@ -27,7 +27,7 @@ _GPU_SKIP_REASON = re.compile(r"\bno CUDA device\b|\bneeds a CUDA device\b|\bwit
 # backend, dtype, shape, option). The rest of the grid, the full cross product, is ``slow``
 # (``make test-all``). A grid stays whole when it is small.
 FAST_GRID = 12
-LARGE_GRID = 48
+LARGE_GRID = 24
 
 
 # Tests and instances that are slow for the fast tier, and why (node id glob -> reason). CPU seconds
