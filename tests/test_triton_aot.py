@@ -234,6 +234,7 @@ def _lce_configs(L):
         out.append((f"lce_rows[conf={conf},t1={temp_one},ls={smooth},grad={grad},c={has_c}]", L._lce_rows_kernel,
                     rows_types, const, 8))
     assert len(out) == N_LCE_CONFIGS
+    return out
 
 
 def _block_configs(B):
