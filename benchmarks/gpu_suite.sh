@@ -69,7 +69,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,
 # matmul+argmin; F.cross_entropy; the fused linear cross-entropy; then the rest (every other op of
 # sgkernels.bench.ops.OPS, diffusers' last).
 FIRST="self_guided_step llada_step vq_lookup cross_entropy linear_cross_entropy guided_sample remask_lowest_confidence sampler"
-REST=$($PY -c "from sgkernels.bench.ops import OPS; print(*OPS, sep=chr(10))" | grep -v -x -F "$(echo $FIRST amused_step | tr ' ' '\n')")
+REST=$($PY -c "from sgkernels.bench.ops import OPS; print(*OPS, sep=chr(10))" | grep -v -x -F "$(echo $FIRST amused_step paper_realsize | tr ' ' '\n')")
 section() {  # section FILE TITLE: the body of the "## TITLE" section that python -m benchmarks wrote
   $PY -c 'import re, sys; t = open(sys.argv[1]).read(); m = re.search(r"^## " + sys.argv[2] + r"\n(.*?)(?=^## |\Z)", t, re.S | re.M); print(m.group(1).strip() if m else "(no section)")' "$1" "$2"
 }
@@ -117,6 +117,9 @@ else
     log "== sanitizer: compute-sanitizer not found"; SUMMARY+=("sanitizer=missing"); FAILED=1
   fi
   for op in guided_sample remask_lowest_confidence sampler $REST amused_step; do bench "$op" 30; done
+  # the paper's model at its real size, end to end, batch 64: float32, bfloat16, bfloat16 + CUDA graphs
+  # against the official loop in float32 (issue 25; writes ~1.3 GB of random weights to a temporary folder)
+  bench paper_realsize 150
   # end to end: the fused LLaDA2 pipeline (head on the active block; prefix cache) vs diffusers' (issue 20)
   step llada2_e2e 90 $PY -m benchmarks.e2e_llada2_pipeline --device cuda --quick --e2e --no-step --gen 64
 fi

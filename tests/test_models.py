@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import official_folders
 from sgkernels.models import (
     TOAST,
     MaskTransformer,
@@ -35,66 +36,15 @@ def random_tokens(cfg, b, masked_frac=0.5, seed=0):
     return torch.where(mask, cfg.mask_token_id, tok)
 
 
-# ---------------------------------------------------------------------------------------------
 # The published open-muse layout (MaskGitTransformerTOAST with the MaskGIT configuration:
-# use_maskgit_mlp, use_bias, layer_norm_embeddings, no encoder LayerNorm), written out by hand.
-# ---------------------------------------------------------------------------------------------
+# use_maskgit_mlp, use_bias, layer_norm_embeddings, no encoder LayerNorm), written out by hand in
+# sgkernels.bench.official_folders (the real-size benchmark row uses it too).
 def open_muse_shapes(cfg, num_factors=NF, toast=True):
-    d, m, v, L = cfg.width, cfg.mlp_dim, cfg.vocab_size, cfg.depth
-    s = {
-        "embed.word_embeddings.weight": (v, d),
-        "embed.position_embeddings.weight": (cfg.num_tokens + 1, d),
-        "embed.embeddings_ln.weight": (d,),
-        "embed.embeddings_ln.bias": (d,),
-        "mlm_layer.mlm_dense.weight": (d, d),
-        "mlm_layer.mlm_dense.bias": (d,),
-        "mlm_layer.mlm_ln.weight": (d,),
-        "mlm_layer.mlm_ln.bias": (d,),
-        "mlm_layer.to_logits.weight": (v, d),
-        "mlm_layer.to_logits.bias": (v,),
-    }
-    for l in range(L):
-        p = f"transformer_layers.{l}."
-        for proj in ("query", "key", "value", "out"):
-            s[p + f"attention.{proj}.weight"] = (d, d)
-            s[p + f"attention.{proj}.bias"] = (d,)
-        s[p + "attn_layer_norm.weight"] = (d,)
-        s[p + "attn_layer_norm.bias"] = (d,)
-        s[p + "ffn.intermediate_output.weight"] = (m, d)
-        s[p + "ffn.intermediate_output.bias"] = (m,)
-        s[p + "ffn.layer_output.weight"] = (d, m)
-        s[p + "ffn.layer_output.bias"] = (d,)
-        s[p + "ffn.layer_norm.weight"] = (d,)
-        s[p + "ffn.layer_norm.bias"] = (d,)
-    if toast:
-        f = num_factors
-        s["cls_anchor_gen.mlp_p.weight"] = (1, d * f)
-        s["cls_anchor_gen.mlp_c.weight"] = (cfg.num_classes, d * f)
-        s["cls_anchor_gen.mlp_f.weight"] = (1, f)
-        s["cls_anchor_gen.mlp_t.weight"] = (d, d)
-        s["cls_anchor_gen.mlp_t.bias"] = (d,)
-        s["cls_anchor_gen.layer_norm.weight"] = (d,)
-        s["cls_anchor_gen.layer_norm.bias"] = (d,)
-        s["top_down_transform"] = (d, d)
-        for l in range(L):
-            s[f"decoders.{l}.linear.weight"] = (d, d)
-            s[f"decoders.{l}.linear2.weight"] = (d, d)
-    return s
+    return official_folders.open_muse_shapes(cfg, num_factors, toast)
 
 
 def open_muse_state_dict(cfg, num_factors=NF, toast=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, shape in open_muse_shapes(cfg, num_factors, toast).items():
-        if k.endswith("_ln.weight") or k.endswith("layer_norm.weight"):
-            t = 1 + 0.1 * torch.randn(shape, generator=g)
-        elif k == "top_down_transform":
-            t = torch.eye(shape[0]) + 0.1 * torch.randn(shape, generator=g)
-        else:
-            fan_in = shape[-1] if len(shape) == 2 and "embeddings" not in k and "mlp_" not in k else 1
-            t = torch.randn(shape, generator=g) / math.sqrt(fan_in) * (0.5 if fan_in == 1 else 1.0)
-        sd[k] = t
-    return sd
+    return official_folders.open_muse_state_dict(cfg, num_factors, toast, seed)
 
 
 def reference_forward(sd, ids, cfg, value_feedbacks=None):

@@ -1,6 +1,10 @@
 """The code users run today, written as the public code writes it: the baselines ("anchors").
 
-* :func:`official_sampling_loop`: the official self-guidance loop (base pass, guide pass, eager step).
+* :func:`official_generate_sg` / :func:`official_sampling_loop`: the official UnlockMGM ``generate_sg``
+  (base pass and TOAST pass with the head on every position and the full vocabulary, eager step), on
+  our modules' weights (:func:`official_forward`, :func:`official_toast_forward`);
+  :func:`official_decode_code`: open-muse's ``MaskGitVQGAN.decode_code`` (``Conv2dSame``: a pad copy
+  before every 3x3 convolution).
 * :func:`llada_generate`: LLaDA's generate() loop (blocks, LLaDA's split of each block over its
   steps) around :func:`llada_step`, or with ``threshold`` Fast-dLLM's (no cache) around
   :func:`fast_dllm_threshold_step`.
@@ -19,9 +23,10 @@
 """
 from __future__ import annotations
 
-import torch
+import math
 
-from ..schedule import choice_temperature, mask_len
+import torch
+import torch.nn.functional as F
 
 
 def open_muse_step(tokens, is_masked, logits, guide, num_to_mask, *, guidance_scale, temperature, choice_temperature, mask_id, generator=None):
@@ -123,22 +128,142 @@ def dream_step(x, mask_index, logits, num_transfer: int, *, temperature, top_p, 
     return x
 
 
-def official_sampling_loop(sampler, labels: torch.Tensor) -> torch.Tensor:
-    """The official self-guidance sampling loop with ``sampler``'s model, guide and settings: per step the
-    base pass, the guide pass (``sampler._logits``) and :func:`open_muse_step`. Returns the tokens ``[B, N]``."""
-    cfg = sampler.model.config
-    b, n = labels.shape[0], cfg.num_tokens
-    tokens = torch.full((b, n), cfg.mask_token_id, dtype=torch.int64, device=labels.device)
-    is_masked = torch.ones(b, n, dtype=torch.bool, device=labels.device)
+def _official_layer(block, h, top_down_feat=None):
+    """One open-muse ``TransformerLayer`` with ``use_maskgit_mlp`` (post-LN), on ``block``'s weights:
+    q/k/v projections, the value feedback through the value projection, (B, H, T, D) contiguous copies,
+    SDPA, a contiguous copy back, the out projection; residual + LayerNorm; GELU MLP, residual + LayerNorm."""
+    att = block.attention
+    b, t, d = h.shape
+    heads = att.heads
+    query, key, value = att.query(h), att.key(h), att.value(h)
+    if top_down_feat is not None:
+        value = value + att.value(top_down_feat)
+    query, key, value = (x.view(b, t, heads, d // heads).transpose(1, 2).contiguous() for x in (query, key, value))
+    out = F.scaled_dot_product_attention(query, key, value)
+    out = att.out(out.transpose(1, 2).contiguous().view(b, t, d))
+    h = block.attention_norm(h + out)
+    mlp = block.mlp_out(F.gelu(block.mlp_in(h), approximate=block.gelu_approximate))
+    return block.mlp_norm(mlp + h)
+
+
+def official_forward(model, input_ids, top_down_feats=None):
+    """open-muse ``MaskGitTransformer(TOAST).forward`` (MaskGIT configuration) on ``model``'s weights:
+    ``(logits [B, N+1, V], last hidden states [B, N+1, d])``. The MLM head runs on every position,
+    the class position included, over the full vocabulary (codebook, classes and [MASK]), as the
+    official code does before slicing to the codebook."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    h = model.embedding_norm(model.word_embeddings(input_ids) + model.position_embeddings(positions))
+    for layer, block in enumerate(model.blocks):
+        h = _official_layer(block, h, None if top_down_feats is None else top_down_feats[layer])
+    x = model.head_norm(F.gelu(model.head_dense(h)))
+    return model.head(x), h
+
+
+def official_toast_forward(model, guide, input_ids, hidden_states):
+    """The official ``forward_with_hidden_toast`` on ``model`` / ``guide``'s weights: the class anchor
+    (factor embeddings multiplied and summed, LayerNorm, projection), the token selection, the
+    top-down chain, then the backbone on a blank canvas with the value feedbacks; its logits ``[B, N+1, V]``."""
+    a = guide.anchor
+    cls = input_ids[:, 0] - model.config.codebook_size
+    d, f = a.position.shape
+    embed = (a.factor_weights.view(1, 1, 1, f) * (a.position.view(1, 1, d, f) + a.classes[cls].view(-1, 1, d, f))).sum(-1)
+    anchor = a.proj(a.norm(embed))
+    x = hidden_states
+    cos_sim = F.normalize(x, dim=-1) @ F.normalize(anchor, dim=-1).transpose(1, 2)
+    x = (x * cos_sim.clamp(0, 1)) @ guide.selection
+    td = []
+    for layer in range(len(guide.top_down) - 1, -1, -1):
+        x = guide.top_down[layer](x)
+        td = [guide.feedback[layer](x)] + td
+    blank = input_ids.clone().fill_(model.config.mask_token_id)
+    return official_forward(model, blank, td)[0]
+
+
+def _official_mask_by_random_topk(mask_len, probs, temperature):
+    """open-muse ``mask_by_random_topk``: log-confidence + tempered Gumbel noise, a full sort, strict cut."""
+    noise = torch.zeros_like(probs).uniform_(0, 1)
+    gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))
+    confidence = torch.log(probs.clamp(min=1e-20)) + temperature * gumbel
+    cut_off = torch.gather(torch.sort(confidence, dim=-1).values, 1, mask_len.long())
+    return confidence < cut_off
+
+
+def official_generate_sg(model, guide, labels: torch.Tensor, *, steps: int, guidance_scale: float,
+                         choice_temperature: float) -> torch.Tensor:
+    """The official ``generate_sg`` (UnlockMGM) on ``model`` / ``guide``'s weights, fp32 eager as users
+    run it: per step the base pass and the TOAST pass (both with the head on every position and the
+    full vocabulary), the blend on ``[B, N+1, K]``, a per-image multinomial of the softmax, a second
+    softmax for the confidences, the float32 cosine schedule and ``mask_by_random_topk`` with the
+    compounded choice temperature. Returns the tokens ``[B, N]``."""
+    cfg = model.config
+    k, n, mask_id = cfg.codebook_size, cfg.num_tokens, cfg.mask_token_id
+    class_ids = labels + k
+    input_ids = torch.full((labels.shape[0], n), mask_id, dtype=torch.long, device=labels.device)
+    temperature = choice_temperature
     with torch.no_grad():
-        for step in range(sampler.steps):
-            logits, guide_logits = sampler._logits(tokens, labels)
-            num = mask_len(step, sampler.steps, n, is_masked.sum(-1))
-            tau = choice_temperature(step, sampler.steps, sampler.choice_temperature, sampler.temperature_decay)
-            tokens, is_masked = open_muse_step(
-                tokens, is_masked, logits, guide_logits, num, guidance_scale=sampler.guidance_scale,
-                temperature=sampler.temperature, choice_temperature=tau, mask_id=cfg.mask_token_id)
-    return tokens
+        for step in range(steps):
+            input_ids = torch.cat([class_ids[:, None], input_ids], dim=1)
+            logits, hidden_states = official_forward(model, input_ids)
+            logits = logits[..., :k]
+            if guidance_scale != 0:
+                toast_logits = official_toast_forward(model, guide, input_ids, hidden_states)[..., :k]
+                logits = toast_logits + (1 + guidance_scale) * (logits - toast_logits)
+            input_ids, logits = input_ids[:, 1:], logits[:, 1:]
+            sampled_ids = torch.stack([torch.multinomial(row.softmax(dim=-1), 1).squeeze(1) for row in logits])
+            unknown_map = input_ids == mask_id
+            sampled_ids = torch.where(unknown_map, sampled_ids, input_ids)
+            ratio = 1.0 * (step + 1) / steps
+            mask_ratio = torch.cos(torch.tensor(ratio) * math.pi * 0.5)
+            probs = logits.softmax(dim=-1)
+            selected = torch.gather(probs, -1, sampled_ids.long()[..., None]).squeeze(-1)
+            selected = torch.where(unknown_map, selected, torch.finfo(selected.dtype).max)
+            mask_len = (n * mask_ratio).floor().unsqueeze(0).to(logits.device)
+            mask_len = torch.max(torch.tensor([1], device=logits.device),
+                                 torch.min(unknown_map.sum(dim=-1, keepdim=True) - 1, mask_len))
+            temperature = temperature * (1.0 - ratio)
+            masking = _official_mask_by_random_topk(mask_len, selected, temperature)
+            input_ids = torch.where(masking, mask_id, sampled_ids)
+    return sampled_ids
+
+
+def official_decode_code(vqgan, tokens: torch.Tensor) -> torch.Tensor:
+    """open-muse ``MaskGitVQGAN.decode_code`` on ``vqgan``'s weights: the codebook lookup reshaped and
+    permuted to ``[B, C, h, w]`` (channels-last strides, as ``get_codebook_entry`` leaves it), then the
+    decoder with ``Conv2dSame`` (an explicit ``F.pad`` before every 3x3 convolution, which runs
+    unpadded). No clamp (the official pipeline clips when converting to 8 bits)."""
+    def conv(m, x):
+        k = m.kernel_size[0]
+        if k > 1:
+            x = F.pad(x, [(k - 1) // 2, k // 2, (k - 1) // 2, k // 2])
+        return F.conv2d(x, m.weight, m.bias)
+
+    def resblock(blk, x):
+        y = conv(blk.conv1, F.silu(blk.norm1(x)))
+        y = conv(blk.conv2, F.silu(blk.norm2(y)))
+        return y + (x if blk.nin_shortcut is None else conv(blk.nin_shortcut, y))
+
+    b, num = tokens.shape
+    side = math.isqrt(num)
+    z = vqgan.quantize.embedding(tokens).reshape(b, side, side, -1).permute(0, 3, 1, 2)
+    dec = vqgan.decoder
+    with torch.no_grad():
+        x = conv(dec.conv_in, z)
+        for blk in dec.mid:
+            x = resblock(blk, x)
+        for level in reversed(dec.up):
+            for blk in level.block:
+                x = resblock(blk, x)
+            if level.upsample_conv is not None:
+                x = conv(level.upsample_conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return conv(dec.conv_out, F.silu(dec.norm_out(x)))
+
+
+def official_sampling_loop(sampler, labels: torch.Tensor) -> torch.Tensor:
+    """The official self-guidance sampling loop (:func:`official_generate_sg`) with ``sampler``'s model,
+    guide, steps, guidance scale and choice temperature. Returns the tokens ``[B, N]``."""
+    return official_generate_sg(sampler.model, sampler.guide, labels, steps=sampler.steps,
+                                guidance_scale=sampler.guidance_scale if sampler.guided else 0.0,
+                                choice_temperature=sampler.choice_temperature)
 
 
 def _num_transfer_tokens(block_mask_index, steps):

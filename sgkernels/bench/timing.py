@@ -95,7 +95,7 @@ class Stats:
 
 def autorange(fns: dict, device, *, warmup: int = 1, min_repeats: int = 3, max_repeats: int = 100,
               min_time: float = 0.0, max_time: float = 60.0, block_ms: float = 10.0, rel_spread: float = 0.05,
-              on_round=None) -> dict:
+              on_round=None, number: int | None = None) -> dict:
     """Time several callables (name -> fn) interleaved, in blocks, until the timings are stable.
 
     Blocked autorange, as ``torch.utils.benchmark.Timer.blocked_autorange``: after ``warmup`` calls
@@ -104,15 +104,19 @@ def autorange(fns: dict, device, *, warmup: int = 1, min_repeats: int = 3, max_r
     every fn in turn (load from other processes hits them alike), until at least ``min_repeats``
     rounds and ``min_time`` seconds have passed and every fn's interquartile range is within
     ``rel_spread`` of its median, or ``max_repeats`` rounds / ``max_time`` seconds are reached.
-    ``on_round()`` is called after each round (a progress bar). Returns name -> :class:`Stats`.
+    ``on_round()`` is called after each round (a progress bar). ``number``: a fixed block size, without
+    the calls that find it (calls of seconds: ``number=1``). Returns name -> :class:`Stats`.
     """
     timer = Timer(device)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
-    number = {}
+    fixed, number = number, {}
     for name, fn in fns.items():
+        if fixed is not None:
+            number[name] = int(fixed)
+            continue
         n = 1
         while True:
             ms = timer(fn, n)

@@ -12,7 +12,9 @@ included) and the class labels:
    ``top_down[l]``, ``B_l`` is ``feedback[l]``, and ``f_l`` is layer ``l``'s value feedback);
 4. pass 2 of the same frozen backbone on a blank canvas (every input id, the class token
    included, is [MASK]), each layer ``l`` adding ``f_l`` through its own value projection. Its logits
-   are ``l_smooth``.
+   are ``l_smooth``. The canvas is the same for every image: at inference (no dropout, no per-layer
+   outputs asked for) it is embedded once and layer 0's queries and keys are computed once per
+   call, broadcast over the batch.
 
 Only the anchor (embeddings, factor weights, its LayerNorm and projection), P, A_l and B_l are
 parameters of this module (~24% of the MaskGIT-256 backbone: 41.8M of 174.1M). The backbone is
@@ -173,7 +175,12 @@ class TOAST(nn.Module):
         elif class_labels.device.type == "cpu" and b and bool(out_of_range.any()):
             raise ValueError(f"class_labels: expected values in [0, {cfg.num_classes}), got {class_labels.tolist()}")
         value_feedbacks = self.value_feedbacks(hidden_states.detach(), class_labels.long())
-        blank = torch.full((b, cfg.seq_len), cfg.mask_token_id, dtype=torch.int64, device=hidden_states.device)
+        # The blank canvas is the same for every image: without dropout (which draws per row) and
+        # without the per-layer outputs, pass 2 embeds it once and its first layer's queries and keys
+        # are computed once for the batch (broadcast; the value feedbacks make the rows differ).
+        shared = not return_layers and not (dropout and backbone.training)
+        blank = torch.full((1 if shared else b, cfg.seq_len), cfg.mask_token_id, dtype=torch.int64,
+                           device=hidden_states.device)
         if torch.is_grad_enabled() and any(p.requires_grad for p in backbone.parameters()):
             # Frozen backbone without touching the caller's requires_grad flags.
             out = _forward_ids_detached(backbone, blank, value_feedbacks, return_layers, with_head, dropout)

@@ -24,6 +24,7 @@ Images are in [0, 1] (the tokenizer was trained on unnormalised pixels); ``decod
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -126,7 +127,38 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(F.silu(self.norm1(x)))
         y = self.conv2(self.dropout(F.silu(self.norm2(y))))
-        return y + (x if self.nin_shortcut is None else self.nin_shortcut(y))
+        return y + (x if self.nin_shortcut is None else pointwise_conv(self.nin_shortcut, y))
+
+
+@contextlib.contextmanager
+def power_of_two_threads():
+    """Run the body with torch's intra-op threads lowered to a power of two (8 of 12, 2 of 3; 1, 2, 4, ..
+    stay as they are); restored after. With it the decoder gives the same images for any thread count
+    (a single process with all cores, or torchrun's one thread per process)."""
+    n = torch.get_num_threads()
+    p = 1 << (n.bit_length() - 1)
+    if p == n:
+        yield
+        return
+    torch.set_num_threads(p)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution as one matmul per image, ``W [C_out, C_in] @ x [C_in, H*W]`` (+ bias), NCHW.
+
+    The same values as ``conv(x)`` up to the sum's rounding, in an order that does not depend on
+    the number of threads (oneDNN's 1x1 kernels split the channel sum over threads: images then
+    depended on it by a level here and there). ``x`` contiguous NCHW.
+    """
+    b, c, h, w = x.shape
+    y = torch.matmul(conv.weight.view(conv.out_channels, c), x.reshape(b, c, h * w))
+    if conv.bias is not None:
+        y = y + conv.bias[:, None]
+    return y.view(b, conv.out_channels, h, w)
 
 
 class _Level(nn.Module):
@@ -265,8 +297,13 @@ class MaskGitVQGAN(nn.Module):
         k = self.codebook_size
         if tokens.device.type == "cpu" and tokens.numel() and bool(((tokens < 0) | (tokens >= k)).any()):
             raise ValueError(f"tokens: expected codebook ids in [0, {k})")
-        z = self.quantize.get_codebook_entry(tokens.long()).permute(0, 3, 1, 2)
-        return self.decoder(z).clamp_(0.0, 1.0)
+        # The same images whatever the number of threads (docs/images.md): NCHW (GroupNorm's
+        # channels-last kernel sums each group over threads), 1x1 convolutions as matmuls
+        # (pointwise_conv), and a power-of-two thread count, so that on these power-of-two sizes every
+        # thread's share of an elementwise op (SiLU) is whole SIMD vectors, never the scalar tail.
+        z = self.quantize.get_codebook_entry(tokens.long()).permute(0, 3, 1, 2).contiguous()
+        with power_of_two_threads():
+            return self.decoder(z).clamp_(0.0, 1.0)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, *,

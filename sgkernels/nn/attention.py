@@ -46,6 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         ``[B, T, H, D]``.
     """
     if attention_backend(q.device) == "xformers":
+        q, k, v = (x.contiguous() if x.stride(0) == 0 else x for x in (q, k, v))  # a broadcast batch
         return _xformers_ops().memory_efficient_attention(q, k, v, p=dropout_p)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p)
     return out.transpose(1, 2)
@@ -56,7 +57,7 @@ class SelfAttention(nn.Module):
 
     ``forward(h, value_feedback=None, *, dropout=True)``: with ``value_feedback`` ``f`` (same shape as
     ``h``) the values are ``value(h) + value(f)`` (the bias enters twice, as in the official TOAST
-    code); ``None`` is the ordinary layer. ``dropout=False``: no attention dropout even in training
+    code), computed as one GEMM ``W_v (h + f) + 2 b``; ``None`` is the ordinary layer. ``dropout=False``: no attention dropout even in training
     mode (as in eval mode, without changing the module's mode: what a sampler sharing the module
     with other threads needs).
     """
@@ -74,13 +75,20 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(width, width, bias=bias)
 
     def forward(self, h: torch.Tensor, value_feedback: torch.Tensor | None = None, *, dropout: bool = True) -> torch.Tensor:
-        b, t, _ = h.shape
+        """``h`` ``[B, T, d]``; ``value_feedback`` None or ``[B, T, d]``. ``h`` may have batch 1 against a
+        ``value_feedback`` of batch B (TOAST's blank canvas, the same for every image): its queries and
+        keys are then computed once and broadcast. Returns ``[B, T, d]``."""
+        t = h.shape[1]
+        if value_feedback is None:
+            v = self.value(h)
+        else:
+            # W_v h + b + W_v f + b as one GEMM: W_v (h + f) + 2b (the same sum, one d x d GEMM less)
+            bias = None if self.value.bias is None else self.value.bias * 2
+            v = F.linear(h + value_feedback, self.value.weight, bias)
+        b = v.shape[0]
         shape = (b, t, self.heads, self.width // self.heads)
-        q = self.query(h).view(shape)
-        k = self.key(h).view(shape)
-        v = self.value(h)
-        if value_feedback is not None:
-            v = v + self.value(value_feedback)
+        q = self.query(h).view(h.shape[0], *shape[1:]).expand(shape)
+        k = self.key(h).view(h.shape[0], *shape[1:]).expand(shape)
         p = self.attention_dropout if (self.training and dropout) else 0.0
         out = attention(q, k, v.view(shape), dropout_p=p)
         return self.out(out.reshape(b, t, self.width))

@@ -14,7 +14,7 @@ from ..machine import roofline
 
 # Module names = op names (``--only``); the order of the table.
 OPS = ("amused_step", "cross_entropy", "guided_sample", "head_sample", "linear_cross_entropy", "llada_step",
-       "remask_lowest_confidence", "sampler", "self_guided_step", "vq_lookup", "vqgan_encode")
+       "paper_realsize", "remask_lowest_confidence", "sampler", "self_guided_step", "vq_lookup", "vqgan_encode")
 
 
 def modules(only=None) -> list:
