@@ -49,6 +49,38 @@ def check_writable(path: str, image: bool = False) -> None:
             raise CLIError(str(e)) from None
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable`` of /proc/meminfo), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(flag: str, batch_size: int, need, processes: int = 1) -> None:
+    """CLIError, before anything is computed or written, when ``need(batch_size)`` bytes (an estimate)
+    exceed this process's share of the available memory; the message names the batch size that fits."""
+    avail = available_memory()
+    if avail is None:
+        return
+    share = avail // max(processes, 1)
+    if need(batch_size) <= share:
+        return
+    fit = batch_size
+    while fit > 1 and need(fit) > share:
+        fit //= 2
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    per = f" per process ({processes} on this machine)" if processes > 1 else ""
+    hint = (f"use {flag} {fit} or less" if need(fit) <= share else f"even {flag} 1 needs {gib(need(1))}: "
+            "free some memory")
+    raise CLIError(f"{flag} {batch_size}: about {gib(need(batch_size))} of memory needed{per}, "
+                   f"{gib(share)} available; {hint}")
+
+
 def save_image(path: str, rgb) -> None:
     """:func:`sgkernels._png.write_image` (atomic PNG / JPEG), OSError as a CLIError."""
     try:

@@ -20,6 +20,10 @@ from .ops import _validate
 from .sampler import SelfGuidedSampler
 
 OUTPUTS = ("float", "uint8", "pil")
+# Images decoded at a time: the VQGAN's full-resolution activations are ~170 MB per 256px image in
+# float32, so a batch of 64 decoded at once needed ~11 GB on a CPU; in chunks the decode's memory
+# does not grow with the batch (the chunks are fixed: the images stay a function of the settings).
+DECODE_CHUNK = 8
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -151,6 +155,23 @@ class SelfGuidedPipeline:
     def vae(self, module) -> None:
         self.vqgan = module
 
+    def memory_needed(self, batch_size: int) -> int:
+        """Bytes a call with ``batch_size`` images needs besides the loaded weights: an estimate from the
+        configs, for the CPU's eager path (``sgkernels generate`` checks it against the free memory).
+
+        Per image, the sampling step's working set: the guide's value feedbacks of every layer and a
+        layer's activations, ``s T (d (L + 12) + 2 m)`` bytes (``s`` the parameters' itemsize, T
+        positions, width d, L layers, MLP m: 35 MB for the paper's model in float32), and the float32
+        image; per decoded image (at most :data:`DECODE_CHUNK` at a time) ~5 activations of the
+        decoder's full-resolution level, ``5 s H W c`` (168 MB at 256 px, 128 channels).
+        """
+        cfg, vcfg = self.model.config, self.vqgan.config
+        s = self.dtype.itemsize
+        h, w, c = self.image_shape
+        sampling = s * cfg.seq_len * (cfg.width * (cfg.depth + 12) + 2 * cfg.mlp_dim) + 4 * h * w * c
+        decode = 5 * s * h * w * vcfg.hidden_channels * vcfg.channel_mult[0]
+        return batch_size * sampling + min(batch_size, DECODE_CHUNK) * decode
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(H, W, C)`` of one uint8 image (``output="uint8"``): the token grid times the VQGAN's factor."""
@@ -187,7 +208,9 @@ class SelfGuidedPipeline:
                                     choice_temperature=choice_temperature, temperature=temperature, **sampler_options)
         tokens = sampler(labels, seed=seed, progress=progress)
         h, w = self.model.config.grid_hw
-        images = self.vqgan.decode(tokens.reshape(-1, h, w)).float()  # float32 whatever the VQGAN's dtype
+        grids = tokens.reshape(-1, h, w)
+        # float32 whatever the VQGAN's dtype; DECODE_CHUNK images at a time (memory)
+        images = torch.cat([self.vqgan.decode(g).float() for g in grids.split(DECODE_CHUNK)])
         if output == "float":
             return images
         pixels = to_uint8(images)

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ._cli import CLIError, check_writable, model_options, parse_classes, save_image, show_progress
+from ._cli import CLIError, check_memory, check_writable, model_options, parse_classes, save_image, show_progress
 from ._io import first_line
 from ._png import grid
 from .generate_sharded import MAX_IMAGES, batch_seed, generate_to_dir, generate_to_npz, image_labels, init_distributed
@@ -100,6 +100,9 @@ def generate(args) -> int:
     pipe = _load(args, device, dtype)
     if pipe.guide is None and scale != 0:
         raise CLIError(f"--guidance-scale: {args.model} has no TOAST guide; use --guidance-scale 0 (plain MaskGIT)")
+    if pipe.device.type == "cpu":  # a batch too big for this machine's memory: one line now, not a dead process later
+        check_memory("--batch-size", batch_size, pipe.memory_needed,
+                     processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     classes = parse_classes(args.classes, pipe.num_classes)
     progress = show_progress(args, args.num)
     t0 = time.perf_counter()

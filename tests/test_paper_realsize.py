@@ -4,6 +4,8 @@ previous formulas (the same tokens for fixed seeds), and the ``paper_realsize`` 
 The real size itself is the slow tier's (tests/conftest.py SLOW_TESTS)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -168,3 +170,41 @@ def test_decode_does_not_depend_on_the_thread_count(tmp_path, restore_threads):
         images.append(vq.decode(tok))
         assert torch.get_num_threads() == n  # restored
     assert torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
+
+
+# --- the CLI on a machine with too little memory ---------------------------------------------------------
+
+def test_generate_refuses_a_batch_that_does_not_fit_in_memory(tmp_path, capsys, monkeypatch):
+    """``--batch-size 64`` (the default) of the paper's model needs a few GB on a CPU: with less memory
+    available, one line saying how much and which --batch-size fits, before anything is written."""
+    from sgkernels import _cli, cli
+    from sgkernels.pipeline import SelfGuidedPipeline
+    from test_pipeline import make_folders
+
+    model, vae = make_folders(tmp_path / "ckpt")
+    pipe = SelfGuidedPipeline.from_pretrained(model, vae, device="cpu")
+    monkeypatch.setattr(_cli, "available_memory", lambda: pipe.memory_needed(5))
+    out = tmp_path / "s.npz"
+    argv = ["generate", "--model", model, "--vae", vae, "--count", "64", "--steps", "2", "--no-progress",
+            "--out-npz", out]
+    status = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    gib = pipe.memory_needed(64) / 2**30
+    assert err[0] == (f"sgkernels: error: --batch-size 64: about {gib:.1f} GiB of memory needed, "
+                      f"{pipe.memory_needed(5) / 2**30:.1f} GiB available; use --batch-size 4 or less")
+    assert not out.exists() and not os.path.exists(f"{out}.parts")
+    assert cli.main([str(a) for a in argv[:-2] + ["--batch-size", "4", "--count", "4", "--out-npz", out]]) == 0
+
+
+def test_memory_needed_of_the_paper_model():
+    """The estimate at the paper's size (float32): ~35 MB per image of sampling, ~168 MB per decoded
+    image, 8 decoded at a time; bfloat16 halves it."""
+    cfg = sgk.MaskTransformerConfig.maskgit_256()
+    with torch.device("meta"):
+        pipe = sgk.SelfGuidedPipeline.__new__(sgk.SelfGuidedPipeline)
+        pipe.model, pipe.guide, pipe.vqgan = sgk.MaskTransformer(cfg), None, MaskGitVQGAN()
+    need = pipe.memory_needed(64)
+    assert 3.0e9 < need < 4.5e9 and pipe.memory_needed(1) < 0.25e9
+    pipe.model.to(torch.bfloat16), pipe.vqgan.to(torch.bfloat16)
+    assert pipe.memory_needed(64) < 0.55 * need

@@ -68,13 +68,14 @@ def official_images(pipe, labels, steps: int = STEPS) -> torch.Tensor:
 def variants(root, device: str) -> list[tuple[str, str, object, dict]]:
     """``(dtype label, impl, pipeline, call options)`` of the sgkernels rows this install can run."""
     from ...pipeline import SelfGuidedPipeline
+    from ...sampler import SelfGuidedSampler
 
     out = [("float32", "sgkernels", load(root, device), {})]
     if not _takes(SelfGuidedPipeline.from_pretrained, "torch_dtype"):
         return out
     bf16 = load(root, device, torch.bfloat16)
     if device == "cpu":
-        if _takes(SelfGuidedPipeline.__call__, "compile") or _takes(SelfGuidedPipeline.__init__, "compile"):
+        if _takes(SelfGuidedSampler.__init__, "compile"):
             out.append(("bfloat16 + compile", "sgkernels", bf16, dict(compile=True)))
         out.append(("bfloat16", "sgkernels", bf16, {}))
     else:
