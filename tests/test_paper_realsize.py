@@ -208,3 +208,22 @@ def test_memory_needed_of_the_paper_model():
     assert 3.0e9 < need < 4.5e9 and pipe.memory_needed(1) < 0.25e9
     pipe.model.to(torch.bfloat16), pipe.vqgan.to(torch.bfloat16)
     assert pipe.memory_needed(64) < 0.55 * need
+
+
+# --- the real size (slow tier) ------------------------------------------------------------------------
+
+def test_real_size_tokens_equal_the_previous_passes(tmp_path, monkeypatch):
+    """The paper's model at its real size (seeded random weights in the official layout): the guide
+    pass's cuts give the same tokens as the previous formulas (2 steps, 2 images, float32)."""
+    from sgkernels.bench.official_folders import write_paper_folders
+
+    t, v = write_paper_folders(tmp_path, seed=0)
+    model, guide = sgk.models.from_pretrained(t)
+    labels = torch.tensor([207, 360])
+    kw = dict(steps=2, guidance_scale=1.0, choice_temperature=25.0)
+    now = sgk.SelfGuidedSampler(model, guide, **kw)(labels, seed=3)
+    monkeypatch.setattr(SelfAttention, "forward", _previous_attention)
+    real_forward = TOAST.forward
+    monkeypatch.setattr(TOAST, "forward", lambda self, backbone, hidden, labels, **k:
+                        _per_image_canvas(real_forward, self, backbone, hidden, labels, **k))
+    assert torch.equal(now, sgk.SelfGuidedSampler(model, guide, **kw)(labels, seed=3))

@@ -146,6 +146,17 @@ def _official_layer(block, h, top_down_feat=None):
     return block.mlp_norm(mlp + h)
 
 
+def _as_forward(module, fn):
+    """``fn()`` seen by ``module``'s forward hooks as one of its forwards (the official passes call its
+    submodules, not the module: :class:`sgkernels.bench.parts.PartTimer` times them as ours)."""
+    for hook in list(module._forward_pre_hooks.values()):
+        hook(module, ())
+    out = fn()
+    for hook in list(module._forward_hooks.values()):
+        hook(module, (), out)
+    return out
+
+
 def official_forward(model, input_ids, top_down_feats=None):
     """open-muse ``MaskGitTransformer(TOAST).forward`` (MaskGIT configuration) on ``model``'s weights:
     ``(logits [B, N+1, V], last hidden states [B, N+1, d])``. The MLM head runs on every position,
@@ -203,10 +214,11 @@ def official_generate_sg(model, guide, labels: torch.Tensor, *, steps: int, guid
     with torch.no_grad():
         for step in range(steps):
             input_ids = torch.cat([class_ids[:, None], input_ids], dim=1)
-            logits, hidden_states = official_forward(model, input_ids)
+            logits, hidden_states = _as_forward(model, lambda: official_forward(model, input_ids))
             logits = logits[..., :k]
             if guidance_scale != 0:
-                toast_logits = official_toast_forward(model, guide, input_ids, hidden_states)[..., :k]
+                toast_logits = _as_forward(guide, lambda: official_toast_forward(model, guide, input_ids,
+                                                                                 hidden_states))[..., :k]
                 logits = toast_logits + (1 + guidance_scale) * (logits - toast_logits)
             input_ids, logits = input_ids[:, 1:], logits[:, 1:]
             sampled_ids = torch.stack([torch.multinomial(row.softmax(dim=-1), 1).squeeze(1) for row in logits])
