@@ -20,7 +20,7 @@ from .ops import _validate
 from .sampler import SelfGuidedSampler
 
 OUTPUTS = ("float", "uint8", "pil")
-# Images decoded at a time: the VQGAN's full-resolution activations are ~170 MB per 256px image in
+# Images decoded at a time: the VQGAN's decode takes ~340 MB per 256px image in
 # float32, so a batch of 64 decoded at once needed ~11 GB on a CPU; in chunks the decode's memory
 # does not grow with the batch (the chunks are fixed: the images stay a function of the settings).
 DECODE_CHUNK = 8
@@ -162,14 +162,16 @@ class SelfGuidedPipeline:
         Per image, the sampling step's working set: the guide's value feedbacks of every layer and a
         layer's activations, ``s T (d (L + 12) + 2 m)`` bytes (``s`` the parameters' itemsize, T
         positions, width d, L layers, MLP m: 35 MB for the paper's model in float32), and the float32
-        image; per decoded image (at most :data:`DECODE_CHUNK` at a time) ~5 activations of the
-        decoder's full-resolution level, ``5 s H W c`` (168 MB at 256 px, 128 channels).
+        image; per decoded image (at most :data:`DECODE_CHUNK` at a time) ~10 activations of the
+        decoder's full-resolution level, ``10 s H W c`` (336 MB at 256 px, 128 channels). Checked at
+        the paper's size, batch 2, 2 steps: 388 MB estimated against 691-759 MB measured (float32) was
+        too low, so the decode term is 10 activations: 743 MB.
         """
         cfg, vcfg = self.model.config, self.vqgan.config
         s = self.dtype.itemsize
         h, w, c = self.image_shape
         sampling = s * cfg.seq_len * (cfg.width * (cfg.depth + 12) + 2 * cfg.mlp_dim) + 4 * h * w * c
-        decode = 5 * s * h * w * vcfg.hidden_channels * vcfg.channel_mult[0]
+        decode = 10 * s * h * w * vcfg.hidden_channels * vcfg.channel_mult[0]
         return batch_size * sampling + min(batch_size, DECODE_CHUNK) * decode
 
     @property

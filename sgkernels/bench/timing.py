@@ -28,6 +28,14 @@ def _mmap_threshold(nbytes: int) -> None:
         pass
 
 
+def _malloc_trim() -> None:
+    """Return glibc's free heap memory to the system (so that RSS growth counts every new block)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 _MMAP_FOR_PEAK, _MMAP_FOR_TIMING = 1 << 20, 32 << 20
 _mmap_threshold(_MMAP_FOR_TIMING)
 
@@ -176,6 +184,7 @@ def peak_mb(fn, device: str) -> float | None:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     _mmap_threshold(_MMAP_FOR_PEAK)
+    _malloc_trim()  # free heap left by earlier (timing-mode) calls would be reused unseen
     try:
         try:
             with open("/proc/self/clear_refs", "w") as f:
