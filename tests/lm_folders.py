@@ -163,7 +163,7 @@ class TinyLLaDA2ForCausalLM(PreTrainedModel):
                 **kwargs):
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache)
-        return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state))
 '''
 
 

@@ -112,6 +112,31 @@ def test_percent_of_peak_never_exceeds_100(monkeypatch):
     assert "The GFLOP/s peak is the faster row x s sgkernels" in text and "| 2.0x |" in text and "| 3.0x |" in text
 
 
+def test_machine_names_the_gpu_and_driver(monkeypatch):
+    """On a CUDA device the JSON and the header carry the GPU's name and the driver (nvidia-smi)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from sgkernels.bench import machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "NVIDIA H100 80GB HBM3")
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return SimpleNamespace(returncode=0, stdout="550.54.15\n550.54.15\n")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    info = machine.machine_info("cuda:0")
+    assert (info["gpu"], info["gpu_driver"], info["device"]) == ("NVIDIA H100 80GB HBM3", "550.54.15", "cuda:0")
+    assert seen and seen[0][0] == "nvidia-smi"
+    head = machine.header_lines(info)[0]
+    assert head.startswith("Device: GPU NVIDIA H100 80GB HBM3 (driver 550.54.15, CUDA ") and "sgkernels " in head
+    cpu = machine.machine_info("cpu")
+    assert cpu["gpu"] is None and cpu["gpu_driver"] is None and cpu["cpu_isa"] and cpu["torch_threads"] >= 1
+
+
 def test_op_rows_live_in_the_package():
     """One code path: python -m benchmarks runs sgkernels.bench.ops; a bench_<op>.py left in benchmarks/
     (e.g. from a merge) would not be run by either."""
@@ -195,6 +220,17 @@ def test_bench_dllm_llada(lm_dirs, pipeline, tmp_path, capsys):
             assert r["nfe"] == 4  # one model call per step
         assert r["tokens_per_s"] == pytest.approx(2 * 8 / (r["median_ms"] / 1e3))
     assert "| 100.0% |" in out and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_dllm_progress_bar_on_stderr(lm_dirs, capsys):
+    """Without --no-progress: a bar on stderr over the phases (agreement, timing, parts, memory per impl)."""
+    argv = [a for a in DLLM_FAST if a != "--no-progress"]
+    status, out, err = run(["bench", "dllm", "--model", lm_dirs[0], "--mask-id", MLM_MASK, *argv], capsys)
+    assert status == 0, err
+    last = err.replace("\r", "\n").strip().splitlines()
+    bar = [line for line in last if line.startswith("bench dllm (llada):")]
+    assert bar and "5/5" in bar[-1] and "100%" in bar[-1], err
+    assert "| sgkernels | 1 |" in out and "bench dllm" not in out  # the table alone on stdout
 
 
 def test_bench_dllm_dream_remote_code(lm_dirs, capsys):
