@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--repeats", "1", "--max-time", "0", "--no-progress"]
 MACHINE_KEYS = {"date", "device", "cpu", "cpu_isa", "cpu_cores", "torch_threads", "faiss_threads", "gpu", "gpu_driver",
-                "cuda", "python", "torch", "triton", "sgkernels", "env"}
+                "cuda", "python", "torch", "triton", "sgkernels", "env", "load_average"}
 ROW_KEYS = {"impl", "batch_size", "median_ms", "q1_ms", "q3_ms", "min_ms", "n", "number", "spread", "peak_mb", "parts",
             "speedup"}
 
@@ -142,7 +142,7 @@ def test_op_rows_live_in_the_package():
     (e.g. from a merge) would not be run by either."""
     assert not [f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.startswith("bench_")]
     here = os.path.dirname(ops.__file__)
-    mods = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and f != "__init__.py")
+    mods = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
     assert mods == sorted(ops.OPS)
 
 
@@ -346,6 +346,9 @@ def test_bench_ops_smoke(tmp_path, capsys):
     assert data["command"] == "ops" and {"gflops", "gbs", "gflops_measured", "gbs_measured"} <= set(data["roofline"])
     assert {r["impl"] for r in data["rows"]} == {"sgkernels", "eager Gumbel+sort"}
     assert all({"op", "shape", "dtype", "impl", "ms", "spread", "peak_mb"} <= set(r) for r in data["rows"])
+    # run in a fresh process, with this process's intra-op threads (1 here), stated below the table
+    assert {r["torch_threads"] for r in data["rows"]} == {torch.get_num_threads()}
+    assert f"Each op ran in its own process; threads: remask_lowest_confidence: torch {torch.get_num_threads()}." in out
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -399,3 +402,33 @@ def test_bench_check_compares_quoted_ratios():
 def test_bench_check_quoted_rows_name_known_ops():
     bc = _bench_check()
     assert all(op in bc.MODULE and bc.MODULE[op] in ops.OPS for rows in bc.QUOTED.values() for op, _, _ in rows)
+
+
+def test_readme_performance_table_is_generated_from_results():
+    """README's and docs/performance.md's numbers are RESULTS.md's: the block under the marker is what
+    --write-readme writes."""
+    bc = _bench_check()
+    with open(bc.RESULTS) as f:
+        results = f.read()
+    for path, rows in bc.pages("CPU"):
+        with open(path) as f:
+            page = f.read()
+        block = bc.readme_block(results, "CPU", rows)
+        assert bc.readme_with_block(page, block) == page, f"{path}: run python tools/bench_check.py --write-readme"
+
+
+def test_readme_block_replaces_only_the_generated_lines():
+    bc = _bench_check()
+    text = RESULTS_MD.replace("Device: ...", "Device: CPU X, 2 cores, 2 threads, avx2; torch 2.1, triton 3, sgkernels 0.1; "
+                              "2026-01-02\nthreads: torch intra-op 2; environment: none set; load average (1/5/15 min, "
+                              "at the end of the run): 0.10/0.20/0.30")
+    block = bc.readme_block(text, "CPU", [("a", "s1", "eager")])
+    assert block.splitlines()[0].startswith("Measured by `python -m benchmarks` on 2026-01-02: CPU X, 2 cores")
+    assert "load average 0.10/0.20/0.30 (1/5/15 min, at the end of the run)" in block.splitlines()[0]
+    readme = "\n".join(["# t", bc.MARKER, "old caption", "", "| old |", "|---|", "", "## Next", "text"])
+    new = bc.readme_with_block(readme, block)
+    assert new.split("\n")[:2] == ["# t", bc.MARKER] and new.endswith("\n\n## Next\ntext")
+    assert "old" not in new and "| `a` s1 | 1 ms | eager 10 ms | 10.0x |" in new
+    assert bc.readme_with_block(new, block) == new
+    with pytest.raises(SystemExit, match="marker"):
+        bc.readme_with_block("# no marker\n", block)
