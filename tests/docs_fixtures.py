@@ -157,9 +157,9 @@ def llada2_pipe(tmp_path, ns):
 
 def llada2_folder(tmp_path, ns):
     """A stand-in for ``LLaDA2.0-mini`` in docs/benchmarking.md: the tests' tiny block-causal LM (blocks of
-    32, d = 32, one layer) with LLaDA2's vocabulary (157184 ids, mask id 156895) as a remote-code
-    transformers folder (tests/lm_folders.py: ``save_tiny_block_lm``)."""
+    32, d = 32, one layer, 4096 ids, ``mask_token_id`` 4095 in its config) as a remote-code transformers
+    folder (tests/lm_folders.py: ``save_tiny_block_lm``)."""
     from lm_folders import save_tiny_block_lm
 
     if not (tmp_path / "LLaDA2.0-mini" / "config.json").exists():
-        save_tiny_block_lm(tmp_path / "LLaDA2.0-mini", vocab_size=157184, mask_token_id=156895, block_length=32)
+        save_tiny_block_lm(tmp_path / "LLaDA2.0-mini", vocab_size=4096, mask_token_id=4095, block_length=32)
