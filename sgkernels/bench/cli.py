@@ -63,7 +63,8 @@ def add_parser(sub) -> None:
     d.add_argument("--model", required=True, help="a local transformers folder (config.json + weights)")
     from .dllm import PIPELINES
 
-    d.add_argument("--pipeline", default="llada", choices=PIPELINES)
+    d.add_argument("--pipeline", default="llada", choices=PIPELINES,
+                   help="the drop-in and its reference (default llada; llada2: diffusers' LLaDA2Pipeline)")
     d.add_argument("--mask-id", type=int, default=None, help="the mask token id (default: the config's mask_token_id)")
     d.add_argument("--prompt-length", type=top._positive_int, default=32, help="random prompt tokens (default 32)")
     d.add_argument("--gen-length", type=top._positive_int, default=128, help="generated tokens (default 128)")
@@ -88,7 +89,8 @@ def add_parser(sub) -> None:
     d.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="load the weights in this dtype (default: as saved)")
     d.add_argument("--trust-remote-code", action="store_true",
-                   help="run the modeling code a folder ships (auto_map in its config.json, as LLaDA's and Dream's)")
+                   help="run the modeling code a folder ships (auto_map in its config.json, as LLaDA's, Dream's "
+                        "and LLaDA2's); needed, as by from_pretrained, when transformers lacks the model_type")
     _common(d, top, "1")
     d.set_defaults(func=bench_dllm)
 
