@@ -60,3 +60,25 @@ def save_image(path: str, rgb) -> None:
 def show_progress(args, num: int) -> bool:
     """A bar unless ``--no-progress``: when stderr is a terminal, or for ``num >= PROGRESS_ALWAYS_FROM`` images."""
     return not args.no_progress and (sys.stderr.isatty() or num >= PROGRESS_ALWAYS_FROM)
+
+
+def model_options(args, device_type: str) -> tuple:
+    """``(dtype or None, compile)`` of ``--dtype`` / ``--compile`` for a model on ``device_type``, checked
+    before anything is loaded or written: ``--compile`` where torch.compile is unavailable, and
+    ``--dtype float16`` on a CPU (:func:`sgkernels.pipeline.check_device_dtype`), are one error line."""
+    from .sampler import compile_options
+
+    from .pipeline import check_device_dtype
+
+    dtype = getattr(args, "dtype", None)
+    try:
+        check_device_dtype(device_type, dtype)
+    except ValueError as e:
+        raise CLIError(f"--dtype {str(e).removeprefix('torch_dtype: ')}") from None
+    compile = bool(getattr(args, "compile", False))
+    if compile:
+        try:
+            compile_options(True)
+        except ValueError as e:
+            raise CLIError(f"--compile: {str(e).removeprefix('compile: ')}") from None
+    return dtype, compile

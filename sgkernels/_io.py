@@ -129,12 +129,15 @@ def read_weights(path: str, fmt: str, map_location) -> dict[str, torch.Tensor]:
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def cast_weights(state: dict[str, torch.Tensor], what: str, error=ValueError) -> dict[str, torch.Tensor]:
+def cast_weights(state: dict[str, torch.Tensor], what: str, error=ValueError,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """``state`` with every tensor in the model's dtype, or ``error`` naming the tensors that are not weights.
 
-    The model's dtype is the floating dtype holding most of the elements (float64 as float32: the
-    ops take float32 / bfloat16 / float16); the other floating tensors are cast to it (one float16
-    tensor among float32 ones loads as float32). Integer, bool, complex and float8 tensors are refused.
+    The model's dtype is ``dtype`` when given (a ``torch_dtype=`` argument, checked by the caller), else
+    the floating dtype holding most of the elements (float64 as float32: the ops take float32 /
+    bfloat16 / float16); the other floating tensors are cast to it (one float16 tensor among float32
+    ones loads as float32). Integer, bool, complex and float8 tensors are refused, and so is a
+    finite value that the cast would turn into inf (float32 weights past 65504 asked in float16).
     """
     bad = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in WEIGHT_DTYPES]
     if bad:
@@ -144,8 +147,9 @@ def cast_weights(state: dict[str, torch.Tensor], what: str, error=ValueError) ->
         totals[v.dtype] = totals.get(v.dtype, 0) + v.numel()
     if not totals:
         return state
-    dtype = max(totals, key=totals.get)
-    dtype = torch.float32 if dtype == torch.float64 else dtype
+    if dtype is None:
+        dtype = max(totals, key=totals.get)
+        dtype = torch.float32 if dtype == torch.float64 else dtype
     out = {}
     for k, v in state.items():
         out[k] = v if v.dtype == dtype else v.to(dtype)

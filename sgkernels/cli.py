@@ -3,14 +3,15 @@ open-muse / UnlockMGM checkpoint folders (``generate --vae``, :mod:`sgkernels.pi
 
     sgkernels generate --out grid.png [--num 16] [--classes 0,1,..] [--seed 0] [--steps N]
                        [--guidance-scale S] [--choice-temperature T] [--temperature T] [--model DIR]
-                       [--no-progress]
+                       [--dtype float32|bfloat16|float16] [--compile] [--no-progress]
     sgkernels generate --model DIR --vae DIR (--out grid.png | --out-npz samples.npz | --out-dir DIR)
                        [--count N] [--classes ..] [--batch-size 64] [--seed 0] [--steps 18]
                        [--guidance-scale 1.0] [--choice-temperature 25.0] [--temperature 1.0]
-                       [--model-subfolder S] [--vae-subfolder S] [--device D] [--no-progress]
+                       [--model-subfolder S] [--vae-subfolder S] [--device D] [--dtype D] [--compile]
+                       [--no-progress]
     torchrun --standalone --nproc_per_node=N -m sgkernels generate --model DIR --vae DIR --count 50000 --out-npz s.npz
     sgkernels evaluate [--num 1000] [--seed 0] [--guidance-scale S] [--choice-temperature T] [--steps N]
-                       [--json] [--sweep [--plot PATH]] [--model DIR] [--no-progress]
+                       [--json] [--sweep [--plot PATH]] [--model DIR] [--dtype D] [--compile] [--no-progress]
     sgkernels demo [--out digits_demo.png] [--num-eval 500]
     sgkernels train tokenizer|generator|guide|classifier --out DIR [--steps N] [--seed S]
     sgkernels bench sampler [--model DIR [--vae DIR]] [--batch-sizes 1,8,64] [--steps N] [--guidance-scale S]
@@ -63,6 +64,8 @@ _positive_int = _checked(int, lambda v: _validate.check_positive_int(None, v), "
 _guidance_scale = _checked(float, lambda v: _validate.check_guidance_scale(v, name=None), "a number")
 _seed = _checked(int, lambda v: _validate.check_seed(None, v), "an integer")
 _nonneg_float = _checked(float, lambda v: _validate.check_float(None, v), "a number")
+_dtype = _checked(str, lambda v: _validate.check_dtype(None, v, auto=False), "a dtype name")
+DTYPE_METAVAR = "{" + ",".join(_validate.DTYPE_NAMES) + "}"
 
 
 def _sampling_args(p) -> None:
@@ -77,6 +80,12 @@ def _sampling_args(p) -> None:
                    help=f"tau_0 (default {DEFAULTS.choice_temperature} with guidance, "
                         f"{DEFAULTS.plain_choice_temperature} without: MaskGIT's; "
                         f"{pipeline_cli.CHOICE_TEMPERATURE} with --vae)")
+    p.add_argument("--dtype", type=_dtype, default=None, metavar=DTYPE_METAVAR,
+                   help="dtype of the weights and activations (default: float32 for digits, the stored one with "
+                        "--vae); the sampling math stays float32. float16 needs a CUDA device")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network passes of a step (compiled once per batch shape: the first "
+                        "batch is slower)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: a bar on stderr when it is a terminal, or for long runs)")
 

@@ -37,6 +37,7 @@ import torch
 
 from . import _rng
 from ._io import atomic_write
+from .models.toast import compiled_inner
 from .pipeline import SelfGuidedPipeline, class_tensor
 
 MANIFEST = "run.json"
@@ -161,7 +162,7 @@ def weights_digests(pipe: SelfGuidedPipeline) -> dict[str, str]:
         if module is None:
             return None
         h = hashlib.sha256()
-        for name, t in module.state_dict().items():
+        for name, t in compiled_inner(module).state_dict().items():  # a torch.compile'd module: its own keys
             t = t.detach().contiguous().cpu()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy())
@@ -216,7 +217,7 @@ def _check_manifest(directory: str, settings: dict, rank: int, world_size: int) 
         if old != new:
             which = [_WEIGHT_NAMES[k] for k in new if old.get(k) != new[k]]
             raise ValueError(f"{manifest}: the interrupted run's images were made with other weights "
-                             f"({', '.join(which)}); rerun with those folders or remove the folder")
+                             f"({', '.join(which)}); rerun with those folders (and --dtype) or remove the folder")
         diff = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
         raise ValueError(f"{manifest}: an interrupted run with other settings ({', '.join(diff)}); "
                          "rerun with its settings or remove the folder")

@@ -16,6 +16,7 @@ from .models.pretrained import CONFIG_NAME, CheckpointError, from_pretrained
 from .models.toast import TOAST, check_model_and_guide
 from .models.transformer import MaskTransformer
 from .models.vqgan import MaskGitVQGAN
+from .ops import _validate
 from .sampler import SelfGuidedSampler
 
 OUTPUTS = ("float", "uint8", "pil")
@@ -46,6 +47,19 @@ def class_tensor(class_ids, num_classes: int) -> torch.Tensor:
     return labels
 
 
+# float16 on a CPU: torch's CPU float16 convolutions and matmuls have no fast kernels (no AVX-512 FP16 /
+# AMX path): on the AVX-512 BF16 test box a 6-layer backbone pass ran 6x and a VQGAN convolution 180x
+# slower than in float32. Refused where the device is known (pipeline, CLI), not silently slow.
+CPU_FLOAT16 = ("float16 on a CPU: torch has no fast CPU float16 matmul / convolution kernels (a VQGAN "
+               "decode takes minutes); use bfloat16 or float32 on a CPU, float16 on CUDA")
+
+
+def check_device_dtype(device_type: str, dtype: torch.dtype | None) -> None:
+    """ValueError naming ``torch_dtype`` for float16 on a CPU (:data:`CPU_FLOAT16`)."""
+    if dtype == torch.float16 and device_type == "cpu":
+        raise ValueError(f"torch_dtype: {CPU_FLOAT16}")
+
+
 def check_codebooks(model: MaskTransformer, vqgan: MaskGitVQGAN, vae_source: str = "vqgan") -> None:
     """CheckpointError unless the VQGAN's codebook has the transformer's ``codebook_size`` codes."""
     if vqgan.codebook_size != model.config.codebook_size:
@@ -58,6 +72,11 @@ class SelfGuidedPipeline:
 
     ``SelfGuidedPipeline(model, guide, vqgan)`` or :meth:`from_pretrained`. ``guide`` may be None
     (plain MaskGIT: call with ``guidance_scale=0``).
+
+    ``pipe.transformer`` and ``pipe.vae`` are diffusers' names of ``pipe.model`` and ``pipe.vqgan``:
+    ``pipe.transformer = torch.compile(pipe.transformer)`` compiles the backbone's passes (the
+    guide's pass 2 too runs the backbone, through its uncompiled ``forward_ids``; ``compile=True``
+    in a call compiles both passes as one graph, see :class:`SelfGuidedSampler`).
     """
 
     def __init__(self, model: MaskTransformer, guide: TOAST | None, vqgan: MaskGitVQGAN):
@@ -70,31 +89,67 @@ class SelfGuidedPipeline:
     @classmethod
     def from_pretrained(cls, transformer_path: str | os.PathLike, vae_path: str | os.PathLike, *,
                         transformer_subfolder: str | None = None, vae_subfolder: str | None = None,
-                        device: str | torch.device | None = None) -> "SelfGuidedPipeline":
+                        device: str | torch.device | None = None, torch_dtype=None) -> "SelfGuidedPipeline":
         """Load the transformer (+ TOAST guide) and the VQGAN from their folders.
 
         Both may be sgkernels or official open-muse / UnlockMGM folders (see
         :func:`sgkernels.models.from_pretrained` and :meth:`MaskGitVQGAN.from_pretrained`).
-        ``device`` defaults to CUDA when available. A VQGAN whose codebook size differs from the
+        ``device`` defaults to CUDA when available. ``torch_dtype`` (``torch.bfloat16``,
+        ``"bfloat16"``, ...; None / ``"auto"``: as stored) is the dtype of every component's weights
+        and activations, as in diffusers; the sampling ops compute in float32 and the images are
+        float32 / uint8 whatever it is. float16 on a CPU is refused (ValueError, :data:`CPU_FLOAT16`;
+        the components' own loaders and :meth:`to` allow it). A VQGAN whose codebook size differs from the
         transformer's raises :class:`~sgkernels.models.pretrained.CheckpointError` naming the VQGAN's config.
         """
-        model, guide = from_pretrained(transformer_path, transformer_subfolder)
-        vqgan = MaskGitVQGAN.from_pretrained(vae_path, vae_subfolder)
-        vae_dir = os.path.join(os.fspath(vae_path), vae_subfolder) if vae_subfolder else os.fspath(vae_path)
-        check_codebooks(model, vqgan, os.path.join(vae_dir, CONFIG_NAME))
+        torch_dtype = _validate.check_dtype("torch_dtype", torch_dtype)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_device_dtype(torch.device(device).type, torch_dtype)
+        model, guide = from_pretrained(transformer_path, transformer_subfolder, torch_dtype=torch_dtype)
+        vqgan = MaskGitVQGAN.from_pretrained(vae_path, vae_subfolder, torch_dtype=torch_dtype)
+        vae_dir = os.path.join(os.fspath(vae_path), vae_subfolder) if vae_subfolder else os.fspath(vae_path)
+        check_codebooks(model, vqgan, os.path.join(vae_dir, CONFIG_NAME))
         return cls(model, guide, vqgan).to(device)
 
-    def to(self, device: str | torch.device) -> "SelfGuidedPipeline":
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | str | None = None) -> "SelfGuidedPipeline":
+        """Move every component to ``device`` and / or cast it to ``dtype`` (``pipe.to(torch.bfloat16)``
+        works too, as in diffusers)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        dtype = _validate.check_dtype("dtype", dtype)
         for m in (self.model, self.guide, self.vqgan):
             if m is not None:
-                m.to(device)
+                m.to(device=device, dtype=dtype)
         return self
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's parameter dtype (``torch_dtype``)."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def transformer(self) -> MaskTransformer:
+        """diffusers' name of :attr:`model` (assignable: ``pipe.transformer = torch.compile(pipe.transformer)``)."""
+        return self.model
+
+    @transformer.setter
+    def transformer(self, module) -> None:
+        check_model_and_guide(module, self.guide)
+        self.model = module
+
+    @property
+    def vae(self) -> MaskGitVQGAN:
+        """diffusers' name of :attr:`vqgan` (assignable)."""
+        return self.vqgan
+
+    @vae.setter
+    def vae(self, module) -> None:
+        self.vqgan = module
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -120,7 +175,8 @@ class SelfGuidedPipeline:
                 ``PIL.Image``).
             progress: a tqdm bar over the steps.
             sampler_options: further :class:`SelfGuidedSampler` arguments (``temperature_decay``,
-                ``cfg_scale``, ``cuda_graph``, ...).
+                ``cfg_scale``, ``cuda_graph``, ``compile``, ...). ``compile=True`` compiles the step's
+                network passes once per batch shape; the compiled code is kept across calls.
         """
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")

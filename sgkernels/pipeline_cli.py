@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ._cli import CLIError, check_writable, parse_classes, save_image, show_progress
+from ._cli import CLIError, check_writable, model_options, parse_classes, save_image, show_progress
 from ._io import first_line
 from ._png import grid
 from .generate_sharded import MAX_IMAGES, batch_seed, generate_to_dir, generate_to_npz, image_labels, init_distributed
@@ -34,10 +34,10 @@ MAX_GRID_IMAGES = 4096
 DEVICE_TYPES = ("cpu", "cuda")
 
 
-def _load(args, device) -> SelfGuidedPipeline:
+def _load(args, device, dtype=None) -> SelfGuidedPipeline:
     try:
         return SelfGuidedPipeline.from_pretrained(args.model, args.vae, transformer_subfolder=args.model_subfolder,
-                                                  vae_subfolder=args.vae_subfolder, device=device)
+                                                  vae_subfolder=args.vae_subfolder, device=device, torch_dtype=dtype)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
     except (OSError, RuntimeError, TypeError, ValueError) as e:  # e.g. an unreadable file, a device out of memory
@@ -92,7 +92,12 @@ def generate(args) -> int:
             raise CLIError(f"--out-dir: cannot create {args.out_dir}: directory {parent} does not exist")
     device = _device(args)
     rank, world, default_device = init_distributed() if distributed else (0, 1, None)
-    pipe = _load(args, device if device is not None else default_device)
+    device = device if device is not None else default_device
+    target = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype, compile = model_options(args, target.type)
+    if compile:
+        sampling["compile"] = True
+    pipe = _load(args, device, dtype)
     if pipe.guide is None and scale != 0:
         raise CLIError(f"--guidance-scale: {args.model} has no TOAST guide; use --guidance-scale 0 (plain MaskGIT)")
     classes = parse_classes(args.classes, pipe.num_classes)
@@ -126,6 +131,8 @@ def generate(args) -> int:
                 dist.destroy_process_group()
     if rank == 0:
         dt = time.perf_counter() - t0
+        extra = f", {str(pipe.dtype).removeprefix('torch.')}" + (", compiled" if compile else "")
         print(f"wrote {where}: {args.num} images, T={steps}, s={scale:g}, tau0={tau:g}, seed={args.seed}, "
-              f"{world} process{'es' if world > 1 else ''}, {dt:.1f} s (the first batch includes warm-up)")
+              f"{world} process{'es' if world > 1 else ''}{extra}, {dt:.1f} s (the first batch includes warm-up"
+              f"{' and compilation' if compile else ''})")
     return 0

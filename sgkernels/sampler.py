@@ -38,6 +38,12 @@ choice temperature is a Python float of the step index, and errors flagged by th
 are raised by one :func:`sgkernels.check_errors` at the end. With ``cuda_graph=True`` the whole
 step, sampling op included, is captured once per step index and replayed (the seed is a device
 tensor the kernels read): a sample is T graph launches.
+
+``compile=True`` runs the step's network passes (the backbone's pass, the CFG pass, the guide's pass 2;
+everything before the sampling op) through ``torch.compile``: one graph, shape-specialised, compiled
+once per batch shape and reused by every step, seed and sampler with the same settings (the step
+index, mask counts and temperatures stay outside it). With ``cuda_graph=True`` the compiled passes
+are warmed up, then captured inside the whole-step graphs.
 """
 from __future__ import annotations
 
@@ -60,6 +66,105 @@ PRESETS = {
     "maskgit": dict(temperature_decay="maskgit", mask_rounding="float64", at_least_one=False,
                     decoded_confidence=None, tie_rule="exact_k"),
 }
+
+
+# torch.compile arguments ``compile=`` may set (a dict); ``dynamic`` defaults to False: a graph per batch shape.
+COMPILE_ARGS = ("backend", "mode", "fullgraph", "dynamic", "options")
+# torch.compile modes that record CUDA graphs of their own: they cannot run inside cuda_graph=True's capture.
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_options(compile, *, cuda_graph: bool = False) -> dict | None:
+    """``compile=`` checked: None (off) or the ``torch.compile`` keyword arguments of the network passes.
+
+    ``compile`` is a bool or a dict of :data:`COMPILE_ARGS` (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``,
+    ``{"backend": "aot_eager"}``). ValueError naming ``compile`` where torch.compile is unavailable
+    (``torch._dynamo.is_dynamo_supported()`` false: an unsupported Python or platform), or for a mode
+    that records its own CUDA graphs together with ``cuda_graph=True``.
+    """
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        options = {}
+    elif isinstance(compile, dict):
+        unknown = sorted(str(k) for k in compile if k not in COMPILE_ARGS)
+        if unknown:
+            raise ValueError(f"compile: unknown torch.compile argument {unknown[0]!r} (expected {', '.join(COMPILE_ARGS)})")
+        options = dict(compile)
+    else:
+        raise TypeError(f"compile: expected a bool or a dict of torch.compile arguments, got {type(compile).__name__}")
+    if not dynamo_supported():
+        import sys
+
+        raise ValueError(f"compile: torch.compile is not available with torch {torch.__version__} on Python "
+                         f"{sys.version.split()[0]} ({sys.platform}); run without compile")
+    if cuda_graph and options.get("mode") in _CUDAGRAPH_MODES:
+        raise ValueError(f"compile: mode {options['mode']!r} records its own CUDA graphs, which cannot run inside "
+                         "cuda_graph=True's capture; use the default mode or 'max-autotune-no-cudagraphs'")
+    options.setdefault("dynamic", False)
+    return options
+
+
+def dynamo_supported() -> bool:
+    """Whether ``torch.compile`` can run here (torch's own check: Python version and platform)."""
+    try:
+        import torch._dynamo
+
+        return bool(torch._dynamo.is_dynamo_supported())
+    except Exception:  # noqa: BLE001  (an install whose dynamo does not import)
+        return False
+
+
+# The compiled network passes, shared by every sampler: one torch.compile per (passes, options), so
+# a new sampler (the pipeline builds one per call) reuses the graphs dynamo cached for earlier ones.
+_COMPILED: dict = {}
+
+
+def _compiled(fn, options: dict):
+    key = (fn, repr(sorted(options.items())))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _COMPILED[key] = torch.compile(fn, **options)
+    return compiled
+
+
+def _logits_passes(model, guide, tokens, labels, cfg_scale: float):
+    """The step's network passes up to the logits: ``(logits [B, N, K], guide logits or None)``;
+    CFG (``cfg_scale > 0``) blended in float32 (the sampling op reads any float dtype)."""
+    guided = guide is not None
+    if cfg_scale > 0:
+        b = tokens.shape[0]
+        out = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, -1)]),
+                    return_hidden=guided, dropout=False)
+        logits_all = (out.logits if guided else out).float()
+        cond, uncond = logits_all[:b], logits_all[b:]
+        logits = uncond + (1.0 + cfg_scale) * (cond - uncond)
+        hidden = out.hidden_states[:b] if guided else None
+    elif guided:
+        out = model(tokens, labels, return_hidden=True, dropout=False)
+        logits, hidden = out.logits, out.hidden_states
+    else:
+        logits, hidden = model(tokens, labels, dropout=False), None
+    guide_logits = guide(model, hidden, labels, dropout=False) if guided else None
+    return logits, guide_logits
+
+
+def _feature_passes(model, guide, tokens, labels, cfg_scale: float):
+    """The step's passes stopped before the head's last linear: the base features ``[B, N, d]``
+    (CFG blended in float32) and the guide's features (or None)."""
+    if cfg_scale > 0:
+        b = tokens.shape[0]
+        hidden_all = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, -1)]),
+                           with_head=False, dropout=False).hidden_states
+        feats = model.head_features(hidden_all).float()
+        cond, uncond = feats[:b], feats[b:]
+        base, hidden = uncond + (1.0 + cfg_scale) * (cond - uncond), hidden_all[:b]
+    else:
+        hidden = model(tokens, labels, with_head=False, dropout=False).hidden_states
+        base = model.head_features(hidden)
+    guide_features = (model.head_features(guide(model, hidden, labels, with_head=False, dropout=False))
+                      if guide is not None else None)
+    return base, guide_features
 
 
 class _FromPreset:
@@ -125,6 +230,14 @@ class SelfGuidedSampler:
             On CUDA every row is projected (selecting the masked ones would sync the host). Off with
             ``cuda_graph=True``, under ``torch.compile`` and with a tensor seed passed to
             :meth:`step` (it selects rows on CPU, a data-dependent shape, and takes int seeds).
+        compile: ``torch.compile`` the step's network passes (see the module docstring): True, or a
+            dict of torch.compile arguments (:data:`COMPILE_ARGS`; ``dynamic`` defaults to False).
+            Compiled on the first call per batch shape (dtype, device and settings), then reused by
+            every step, seed and later sampler; the sampling op stays eager (on CPU the fused head
+            keeps projecting only the masked rows). Same tokens as without, up to the compiled
+            passes' float rounding. Works on CPU (inductor: a C++ compiler is needed) and CUDA; with
+            ``cuda_graph=True`` the compiled passes are captured in the step graphs (a mode that
+            records its own CUDA graphs is refused). ValueError where torch.compile is unavailable.
 
     ``sampler(class_labels, *, seed=None, progress=False, callback=None)`` returns int64 tokens
     ``[B, N]`` (codebook ids). ``seed`` fixes every random number (``None``: drawn from torch's
@@ -151,6 +264,7 @@ class SelfGuidedSampler:
         cfg_scale: float = 0.0,
         cuda_graph: bool = False,
         fused_head: bool = True,
+        compile=False,
     ):
         check_model_and_guide(model, guide)
         steps = _validate.check_positive_int("steps", steps)
@@ -187,6 +301,7 @@ class SelfGuidedSampler:
         self.cfg_scale = _validate.check_float("cfg_scale", cfg_scale)
         self.cuda_graph = bool(cuda_graph)
         self.fused_head = bool(fused_head)
+        self.compile = compile_options(compile, cuda_graph=self.cuda_graph)
         self._graphs = StepGraphCache()
 
     def _step_rules(self, mask_token_id: int) -> dict:
@@ -213,41 +328,19 @@ class SelfGuidedSampler:
         return 1 + (self.cfg_scale > 0) + self.guided
 
     # -- one step's network passes --------------------------------------------------------------
+    def _passes(self, fn, tokens: torch.Tensor, labels: torch.Tensor):
+        """``fn`` (:func:`_logits_passes` or :func:`_feature_passes`) on this step, compiled with ``compile``."""
+        if self.compile is not None:
+            fn = _compiled(fn, self.compile)
+        return fn(self.model, self.guide if self.guided else None, tokens, labels, self.cfg_scale)
+
     def _logits(self, tokens: torch.Tensor, labels: torch.Tensor):
-        model, cfg_on = self.model, self.cfg_scale > 0
-        if cfg_on:
-            b = tokens.shape[0]
-            out = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, -1)]),
-                        return_hidden=self.guided, dropout=False)
-            logits_all = out.logits if self.guided else out
-            cond, uncond = logits_all[:b], logits_all[b:]
-            logits = uncond + (1.0 + self.cfg_scale) * (cond - uncond)
-            hidden = out.hidden_states[:b] if self.guided else None
-        elif self.guided:
-            out = model(tokens, labels, return_hidden=True, dropout=False)
-            logits, hidden = out.logits, out.hidden_states
-        else:
-            logits, hidden = model(tokens, labels, dropout=False), None
-        guide_logits = self.guide(model, hidden, labels, dropout=False) if self.guided else None
-        return logits, guide_logits
+        return self._passes(_logits_passes, tokens, labels)
 
     def _features(self, tokens: torch.Tensor, labels: torch.Tensor):
         """The step's passes stopped before the head's last linear: blended base features ``[B, N, d]``
         (CFG applied) and the guide's features (or None)."""
-        model = self.model
-        if self.cfg_scale > 0:
-            b = tokens.shape[0]
-            hidden_all = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, -1)]),
-                               with_head=False, dropout=False).hidden_states
-            feats = model.head_features(hidden_all)
-            cond, uncond = feats[:b], feats[b:]
-            base, hidden = uncond + (1.0 + self.cfg_scale) * (cond - uncond), hidden_all[:b]
-        else:
-            hidden = model(tokens, labels, with_head=False, dropout=False).hidden_states
-            base = model.head_features(hidden)
-        guide = (model.head_features(self.guide(model, hidden, labels, with_head=False, dropout=False))
-                 if self.guided else None)
-        return base, guide
+        return self._passes(_feature_passes, tokens, labels)
 
     def _fused_step(self, tokens, is_masked, labels, num_to_mask, tau: float, seed: int, step: int):
         """One step through :func:`sgkernels.head_sample` + remask: the same streams as

@@ -182,7 +182,7 @@ def graph_key(sampler, batch: int, device: torch.device) -> tuple:
     s = sampler
     return (batch, device, s.guided, s.cfg_scale, s.steps, s.guidance_scale, s.temperature,
             s.choice_temperature, s.temperature_decay, s.mask_rounding, s.at_least_one,
-            s.decoded_confidence, s.tie_rule)
+            s.decoded_confidence, s.tie_rule, None if s.compile is None else repr(sorted(s.compile.items())))
 
 
 def check_graph_device(device: torch.device) -> None:

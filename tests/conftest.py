@@ -50,6 +50,10 @@ SLOW_TESTS = {
     "test_train.py::test_ddp_two_processes_gloo": "starts two training processes (~8 s)",
     "test_compile.py::test_sampler_step": "inductor compiles the sampler's step (~7 s; the ops' compile stays fast)",
     "test_cli.py::test_demo_png_is_labelled_and_its_grids_unchanged": "the demo samples and evaluates (~5 s)",
+    "test_dtype_compile.py::test_compile_inductor_cpu*": "inductor compiles the passes, C++ code generation (minutes on 2 busy cores)",
+    "test_dtype_compile.py::test_compile_inside_step_graphs": "dynamo traces the tiny model's passes twice, eager and graphed (~3 s)",
+    "test_dtype_compile.py::test_compiled_transformer_as_diffusers_users_do": "dynamo traces the backbone (~2 s)",
+    "test_dtype_compile.py::test_cli_compile": "traces the passes in two CLI runs (generate --vae, evaluate) (~9 s)",
 }
 
 

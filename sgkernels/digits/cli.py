@@ -12,14 +12,14 @@ import time
 
 import numpy as np
 
-from .._cli import CLIError, check_writable, parse_classes, save_image, show_progress
+from .._cli import CLIError, check_writable, model_options, parse_classes, save_image, show_progress
 from .._png import grid
 from ..sampler import guidance_active
 from . import data
 from .evaluate import evaluate_samples, metric_line, mode_label, sweep
 from .metrics import PR_NEIGHBOURS
 from .plot import captioned, plot_sweep
-from .pipeline import DEFAULTS, DigitsModel, class_balanced_labels
+from .pipeline import BATCH_SIZE, DEFAULTS, DigitsModel, class_balanced_labels
 from .stages import run_stage
 
 
@@ -49,11 +49,13 @@ def _tau(args, dm: DigitsModel) -> float:
     return DEFAULTS.plain_choice_temperature
 
 
-def _load(model_dir, need_classifier=False) -> DigitsModel:
+def _load(model_dir, need_classifier=False, args=None) -> DigitsModel:
+    """The model of ``--model`` (the digits model runs on the CPU), with ``--dtype`` / ``--compile`` of ``args``."""
+    dtype, compile = model_options(args, "cpu") if args is not None else (None, False)
     if model_dir is not None and not os.path.isdir(model_dir):
         raise CLIError(f"--model: directory not found: {model_dir}")
     try:
-        return DigitsModel.load(model_dir, need_classifier=need_classifier)
+        return DigitsModel.load(model_dir, need_classifier=need_classifier, torch_dtype=dtype, compile=compile)
     except Exception as e:  # noqa: BLE001  (any failure to read a corrupt directory: safetensors, json, shapes)
         where = model_dir if model_dir is not None else "the shipped model"
         raise CLIError(f"cannot load {where}: {e}") from None
@@ -78,14 +80,16 @@ def generate(args) -> int:
                            "the digits model writes --out only")
     _defaults(args)
     check_writable(args.out, image=True)
-    dm = _load(args.model)
+    dm = _load(args.model, args=args)
     classes = _parse_classes(args.classes, dm.num_classes)
     labels = class_balanced_labels(args.num, classes=classes)
     tau = _tau(args, dm)
     sampling = dict(steps=args.steps, guidance_scale=args.guidance_scale, choice_temperature=tau,
                     temperature=args.temperature)
     # Warm-up (one image, fixed seed): thread pools, allocator and first-call costs stay out of the rate.
-    dm.generate(labels[:1], seed=0, **sampling)
+    # Compiled passes compile once per batch shape: warm up on the first batch's.
+    dm.generate(labels[:min(args.num, args.batch_size or BATCH_SIZE)] if dm.compile else labels[:1], seed=0,
+                **sampling, **_batch(args))
     t0 = time.perf_counter()
     images = dm.generate(labels, seed=args.seed, progress=show_progress(args, args.num), **sampling, **_batch(args))
     dt = time.perf_counter() - t0
@@ -103,7 +107,7 @@ def evaluate(args) -> int:
                        f"{PR_NEIGHBOURS} nearest neighbours), got {args.num}")
     if args.sweep:
         check_writable(args.plot)
-    dm = _load(args.model, need_classifier=True)
+    dm = _load(args.model, need_classifier=True, args=args)
     real = _real_images()
     if not args.sweep:
         r = evaluate_samples(dm, real, args.num, args.seed, args.steps, args.guidance_scale, _tau(args, dm))

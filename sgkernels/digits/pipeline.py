@@ -7,6 +7,7 @@ import os
 import torch
 
 from .._rng import derived_seed
+from ..ops import _validate
 from ..sampler import SelfGuidedSampler, guidance_requested
 from . import data
 from .nets import load_generator_float, load_net
@@ -31,33 +32,43 @@ class SamplingDefaults:
 
 
 DEFAULTS = SamplingDefaults()
+BATCH_SIZE = 250  # images per sampler call of DigitsModel.generate
 
 
 class DigitsModel:
     """Tokenizer + MaskTransformer (+ TOAST guide) (+ evaluation classifier) of a model directory.
 
     ``DigitsModel.load(directory=None)`` reads ``directory`` (default: the shipped
-    ``sgkernels/assets/digits``); ``need_classifier`` makes ``classifier/`` mandatory.
+    ``sgkernels/assets/digits``); ``need_classifier`` makes ``classifier/`` mandatory;
+    ``torch_dtype`` is the transformer's and guide's dtype (default float32; the tokenizer and the
+    evaluation classifier stay float32, so metrics compare samplers, not classifiers);
+    ``compile=True`` compiles the sampler's network passes (:class:`SelfGuidedSampler`).
     """
 
-    def __init__(self, tokenizer, model, guide=None, classifier=None, directory: str | None = None):
+    def __init__(self, tokenizer, model, guide=None, classifier=None, directory: str | None = None, *,
+                 compile=False):
         self.tokenizer, self.model, self.guide, self.classifier = tokenizer, model, guide, classifier
         self.directory = directory
+        self.compile = compile
 
     @classmethod
-    def load(cls, directory: str | None = None, *, need_classifier: bool = False) -> "DigitsModel":
+    def load(cls, directory: str | None = None, *, need_classifier: bool = False, torch_dtype=None,
+             compile=False) -> "DigitsModel":
+        torch_dtype = _validate.check_dtype("torch_dtype", torch_dtype)
         directory = DEFAULT_MODEL_DIR if directory is None else os.fspath(directory)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"model directory not found: {directory}")
         tokenizer = load_net(os.path.join(directory, "tokenizer"), "tokenizer")
         model, guide = load_generator_float(os.path.join(directory, "generator"))
+        if torch_dtype is not None:
+            model, guide = model.to(torch_dtype), (guide.to(torch_dtype) if guide is not None else None)
         if model.config.codebook_size != tokenizer.config.codebook_size:
             raise ValueError(f"{directory}: generator codebook ({model.config.codebook_size}) does not match the "
                              f"tokenizer's ({tokenizer.config.codebook_size})")
         classifier = None
         if need_classifier or os.path.exists(os.path.join(directory, "classifier", "config.json")):
             classifier = load_net(os.path.join(directory, "classifier"), "classifier")
-        return cls(tokenizer, model, guide, classifier, directory)
+        return cls(tokenizer, model, guide, classifier, directory, compile=compile)
 
     @property
     def num_classes(self) -> int:
@@ -70,10 +81,10 @@ class DigitsModel:
         # preset "maskgit": the rules the digits models' sampling settings were tuned with
         return SelfGuidedSampler(self.model, self.guide, steps=steps, guidance_scale=guidance_scale,
                                  choice_temperature=choice_temperature, temperature=temperature,
-                                 preset="maskgit")
+                                 preset="maskgit", compile=self.compile)
 
     @torch.no_grad()
-    def generate(self, labels, *, seed: int = 0, batch_size: int = 250, progress: bool = False, **sampling):
+    def generate(self, labels, *, seed: int = 0, batch_size: int = BATCH_SIZE, progress: bool = False, **sampling):
         """Images ``[B, 1, 32, 32]`` in [0, 1] for class ``labels`` (int list / tensor); ``sampling``: see :meth:`sampler`.
 
         Batch ``i`` is sampled with seed :func:`sgkernels._rng.derived_seed` ``(seed, i)``; ``progress``
@@ -90,7 +101,7 @@ class DigitsModel:
         try:
             for i, start in enumerate(range(0, len(labels), batch_size)):
                 tokens = sampler(labels[start:start + batch_size], seed=derived_seed(seed, i))
-                out.append(self.tokenizer.decode(tokens))
+                out.append(self.tokenizer.decode(tokens))  # float32 images whatever the transformer's dtype
                 if bar is not None:
                     bar.update(len(tokens))
         finally:

@@ -44,7 +44,7 @@ from .._io import (
     weights_format,
     write_json,
 )
-from .toast import TOAST, TOASTConfig, check_model_and_guide
+from .toast import TOAST, TOASTConfig, check_model_and_guide, compiled_inner
 from .transformer import MaskTransformer, MaskTransformerConfig
 
 FORMAT = "sgkernels.models"
@@ -123,6 +123,7 @@ def save_checkpoint(directory: str | os.PathLike, model: MaskTransformer, guide:
         the directory path.
     """
     check_model_and_guide(model, guide)
+    model, guide = compiled_inner(model), compiled_inner(guide)  # torch.compile wrappers: the modules' own keys
     fmt = weights_format(format)
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -200,8 +201,8 @@ def _config(cls, d: dict, path: str, key: str):
         raise ValueError(f"{path}: {key}: {e}") from None
 
 
-def _build(cls, config, state: dict, what: str):
-    state = cast_weights(state, what)
+def _build(cls, config, state: dict, what: str, dtype: torch.dtype | None = None):
+    state = cast_weights(state, what, dtype=dtype)
     with torch.device("meta"):  # config sizes are bounded (sgkernels._dataclass): a quick build
         module = cls(config)
     check_state_dict(module, state, what)
@@ -209,8 +210,12 @@ def _build(cls, config, state: dict, what: str):
     return module
 
 
-def load_checkpoint(directory: str | os.PathLike, *, map_location="cpu") -> tuple[MaskTransformer, TOAST | None]:
-    """Read a directory written by :func:`save_checkpoint`: ``(model, guide or None)`` in eval mode."""
+def load_checkpoint(directory: str | os.PathLike, *, map_location="cpu",
+                    torch_dtype: torch.dtype | None = None) -> tuple[MaskTransformer, TOAST | None]:
+    """Read a directory written by :func:`save_checkpoint`: ``(model, guide or None)`` in eval mode.
+
+    ``torch_dtype``: the parameters' dtype (a torch.dtype checked by the caller,
+    :func:`sgkernels.ops._validate.check_dtype`); None keeps the stored one."""
     directory = os.fspath(directory)
     config = read_config(directory)
     fmt, ext = config["weights"], WEIGHT_EXTENSIONS[config["weights"]]
@@ -222,9 +227,9 @@ def load_checkpoint(directory: str | os.PathLike, *, map_location="cpu") -> tupl
         if diff:
             raise ValueError(f"{config_path}: guide: {', '.join(diff)} differ from the model's")
     model = _build(MaskTransformer, model_cfg, read_weights(os.path.join(directory, "model" + ext), fmt, map_location),
-                   f"{directory}/model{ext}").eval()
+                   f"{directory}/model{ext}", torch_dtype).eval()
     guide = None
     if guide_cfg is not None:
         guide = _build(TOAST, guide_cfg, read_weights(os.path.join(directory, "guide" + ext), fmt, map_location),
-                       f"{directory}/guide{ext}").eval()
+                       f"{directory}/guide{ext}", torch_dtype).eval()
     return model, guide

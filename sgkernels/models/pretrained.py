@@ -27,6 +27,7 @@ import torch
 
 from .. import _dataclass
 from .._io import cast_weights, check_finite, first_line
+from ..ops import _validate
 from .checkpoint import FORMAT as SGKERNELS_FORMAT
 from .checkpoint import load_checkpoint, recover
 from .open_muse import backbone_key_map, convert_backbone, convert_toast, toast_key_map
@@ -230,8 +231,10 @@ def _build(cls, config, state: dict[str, torch.Tensor]):
     return module.eval()
 
 
-def load_open_muse(directory: str, *, map_location="cpu") -> tuple[MaskTransformer, TOAST | None]:
-    """``(model, guide or None)`` from an official folder (see the module docstring)."""
+def load_open_muse(directory: str, *, map_location="cpu",
+                   torch_dtype: torch.dtype | None = None) -> tuple[MaskTransformer, TOAST | None]:
+    """``(model, guide or None)`` from an official folder (see the module docstring); ``torch_dtype``
+    as in :func:`from_pretrained`, checked."""
     config_path = os.path.join(directory, CONFIG_NAME)
     model_config, toast_config = open_muse_configs(read_config(directory), config_path)
     path = weights_file(directory)
@@ -240,7 +243,7 @@ def load_open_muse(directory: str, *, map_location="cpu") -> tuple[MaskTransform
     if toast_config is not None:
         expected += list(toast_key_map(toast_config.depth))
     check_keys(state, expected, path)
-    state = cast_weights(state, path, CheckpointError)
+    state = cast_weights(state, path, CheckpointError, dtype=torch_dtype)
     check_finite(state, path, CheckpointError)
     try:
         model = _build(MaskTransformer, model_config, convert_backbone(state, model_config))
@@ -257,22 +260,28 @@ def load_open_muse(directory: str, *, map_location="cpu") -> tuple[MaskTransform
 
 
 def from_pretrained(path: str | os.PathLike, subfolder: str | None = None, *,
-                    map_location="cpu") -> tuple[MaskTransformer, TOAST | None]:
+                    map_location="cpu", torch_dtype=None) -> tuple[MaskTransformer, TOAST | None]:
     """Load ``(model, guide or None)`` in eval mode from an sgkernels or official checkpoint folder.
 
     Args:
         path: the folder (``config.json`` + weights).
         subfolder: a folder inside ``path`` (e.g. ``"transformer"`` of a pipeline folder).
         map_location: where the tensors are loaded (``"cpu"`` by default).
+        torch_dtype: the dtype of the parameters, hence of the activations (as diffusers' and
+            transformers' ``torch_dtype``): ``torch.float32`` / ``torch.bfloat16`` / ``torch.float16``
+            or their names; None or ``"auto"`` (default) keeps the stored dtype (the one holding most
+            of the weights). The sampling ops compute in float32 whatever the logits' dtype.
     Raises:
         CheckpointError: one line naming the file (and the key) that cannot be read.
+        TypeError, ValueError: a ``torch_dtype`` that is not one of those (before anything is read).
     """
+    torch_dtype = _validate.check_dtype("torch_dtype", torch_dtype)
     directory = folder(path, subfolder)
     config = read_config(directory)
     if config.get("format") == SGKERNELS_FORMAT:
         try:
-            return load_checkpoint(directory, map_location=map_location)
+            return load_checkpoint(directory, map_location=map_location, torch_dtype=torch_dtype)
         except (OSError, KeyError, TypeError, ValueError) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise CheckpointError(message) from None
-    return load_open_muse(directory, map_location=map_location)
+    return load_open_muse(directory, map_location=map_location, torch_dtype=torch_dtype)

@@ -224,8 +224,16 @@ class _ForwardIds(nn.Module):
                                   with_head=with_head, dropout=dropout)
 
 
+def compiled_inner(module):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps, or ``module`` itself."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(module, nn.Module) and isinstance(inner, nn.Module) else module
+
+
 def check_model_and_guide(model, guide) -> None:
-    """TypeError unless ``model`` is a MaskTransformer and ``guide`` a TOAST built for it (or None)."""
+    """TypeError unless ``model`` is a MaskTransformer and ``guide`` a TOAST built for it (or None);
+    either may be wrapped by ``torch.compile`` (``pipe.transformer = torch.compile(pipe.transformer)``)."""
+    model, guide = compiled_inner(model), compiled_inner(guide)
     if not isinstance(model, MaskTransformer):
         raise TypeError(f"model: expected a MaskTransformer, got {type(model).__name__}")
     if guide is not None:

@@ -35,7 +35,7 @@ from torch import nn
 from .. import _dataclass
 from .._io import cast_weights, check_finite
 from ..nn.vector_quantizer import VectorQuantizer
-from ..ops import vq_lookup
+from ..ops import _validate, vq_lookup
 from .pretrained import CONFIG_NAME, CheckpointError, check_keys, folder, read_config, read_weights, weights_file
 
 # Derived from channel_mult / resolution; open-muse sets them as attributes, a config.json may hold them.
@@ -270,12 +270,15 @@ class MaskGitVQGAN(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, *,
-                        map_location="cpu") -> "MaskGitVQGAN":
+                        map_location="cpu", torch_dtype=None) -> "MaskGitVQGAN":
         """Load an open-muse ``MaskGitVQGAN`` folder (``config.json`` + ``pytorch_model.bin`` or safetensors).
 
-        Raises :class:`~sgkernels.models.pretrained.CheckpointError` (one line naming the file and
-        the key) for a folder that is not such a tokenizer.
+        ``torch_dtype``: the parameters' (and so the decode's) dtype, as in
+        :func:`sgkernels.models.from_pretrained` (None / ``"auto"``: the stored one). Raises
+        :class:`~sgkernels.models.pretrained.CheckpointError` (one line naming the file and the key)
+        for a folder that is not such a tokenizer, TypeError / ValueError for a bad ``torch_dtype``.
         """
+        torch_dtype = _validate.check_dtype("torch_dtype", torch_dtype)
         directory = folder(path, subfolder)
         config_path = os.path.join(directory, CONFIG_NAME)
         raw = read_config(directory)
@@ -301,7 +304,7 @@ class MaskGitVQGAN(nn.Module):
             if tuple(state[key].shape) != shape:
                 raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {shape} "
                                       f"from {CONFIG_NAME}")
-        state = cast_weights(state, path, CheckpointError)
+        state = cast_weights(state, path, CheckpointError, dtype=torch_dtype)
         check_finite(state, path, CheckpointError)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()

@@ -9,6 +9,8 @@ import torch
 from .. import _rng
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The model dtypes by name (``torch_dtype="bfloat16"``, ``--dtype bfloat16``): weights and activations.
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_logits(name: str, x, *, min_dim: int = 1) -> None:
@@ -47,6 +49,26 @@ def check_float(name: str | None, value, *, nonneg: bool = True) -> float:
 def check_guidance_scale(value, name: str | None = "guidance_scale") -> float:
     """The guidance scale s: any finite float (0 = no guidance); its one Python-side check."""
     return check_float(name, value, nonneg=False)
+
+
+def check_dtype(name: str | None, value, *, auto: bool = True) -> torch.dtype | None:
+    """A model dtype (``torch_dtype=``, ``--dtype``): a torch.dtype among :data:`FLOAT_DTYPES` or its name
+    (``"float32"``, ``"bfloat16"``, ``"float16"``); with ``auto``, None or ``"auto"`` too, both
+    returned as None (the checkpoint's own dtype). ``name`` as in :func:`check_float`.
+    """
+    prefix = "" if name is None else f"{name}: "
+    names = ", ".join(DTYPE_NAMES) + (", 'auto' or None" if auto else "")
+    if auto and (value is None or (isinstance(value, str) and value == "auto")):
+        return None
+    if isinstance(value, str):
+        if value not in DTYPE_NAMES:
+            raise ValueError(f"{prefix}expected one of {names}, got {value!r}")
+        return DTYPE_NAMES[value]
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{prefix}expected a torch.dtype or one of {names}, got {type(value).__name__}")
+    if value not in FLOAT_DTYPES:
+        raise ValueError(f"{prefix}expected torch.float32, torch.bfloat16 or torch.float16, got {value}")
+    return value
 
 
 def check_positive_int(name: str | None, value) -> int:
