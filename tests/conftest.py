@@ -51,8 +51,8 @@ SLOW_TESTS = {
     "test_compile.py::test_sampler_step": "inductor compiles the sampler's step (~7 s; the ops' compile stays fast)",
     "test_cli.py::test_demo_png_is_labelled_and_its_grids_unchanged": "the demo samples and evaluates (~5 s)",
     "test_paper_realsize.py::test_real_size_*": "the paper's model at its real size: 1.3 GB of weights, 2 steps (~1 min)",
-    "test_dtype_compile.py::test_compile_inductor_cpu*": "inductor compiles the passes, C++ code generation (~20 s)",
-    "test_dtype_compile.py::test_compile_inside_step_graphs": "dynamo traces the tiny model's passes (~3 s)",
+    "test_dtype_compile.py::test_compile_inductor_cpu*": "inductor compiles the passes, C++ code generation (minutes on 2 busy cores)",
+    "test_dtype_compile.py::test_compile_inside_step_graphs": "dynamo traces the tiny model's passes twice, eager and graphed (~3 s)",
     "test_dtype_compile.py::test_compiled_transformer_as_diffusers_users_do": "dynamo traces the backbone (~2 s)",
     "test_dtype_compile.py::test_cli_compile": "traces the passes in two CLI runs (generate --vae, evaluate) (~9 s)",
 }
