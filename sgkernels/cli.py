@@ -14,8 +14,8 @@ open-muse / UnlockMGM checkpoint folders (``generate --vae``, :mod:`sgkernels.pi
     sgkernels demo [--out digits_demo.png] [--num-eval 500]
     sgkernels train tokenizer|generator|guide|classifier --out DIR [--steps N] [--seed S]
     sgkernels bench sampler [--model DIR [--vae DIR]] [--batch-sizes 1,8,64] [--steps N] [--guidance-scale S]
-    sgkernels bench dllm --model DIR [--pipeline llada|fast-dllm|dream] [--mask-id N] [--gen-length ..]
-                         [--block-length ..] [--steps ..] [--trust-remote-code]
+    sgkernels bench dllm --model DIR [--pipeline llada|fast-dllm|dream|llada2] [--mask-id N] [--gen-length ..]
+                         [--block-length ..] [--steps ..] [--prefix-cache] [--trust-remote-code]
     sgkernels bench ops [--device cpu|cuda] [--quick] [--only OP ..]
     (every bench: [--json FILE] [--plot FILE.png] [--no-progress]; see sgkernels.bench)
 

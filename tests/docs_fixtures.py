@@ -153,3 +153,13 @@ def llada2_pipe(tmp_path, ns):
     ns["pipe"].set_progress_bar_config(disable=True)
     ns["mask_id"] = 156895
     ns["input_ids"] = torch.randint(0, 150000, (1, 40), generator=torch.Generator().manual_seed(0))
+
+
+def llada2_folder(tmp_path, ns):
+    """A stand-in for ``LLaDA2.0-mini`` in docs/benchmarking.md: the tests' tiny block-causal LM (blocks of
+    32, d = 32, one layer, 4096 ids, ``mask_token_id`` 4095 in its config) as a remote-code transformers
+    folder (tests/lm_folders.py: ``save_tiny_block_lm``)."""
+    from lm_folders import save_tiny_block_lm
+
+    if not (tmp_path / "LLaDA2.0-mini" / "config.json").exists():
+        save_tiny_block_lm(tmp_path / "LLaDA2.0-mini", vocab_size=4096, mask_token_id=4095, block_length=32)

@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from lm_folders import DREAM_MASK, MLM_MASK, save_tiny_dream, save_tiny_mlm
+from lm_folders import BLOCK_MASK, DREAM_MASK, MLM_MASK, save_tiny_block_lm, save_tiny_dream, save_tiny_mlm
 from sgkernels import cli
-from sgkernels.bench import ops, timing
+from sgkernels.bench import dllm, ops, timing
 from sgkernels.bench.parts import PartTimer
 from test_pipeline import make_folders
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--repeats", "1", "--max-time", "0", "--no-progress"]
 MACHINE_KEYS = {"date", "device", "cpu", "cpu_isa", "cpu_cores", "torch_threads", "faiss_threads", "gpu", "gpu_driver",
-                "cuda", "python", "torch", "triton", "sgkernels", "env"}
+                "cuda", "python", "torch", "triton", "sgkernels", "env", "load_average"}
 ROW_KEYS = {"impl", "batch_size", "median_ms", "q1_ms", "q3_ms", "min_ms", "n", "number", "spread", "peak_mb", "parts",
             "speedup"}
 
@@ -44,6 +44,12 @@ def lm_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lms")
     # transformers caches a folder's modeling code by the folder's name: one name per process (xdist workers)
     return save_tiny_mlm(root / "mlm"), save_tiny_dream(root / f"dream_{os.getpid()}")
+
+
+@pytest.fixture(scope="module")
+def block_lm_dir(tmp_path_factory):
+    """The tests' tiny block-causal LM (attention blocks of 8) as a remote-code transformers folder."""
+    return save_tiny_block_lm(tmp_path_factory.mktemp("lms") / f"llada2_{os.getpid()}", block_length=8)
 
 
 # --- measurement --------------------------------------------------------------------------------
@@ -106,12 +112,37 @@ def test_percent_of_peak_never_exceeds_100(monkeypatch):
     assert "The GFLOP/s peak is the faster row x s sgkernels" in text and "| 2.0x |" in text and "| 3.0x |" in text
 
 
+def test_machine_names_the_gpu_and_driver(monkeypatch):
+    """On a CUDA device the JSON and the header carry the GPU's name and the driver (nvidia-smi)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from sgkernels.bench import machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "NVIDIA H100 80GB HBM3")
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return SimpleNamespace(returncode=0, stdout="550.54.15\n550.54.15\n")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    info = machine.machine_info("cuda:0")
+    assert (info["gpu"], info["gpu_driver"], info["device"]) == ("NVIDIA H100 80GB HBM3", "550.54.15", "cuda:0")
+    assert seen and seen[0][0] == "nvidia-smi"
+    head = machine.header_lines(info)[0]
+    assert head.startswith("Device: GPU NVIDIA H100 80GB HBM3 (driver 550.54.15, CUDA ") and "sgkernels " in head
+    cpu = machine.machine_info("cpu")
+    assert cpu["gpu"] is None and cpu["gpu_driver"] is None and cpu["cpu_isa"] and cpu["torch_threads"] >= 1
+
+
 def test_op_rows_live_in_the_package():
     """One code path: python -m benchmarks runs sgkernels.bench.ops; a bench_<op>.py left in benchmarks/
     (e.g. from a merge) would not be run by either."""
     assert not [f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.startswith("bench_")]
     here = os.path.dirname(ops.__file__)
-    mods = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and f != "__init__.py")
+    mods = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
     assert mods == sorted(ops.OPS)
 
 
@@ -191,6 +222,17 @@ def test_bench_dllm_llada(lm_dirs, pipeline, tmp_path, capsys):
     assert "| 100.0% |" in out and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_dllm_progress_bar_on_stderr(lm_dirs, capsys):
+    """Without --no-progress: a bar on stderr over the phases (agreement, timing, parts, memory per impl)."""
+    argv = [a for a in DLLM_FAST if a != "--no-progress"]
+    status, out, err = run(["bench", "dllm", "--model", lm_dirs[0], "--mask-id", MLM_MASK, *argv], capsys)
+    assert status == 0, err
+    last = err.replace("\r", "\n").strip().splitlines()
+    bar = [line for line in last if line.startswith("bench dllm (llada):")]
+    assert bar and "5/5" in bar[-1] and "100%" in bar[-1], err
+    assert "| sgkernels | 1 |" in out and "bench dllm" not in out  # the table alone on stdout
+
+
 def test_bench_dllm_dream_remote_code(lm_dirs, capsys):
     status, out, err = run(["bench", "dllm", "--model", lm_dirs[1], "--pipeline", "dream", "--trust-remote-code",
                             *DLLM_FAST], capsys)
@@ -200,8 +242,83 @@ def test_bench_dllm_dream_remote_code(lm_dirs, capsys):
     assert all("| 4 |" in r for r in rows)  # NFE = steps, mask id from the config
 
 
+def test_bench_dllm_llada2_stock_pipeline_against_fused(block_lm_dir, tmp_path, capsys):
+    """diffusers' LLaDA2Pipeline against FusedLLaDA2Pipeline, with and without the prefix cache, on a
+    block-causal transformers folder (remote code; its auto_map's AutoModel is the base model without a
+    head, so the LM class must be the one loaded): greedy agreement 100 % for all three."""
+    js, png = tmp_path / "l2.json", tmp_path / "l2.png"
+    status, out, err = run(["bench", "dllm", "--model", block_lm_dir, "--pipeline", "llada2", "--trust-remote-code",
+                            "--prefix-cache", "--prompt-length", "4", "--gen-length", "16", "--block-length", "8",
+                            "--steps", "4", "--batch-sizes", "2", "--json", js, "--plot", png, *QUICK], capsys)
+    assert status == 0, err
+    data = json.loads(js.read_text())
+    st = data["settings"]
+    assert (st["pipeline"], st["mask_id"], st["steps"], st["block_length"]) == ("llada2", BLOCK_MASK, 4, 8)
+    assert (st["threshold"], st["editing_threshold"], st["prefix_cache"]) == (0.7, 0.5, True)  # the pipeline's
+    assert [r["impl"] for r in data["rows"]] == ["diffusers LLaDA2Pipeline", "sgkernels", "sgkernels + prefix cache"]
+    for r in data["rows"]:
+        assert ROW_KEYS | {"tokens_per_s", "nfe", "greedy_agreement"} <= set(r)
+        assert r["greedy_agreement"] == 1.0 and r["nfe"] >= 4 and set(r["parts"]) == {"forward", "sampling"}
+        assert r["parts"]["forward"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 16 / (r["median_ms"] / 1e3))
+    stock, fused, cached = data["rows"]
+    assert stock["speedup"] == 1.0 and fused["nfe"] == stock["nfe"]  # same steps
+    assert cached["nfe"] > stock["nfe"]  # + one encoding of each finished block
+    assert out.count("| 100.0% |") == 3 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _remote_code_folder(path, model_type, source):
+    """A BertForMaskedLM folder whose config also has an auto_map to ``source`` (written beside it)."""
+    save_tiny_mlm(path)
+    (path / "modeling_custom.py").write_text(source)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(model_type=model_type, auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                                                "AutoModelForMaskedLM": "modeling_custom.CustomMLM"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+CUSTOM_MLM = """
+from transformers import BertConfig, BertForMaskedLM
+
+
+class CustomConfig(BertConfig):
+    model_type = "sgk_custom_bert"
+
+
+class CustomMLM(BertForMaskedLM):
+    config_class = CustomConfig
+"""
+
+
+def test_bench_dllm_trust_remote_code_as_from_pretrained(tmp_path, capsys):
+    """As AutoModel.from_pretrained(folder): an auto_map for a model_type transformers has runs transformers'
+    class without the flag (its code only with it); for one it has not, transformers would ask or refuse: one
+    error line naming --trust-remote-code; a folder without auto_map needs no flag."""
+    known = _remote_code_folder(tmp_path / f"known_{os.getpid()}", "bert", CUSTOM_MLM)
+    assert type(dllm.load_lm(known, device="cpu")).__name__ == "BertForMaskedLM"
+    assert type(dllm.load_lm(known, device="cpu", trust_remote_code=True)).__name__ == "CustomMLM"
+    plain = save_tiny_mlm(tmp_path / "plain")
+    assert type(dllm.load_lm(plain, device="cpu")).__name__ == "BertForMaskedLM"
+    unknown = _remote_code_folder(tmp_path / f"unknown_{os.getpid()}", "sgk_custom_bert", CUSTOM_MLM)
+    capsys.readouterr()  # transformers' bars and warnings of the loads above
+    status, _, err = run(["bench", "dllm", "--model", unknown, "--mask-id", MLM_MASK, *DLLM_FAST], capsys)
+    one_line_error(status, err, "pass --trust-remote-code", "sgk_custom_bert")
+    broken = _remote_code_folder(tmp_path / f"broken_{os.getpid()}", "sgk_custom_bert",
+                                 "import sgk_no_such_package\n" + CUSTOM_MLM)
+    capsys.readouterr()
+    status, _, err = run(["bench", "dllm", "--model", broken, "--mask-id", MLM_MASK, "--trust-remote-code",
+                          *DLLM_FAST], capsys)
+    ours = "\n".join(line for line in err.splitlines() if not line.startswith("[transformers]"))  # its own log line
+    one_line_error(status, ours, "cannot load", "sgk_no_such_package")
+
+
 @pytest.mark.parametrize("argv,needles", [
     (["--model", "/nonexistent/sgk", "--mask-id", "1"], ["--model", "not a folder"]),
+    (["--model", "{mlm}", "--mask-id", str(MLM_MASK), "--prefix-cache"], ["--prefix-cache", "llada2"]),
+    (["--model", "{mlm}", "--mask-id", str(MLM_MASK), "--threshold", "0.5"], ["--threshold", "fast-dllm"]),
+    (["--model", "{mlm}", "--mask-id", str(MLM_MASK), "--pipeline", "llada2", "--prefix-cache"],
+     ["does not fit --pipeline llada2", "past_key_values"]),
+    (["--model", "{block}", "--pipeline", "llada2"], ["--trust-remote-code"]),
     (["--model", "{mlm}", "--mask-id", str(MLM_MASK), "--batch-sizes", "0"], ["--batch-sizes"]),
     (["--model", "{mlm}"], ["--mask-id", "no mask_token_id"]),
     (["--model", "{mlm}", "--mask-id", "64"], ["--mask-id", "outside the model's vocabulary"]),
@@ -210,8 +327,8 @@ def test_bench_dllm_dream_remote_code(lm_dirs, capsys):
     (["--model", "{mlm}", "--mask-id", str(MLM_MASK), "--block-length", "3"], ["does not fit", "block_length"]),
     (["--model", "{root}", "--mask-id", "1"], ["no config.json"]),
 ])
-def test_bench_dllm_bad_input(lm_dirs, argv, needles, capsys):
-    names = dict(mlm=lm_dirs[0], dream=lm_dirs[1], root=os.path.dirname(lm_dirs[0]))
+def test_bench_dllm_bad_input(lm_dirs, block_lm_dir, argv, needles, capsys):
+    names = dict(mlm=lm_dirs[0], dream=lm_dirs[1], root=os.path.dirname(lm_dirs[0]), block=block_lm_dir)
     argv = [a.format(**names) for a in argv]
     status, _, err = run(["bench", "dllm", *DLLM_FAST, *argv], capsys)
     one_line_error(status, err, *needles)
@@ -232,6 +349,9 @@ def test_bench_ops_smoke(tmp_path, capsys):
     assert data["command"] == "ops" and {"gflops", "gbs", "gflops_measured", "gbs_measured"} <= set(data["roofline"])
     assert {r["impl"] for r in data["rows"]} == {"sgkernels", "eager Gumbel+sort"}
     assert all({"op", "shape", "dtype", "impl", "ms", "spread", "peak_mb"} <= set(r) for r in data["rows"])
+    # run in a fresh process, with this process's intra-op threads (1 here), stated below the table
+    assert {r["torch_threads"] for r in data["rows"]} == {torch.get_num_threads()}
+    assert f"Each op ran in its own process; threads: remask_lowest_confidence: torch {torch.get_num_threads()}." in out
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -285,3 +405,33 @@ def test_bench_check_compares_quoted_ratios():
 def test_bench_check_quoted_rows_name_known_ops():
     bc = _bench_check()
     assert all(op in bc.MODULE and bc.MODULE[op] in ops.OPS for rows in bc.QUOTED.values() for op, _, _ in rows)
+
+
+def test_readme_performance_table_is_generated_from_results():
+    """README's and docs/performance.md's numbers are RESULTS.md's: the block under the marker is what
+    --write-readme writes."""
+    bc = _bench_check()
+    with open(bc.RESULTS) as f:
+        results = f.read()
+    for path, rows in bc.pages("CPU"):
+        with open(path) as f:
+            page = f.read()
+        block = bc.readme_block(results, "CPU", rows)
+        assert bc.readme_with_block(page, block) == page, f"{path}: run python tools/bench_check.py --write-readme"
+
+
+def test_readme_block_replaces_only_the_generated_lines():
+    bc = _bench_check()
+    text = RESULTS_MD.replace("Device: ...", "Device: CPU X, 2 cores, 2 threads, avx2; torch 2.1, triton 3, sgkernels 0.1; "
+                              "2026-01-02\nthreads: torch intra-op 2; environment: none set; load average (1/5/15 min, "
+                              "at the end of the run): 0.10/0.20/0.30")
+    block = bc.readme_block(text, "CPU", [("a", "s1", "eager")])
+    assert block.splitlines()[0].startswith("Measured by `python -m benchmarks` on 2026-01-02: CPU X, 2 cores")
+    assert "load average 0.10/0.20/0.30 (1/5/15 min, at the end of the run)" in block.splitlines()[0]
+    readme = "\n".join(["# t", bc.MARKER, "old caption", "", "| old |", "|---|", "", "## Next", "text"])
+    new = bc.readme_with_block(readme, block)
+    assert new.split("\n")[:2] == ["# t", bc.MARKER] and new.endswith("\n\n## Next\ntext")
+    assert "old" not in new and "| `a` s1 | 1 ms | eager 10 ms | 10.0x |" in new
+    assert bc.readme_with_block(new, block) == new
+    with pytest.raises(SystemExit, match="marker"):
+        bc.readme_with_block("# no marker\n", block)

@@ -431,6 +431,22 @@ def test_threshold_and_factor_sample_the_candidate_rows_only(rule, cfg):
     assert (want[cand] != MASK).any() and torch.equal(want[~cand], x[~cand])
 
 
+def test_threshold_with_every_row_a_candidate_reads_the_logits_in_place(monkeypatch):
+    """All rows candidates (a window's first step): the logits go to the sampler as a view, not as a
+    [K, V] gathered copy (which cost 10x the step at V = 126464), with the tokens of the gather."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((2, 6), MASK)
+    logits = 3 * torch.randn(2, 6, V, generator=gen)
+    seen, real = [], llada.guided_sample
+    monkeypatch.setattr(llada, "guided_sample", lambda cond, *a, **k: seen.append(cond) or real(cond, *a, **k))
+    kw = dict(temperature=1.0, seed=3, threshold=0.5)
+    got = llada.llada_step(x, x == MASK, logits, None, None, **kw)
+    assert seen[0].data_ptr() == logits.data_ptr()
+    tokens, _ = real(logits.reshape(12, V).clone(), None, guidance_scale=0.0, temperature=1.0, seed=3, offset=0)
+    keep = got != MASK
+    assert keep.any() and torch.equal(got[keep], tokens.reshape(2, 6)[keep])
+
+
 def test_factor_count_rule():
     conf = torch.tensor([[0.99, 0.9, 0.5, 0.2], [0.99, 0.9, 0.8, 0.7], [0.3, 0.1, -torch.inf, -torch.inf]],
                         dtype=torch.float64)

@@ -63,22 +63,34 @@ def add_parser(sub) -> None:
     d.add_argument("--model", required=True, help="a local transformers folder (config.json + weights)")
     from .dllm import PIPELINES
 
-    d.add_argument("--pipeline", default="llada", choices=PIPELINES)
+    d.add_argument("--pipeline", default="llada", choices=PIPELINES,
+                   help="the drop-in and its reference (default llada; llada2: diffusers' LLaDA2Pipeline)")
     d.add_argument("--mask-id", type=int, default=None, help="the mask token id (default: the config's mask_token_id)")
     d.add_argument("--prompt-length", type=top._positive_int, default=32, help="random prompt tokens (default 32)")
-    d.add_argument("--gen-length", type=top._positive_int, default=128)
-    d.add_argument("--block-length", type=top._positive_int, default=32, help="llada / fast-dllm blocks (default 32)")
-    d.add_argument("--steps", type=top._positive_int, default=128)
+    d.add_argument("--gen-length", type=top._positive_int, default=128, help="generated tokens (default 128)")
+    d.add_argument("--block-length", type=top._positive_int, default=32,
+                   help="llada / fast-dllm / llada2 blocks (default 32)")
+    d.add_argument("--steps", type=top._positive_int, default=None,
+                   help="sampling steps: in all (llada, fast-dllm, dream; default 128), or per block, the pipeline's "
+                        "num_inference_steps (llada2; default 32)")
     d.add_argument("--temperature", type=top._nonneg_float, default=0.0,
                    help="of the timed runs (default 0: greedy); the agreement is always of greedy runs")
-    d.add_argument("--threshold", type=top._nonneg_float, default=0.9, help="fast-dllm's confidence threshold")
+    d.add_argument("--threshold", type=top._nonneg_float, default=None,
+                   help="confidence threshold of fast-dllm (default 0.9) and llada2 (default 0.7, the pipeline's)")
+    d.add_argument("--editing-threshold", type=top._nonneg_float, default=None,
+                   help="llada2: re-edit committed tokens above this confidence (default 0.5, the pipeline's; "
+                        "0: no editing)")
+    d.add_argument("--prefix-cache", action="store_true",
+                   help="llada2: also time the fused pipeline with prefix_cache=True (a KV cache of the finished "
+                        "blocks; exact for block-causal models)")
     d.add_argument("--alg", default="maskgit_plus", choices=("maskgit_plus", "topk_margin", "entropy"),
                    help="dream's confidence (default maskgit_plus)")
     d.add_argument("--top-p", type=top._nonneg_float, default=None, help="dream's top_p filter (default off)")
     d.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="load the weights in this dtype (default: as saved)")
     d.add_argument("--trust-remote-code", action="store_true",
-                   help="run the modeling code a folder ships (auto_map in its config.json, as LLaDA's and Dream's)")
+                   help="run the modeling code a folder ships (auto_map in its config.json, as LLaDA's, Dream's "
+                        "and LLaDA2's); needed, as by from_pretrained, when transformers lacks the model_type")
     _common(d, top, "1")
     d.set_defaults(func=bench_dllm)
 
@@ -197,6 +209,30 @@ def bench_sampler(args) -> int:
     return 0
 
 
+def _pipeline_options(args) -> tuple:
+    """``(steps, threshold, editing_threshold)`` for ``args.pipeline`` (its defaults where not given); options
+    the pipeline has not are refused, and llada2 needs diffusers' block diffusion classes."""
+    from .dllm import DEFAULTS
+
+    p = args.pipeline
+    for flag, key, given in (("--threshold", "threshold", args.threshold),
+                             ("--editing-threshold", "editing_threshold", args.editing_threshold)):
+        if given is not None and DEFAULTS[key][p] is None:
+            users = " and ".join(q for q, v in DEFAULTS[key].items() if v is not None)
+            raise CLIError(f"{flag}: only for --pipeline {users}, not {p}")
+    if args.prefix_cache and p != "llada2":
+        raise CLIError(f"--prefix-cache: only for --pipeline llada2, not {p}")
+    if p == "llada2":
+        try:
+            from ..integrations.diffusers import FusedLLaDA2Pipeline  # noqa: F401
+        except ImportError as e:
+            raise CLIError(f"--pipeline llada2 needs diffusers >= 0.39 (LLaDA2Pipeline): pip install -U diffusers "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    pick = lambda key, given: DEFAULTS[key][p] if given is None else given  # noqa: E731
+    return pick("steps", args.steps), pick("threshold", args.threshold), pick("editing_threshold",
+                                                                              args.editing_threshold)
+
+
 def bench_dllm(args) -> int:
     from . import dllm, report
     from .machine import machine_info
@@ -212,6 +248,7 @@ def bench_dllm(args) -> int:
             pass
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise CLIError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
+    steps, threshold, editing_threshold = _pipeline_options(args)
     try:
         model = dllm.load_lm(args.model, device=device, dtype=dllm.DTYPES.get(args.dtype),
                              trust_remote_code=args.trust_remote_code)
@@ -225,10 +262,11 @@ def bench_dllm(args) -> int:
         raise CLIError(f"--mask-id: {args.model}'s config has no mask_token_id; pass the mask token's id")
     if not 0 <= mask_id < vocab:
         raise CLIError(f"--mask-id: {mask_id} is outside the model's vocabulary (V = {vocab})")
-    bar = _Progress(len(args.batch_sizes) * 5, args.no_progress, f"bench dllm ({args.pipeline})")
+    bar = _Progress(len(args.batch_sizes) * (3 + dllm.n_impls(args.pipeline, args.prefix_cache)), args.no_progress,
+                    f"bench dllm ({args.pipeline})")
     kw = dict(mask_id=mask_id, prompt_length=args.prompt_length, gen_length=args.gen_length,
-              block_length=args.block_length, steps=args.steps, temperature=args.temperature,
-              threshold=args.threshold, top_p=args.top_p, alg=args.alg)
+              block_length=args.block_length, steps=steps, temperature=args.temperature, threshold=threshold,
+              top_p=args.top_p, alg=args.alg, editing_threshold=editing_threshold, prefix_cache=args.prefix_cache)
     try:
         rows = dllm.run(model, args.pipeline, args.batch_sizes, device, repeats=args.repeats, max_time=args.max_time,
                         progress=bar, **kw)

@@ -1,22 +1,31 @@
 """``sgkernels bench dllm``: tokens/s of a diffusion LM, the upstream algorithm against the drop-in.
 
 ``--model`` is a local transformers folder (``config.json`` + weights, as ``save_pretrained``
-writes it). It is loaded with the class its config names (``architectures``), or, when the folder
-ships its own modeling code (``auto_map``, as LLaDA's and Dream's do), through ``AutoModel`` with
-``trust_remote_code=True``, which runs that code and therefore needs ``--trust-remote-code``.
+writes it), loaded as ``AutoModel.from_pretrained(folder)`` would load it (:func:`load_lm`): with
+the class its config names (``architectures``); a folder that ships its own modeling code
+(``auto_map``, as LLaDA's, Dream's and LLaDA2's do) for a ``model_type`` transformers does not know
+runs that code only with ``trust_remote_code`` (``--trust-remote-code``), where transformers would
+ask or refuse; with ``auto_map`` but a ``model_type`` transformers knows, transformers' own class.
 
 Pipelines (``--pipeline``), each the drop-in against its reference written as the public code
-writes it (:mod:`sgkernels.bench.anchors`), same prompts, same settings:
+writes it (:mod:`sgkernels.bench.anchors`, or the stock diffusers pipeline), same prompts, same
+settings:
 
 * ``llada``: :func:`sgkernels.integrations.llada.generate` against LLaDA's ``generate()``;
 * ``fast-dllm``: the same with ``threshold`` against Fast-dLLM's threshold decoding (no cache);
-* ``dream``: :func:`sgkernels.integrations.dream.diffusion_generate` against Dream's ``_sample``.
+* ``dream``: :func:`sgkernels.integrations.dream.diffusion_generate` against Dream's ``_sample``;
+* ``llada2``: ``FusedLLaDA2Pipeline`` (:mod:`sgkernels.integrations.diffusers`) against diffusers'
+  ``LLaDA2Pipeline`` with its ``BlockRefinementScheduler`` (block diffusion: ``steps`` is the
+  pipeline's ``num_inference_steps``, per block; ``threshold``, ``editing_threshold``; no EOS early
+  stop, so that every run makes ``gen_length`` tokens); with ``prefix_cache`` a third row, the fused
+  pipeline with ``prefix_cache=True`` (exact only for block-causal attention).
 
-Per batch size: the two interleaved (:func:`sgkernels.bench.timing.autorange`), tokens/s =
+Per batch size: the implementations interleaved (:func:`sgkernels.bench.timing.autorange`), tokens/s =
 batch * gen_length / median time; NFE (model calls per generation) and ms per step in the model's
-forward and in the rest (sampling) as the median of up to 3 more calls with
+forward and in the rest (sampling, commit) as the median of up to 3 more calls with
 :class:`sgkernels.bench.parts.PartTimer` hooks; peak memory of one call; and the token agreement of
-greedy runs (temperature 0) of the two, which is 100 % unless confidences tie.
+greedy runs (temperature 0) of each implementation with the reference, which is 100 % unless
+confidences tie.
 """
 from __future__ import annotations
 
@@ -30,9 +39,18 @@ from .parts import PartTimer
 from .sampler import median_parts
 from .timing import autorange, peak_mb
 
-PIPELINES = ("llada", "fast-dllm", "dream")
-UPSTREAM = {"llada": "LLaDA generate()", "fast-dllm": "Fast-dLLM threshold (no cache)", "dream": "Dream _sample"}
+PIPELINES = ("llada", "fast-dllm", "dream", "llada2")
+UPSTREAM = {"llada": "LLaDA generate()", "fast-dllm": "Fast-dLLM threshold (no cache)", "dream": "Dream _sample",
+            "llada2": "diffusers LLaDA2Pipeline"}
 FUSED = "sgkernels"
+FUSED_CACHE = "sgkernels + prefix cache"
+# The pipelines' own defaults where the options mean different things per pipeline (None: not used).
+DEFAULTS = {"steps": {"llada": 128, "fast-dllm": 128, "dream": 128, "llada2": 32},
+            "threshold": {"llada": None, "fast-dllm": 0.9, "dream": None, "llada2": 0.7},
+            "editing_threshold": {"llada": None, "fast-dllm": None, "dream": None, "llada2": 0.5}}
+# The auto classes tried on a folder's auto_map, in order: a class with the LM head first (LLaDA2's
+# auto_map names its base model under AutoModel), AutoModel last (Dream names its LM there only).
+AUTO_CLASSES = ("AutoModelForMaskedLM", "AutoModelForCausalLM", "AutoModel")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,29 +82,47 @@ def load_lm(path: str, *, device, dtype=None, trust_remote_code: bool = False):
         raise ModelFolderError("bench dllm needs transformers: pip install transformers") from None
     auto_map = cfg.get("auto_map") or {}
     kw = {} if dtype is None else {"dtype": dtype}
-    if auto_map:
+    model_type = cfg.get("model_type")
+    # As AutoModel.from_pretrained(folder) without trust_remote_code (transformers' resolve_trust_remote_code):
+    # an auto_map for a model_type transformers has -> its own class; for one it has not -> it asks on a
+    # terminal and refuses otherwise. The CLI never asks: it names the flag.
+    remote = bool(auto_map) and (trust_remote_code or not _known_model_type(model_type))
+    if remote:
         if not trust_remote_code:
-            raise ModelFolderError(f"--model: {path} ships its own modeling code (auto_map in config.json); "
-                                   "pass --trust-remote-code to run it")
-        for name in ("AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM"):
+            raise ModelFolderError(f"--model: {path} ships its own modeling code (auto_map in config.json, "
+                                   f"model_type {model_type!r} is not one transformers has); pass "
+                                   "--trust-remote-code to run it")
+        for name in AUTO_CLASSES:
             if name in auto_map:
                 cls = getattr(transformers, name)
                 break
         else:
-            raise ModelFolderError(f"--model: {cfg_path}'s auto_map has no AutoModel entry")
+            raise ModelFolderError(f"--model: {cfg_path}'s auto_map has no entry for a model class "
+                                   f"({', '.join(AUTO_CLASSES)}); it has {sorted(auto_map)}")
         kw["trust_remote_code"] = True
     else:
         archs = cfg.get("architectures") or []
         cls = getattr(transformers, archs[0], None) if archs else None
         if cls is None:
+            hint = " (its auto_map code runs with --trust-remote-code)" if auto_map else ""
             raise ModelFolderError(f"--model: {cfg_path} names no architecture that transformers has "
-                                   f"(architectures = {archs})")
+                                   f"(architectures = {archs}){hint}")
     try:
         model = cls.from_pretrained(path, **kw)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFolderError(f"--model: cannot load {path}: {first}") from None
     return model.to(device).eval()
+
+
+def _known_model_type(model_type) -> bool:
+    """Whether transformers has its own config class for ``model_type`` (then it ignores an auto_map
+    unless ``trust_remote_code=True``)."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError:  # pragma: no cover - very old transformers
+        return False
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
 
 
 def mask_id_of(model) -> int | None:
@@ -99,8 +135,9 @@ def mask_id_of(model) -> int | None:
     return None
 
 
-def _generators(model, pipeline, *, mask_id, gen_length, block_length, steps, temperature, threshold, top_p, alg):
-    """name -> generate(prompt, temperature) -> [B, l + gen_length]."""
+def _generators(model, pipeline, *, mask_id, gen_length, block_length, steps, temperature, threshold, top_p, alg,
+                editing_threshold=None, prefix_cache=False):
+    """name -> generate(prompt, temperature) -> [B, l + gen_length]; the reference first."""
     if pipeline == "dream":
         from ..integrations import dream
 
@@ -108,12 +145,45 @@ def _generators(model, pipeline, *, mask_id, gen_length, block_length, steps, te
         return {UPSTREAM[pipeline]: lambda p, t: anchors.dream_generate(model, p, mask_id=mask_id, temperature=t, **kw),
                 FUSED: lambda p, t: dream.diffusion_generate(model, p, mask_token_id=mask_id, temperature=t, seed=0,
                                                              **kw)}
+    if pipeline == "llada2":
+        return _llada2_generators(model, mask_id=mask_id, gen_length=gen_length, block_length=block_length,
+                                  steps=steps, threshold=threshold, editing_threshold=editing_threshold,
+                                  prefix_cache=prefix_cache)
     from ..integrations import llada
 
     thr = threshold if pipeline == "fast-dllm" else None
     kw = dict(steps=steps, gen_length=gen_length, block_length=block_length, mask_id=mask_id)
     return {UPSTREAM[pipeline]: lambda p, t: anchors.llada_generate(model, p, temperature=t, threshold=thr, **kw),
             FUSED: lambda p, t: llada.generate(model, p, temperature=t, threshold=thr, seed=0, **kw)}
+
+
+def _llada2_generators(model, *, mask_id, gen_length, block_length, steps, threshold, editing_threshold,
+                       prefix_cache):
+    """diffusers' ``LLaDA2Pipeline`` + ``BlockRefinementScheduler`` against ``FusedLLaDA2Pipeline`` (and
+    with ``prefix_cache=True``), on ``model``; no tokenizer (the prompts are ids), no EOS early stop."""
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+
+    from ..integrations.diffusers import FusedLLaDA2Pipeline
+
+    stock = LLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(block_length=block_length))
+    fused = FusedLLaDA2Pipeline(model=model, scheduler=BlockRefinementScheduler(block_length=block_length))
+    for pipe in (stock, fused):
+        pipe.set_progress_bar_config(disable=True)
+    kw = dict(gen_length=gen_length, block_length=block_length, num_inference_steps=steps, threshold=threshold,
+              editing_threshold=editing_threshold if editing_threshold else None, mask_token_id=mask_id,
+              eos_early_stop=False, use_chat_template=False, output_type="seq")
+
+    def call(pipe, **extra):
+        def gen(p, t):
+            g = torch.Generator(device=p.device).manual_seed(0)
+            out = pipe(input_ids=p, temperature=t, generator=g, **kw, **extra)
+            return torch.cat([p, out.sequences], dim=1)
+        return gen
+
+    gens = {UPSTREAM["llada2"]: call(stock), FUSED: call(fused)}
+    if prefix_cache:
+        gens[FUSED_CACHE] = call(fused, prefix_cache=True)
+    return gens
 
 
 def _forward_modules(model) -> list:
@@ -149,14 +219,16 @@ def prompts(vocab: int, mask_id: int, batch: int, length: int, device, seed: int
 
 
 def run(model, pipeline: str, batch_sizes, device, *, mask_id: int, prompt_length: int = 32, gen_length: int = 64,
-        block_length: int = 32, steps: int = 32, temperature: float = 0.0, threshold: float = 0.9,
-        top_p: float | None = None, alg: str = "maskgit_plus", repeats: int = 3, max_time: float = 30.0,
-        progress=None) -> list[dict]:
-    """One row per (batch size, implementation). Raises what the drop-in raises on a model that does not
-    fit the pipeline (its first generation is the check)."""
+        block_length: int = 32, steps: int = 32, temperature: float = 0.0, threshold: float | None = 0.9,
+        top_p: float | None = None, alg: str = "maskgit_plus", editing_threshold: float | None = None,
+        prefix_cache: bool = False, repeats: int = 3, max_time: float = 30.0, progress=None) -> list[dict]:
+    """One row per (batch size, implementation). Raises :class:`PipelineMismatch` when the model does not run
+    under the pipeline (its first generation is the check)."""
     vocab = model.config.vocab_size
     gens = _generators(model, pipeline, mask_id=mask_id, gen_length=gen_length, block_length=block_length,
-                       steps=steps, temperature=temperature, threshold=threshold, top_p=top_p, alg=alg)
+                       steps=steps, temperature=temperature, threshold=threshold, top_p=top_p, alg=alg,
+                       editing_threshold=editing_threshold, prefix_cache=prefix_cache)
+    upstream = UPSTREAM[pipeline]
     rows = []
     for b in batch_sizes:
         prompt = prompts(vocab, mask_id, b, prompt_length, device)
@@ -164,7 +236,7 @@ def run(model, pipeline: str, batch_sizes, device, *, mask_id: int, prompt_lengt
             progress(f"batch {b}: greedy agreement")
         greedy = {}
         with torch.no_grad():
-            for name in (FUSED, UPSTREAM[pipeline]):  # the drop-in first: it checks its arguments
+            for name in [n for n in gens if n != upstream] + [upstream]:  # the drop-ins first: they check arguments
                 try:
                     greedy[name] = gens[name](prompt, 0.0)
                 except (ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError) as e:
@@ -172,8 +244,8 @@ def run(model, pipeline: str, batch_sizes, device, *, mask_id: int, prompt_lengt
                         raise
                     msg = str(e).strip().splitlines()
                     raise PipelineMismatch(f"{name}: {type(e).__name__}: {msg[0] if msg else ''}") from e
-        ref, ours = greedy[UPSTREAM[pipeline]][:, prompt_length:], greedy[FUSED][:, prompt_length:]
-        agreement = float((ref == ours).float().mean())
+        ref = greedy[upstream][:, prompt_length:]
+        agreement = {name: float((ref == out[:, prompt_length:]).float().mean()) for name, out in greedy.items()}
         fns = {name: (lambda g=g: g(prompt, temperature)) for name, g in gens.items()}
         if progress:
             progress(f"batch {b}: timing")
@@ -194,9 +266,14 @@ def run(model, pipeline: str, batch_sizes, device, *, mask_id: int, prompt_lengt
             st = stats[name]
             rows.append(dict(impl=name, batch_size=b, tokens_per_s=b * gen_length / (st.median_ms * 1e-3),
                              **st.as_dict(), nfe=round(parts.pop("nfe")), parts=parts, peak_mb=mem,
-                             greedy_agreement=agreement))
-        stock = next(r for r in rows if r["batch_size"] == b and r["impl"] != FUSED)
+                             greedy_agreement=agreement[name]))
+        stock = next(r for r in rows if r["batch_size"] == b and r["impl"] == upstream)
         for r in rows:
             if r["batch_size"] == b:
                 r["speedup"] = stock["median_ms"] / r["median_ms"]
     return rows
+
+
+def n_impls(pipeline: str, prefix_cache: bool = False) -> int:
+    """How many implementations ``run`` times per batch size (the progress bar's phases)."""
+    return 3 if pipeline == "llada2" and prefix_cache else 2

@@ -64,9 +64,19 @@ def faiss_threads() -> int | None:
     return None if faiss is None else int(faiss.omp_get_max_threads())
 
 
+def load_average() -> list[float] | None:
+    """The machine's load average over 1, 5 and 15 minutes (None where the OS has none): other
+    processes' load moves short ops' ratios, so every header states it."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def machine_info(device) -> dict:
     """The machine a run is on: CPU (name, ISA of the C++ kernels, cores, torch threads), GPU (name,
-    driver, CUDA), versions (python, torch, triton, sgkernels), the thread/BLAS env vars, the date."""
+    driver, CUDA), versions (python, torch, triton, sgkernels), the thread/BLAS env vars, the date and
+    the load average when it is called (after a run: its 5 and 15 minute values cover the run)."""
     import sgkernels
 
     try:
@@ -91,6 +101,7 @@ def machine_info(device) -> dict:
         "triton": triton_version,
         "sgkernels": sgkernels.__version__,
         "env": env_vars(),
+        "load_average": load_average(),
     }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -108,9 +119,11 @@ def header_lines(info: dict) -> list[str]:
     if info.get("faiss_threads") is not None:
         threads += f", faiss OpenMP {info['faiss_threads']}"
     env = ", ".join(f"{k}={v}" for k, v in info["env"].items()) or "none set"
+    load = info.get("load_average")
+    load = "/".join(f"{x:.2f}" for x in load) if load else "unknown"
     return [f"Device: {dev}; torch {info['torch']}, triton {info['triton'] or 'not installed'}, "
             f"sgkernels {info['sgkernels']}; {info['date']}",
-            f"{threads}; environment: {env}"]
+            f"{threads}; environment: {env}; load average (1/5/15 min, at the end of the run): {load}"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -187,8 +187,12 @@ def llada_step(
     # Fast-dLLM's threshold / factor rules: only the candidate rows are sampled (their logits gathered,
     # [K, V]); the decoded rows of the window are never read. (On CUDA, nonzero costs one host sync.)
     rows = candidates.nonzero(as_tuple=True)
-    cond_k = logits[rows]
-    uncond_k = None if uncond_logits is None else uncond_logits[rows]
+    if rows[0].numel() == candidates.numel():  # every row: the same rows in the same order, without the copy
+        cond_k = logits.reshape(-1, logits.shape[-1])
+        uncond_k = None if uncond_logits is None else uncond_logits.reshape(-1, logits.shape[-1])
+    else:
+        cond_k = logits[rows]
+        uncond_k = None if uncond_logits is None else uncond_logits[rows]
     tokens_k, logp_k = guided_sample(cond_k, uncond_k, guidance_scale=scale, temperature=temperature,
                                      seed=seed, offset=offset)
     conf_k = _confidence(tokens_k, logp_k, cond_k, uncond_k, scale, remasking,

@@ -4,11 +4,23 @@ Each module here exposes ``run(device, quick) -> list[dict]``: rows with keys ``
 impl, ms, peak_mb`` and optionally ``spread`` (interquartile range / median), ``bytes`` (for
 bandwidth) or ``gflops``; the row whose impl is ``"sgkernels"`` is the one the ratios are taken
 against. The baselines ("anchors") are in :mod:`sgkernels.bench.anchors`.
+
+:func:`run` runs each op in a fresh Python process (:mod:`sgkernels.bench.ops._worker`), with this
+process's torch thread count, so an op's numbers do not depend on which ops ran before it. (When
+they shared one process, ``self_guided_step`` B=8 N=256 measured 74x in ``make bench-check``, after
+3 ops, and 43x in ``python -m benchmarks``, after 8, on the same quiet machine the same day.)
 """
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
 
 from ..machine import roofline
 
@@ -26,14 +38,33 @@ def modules(only=None) -> list:
     return [importlib.import_module(f"{__name__}.{n}") for n in OPS if not only or n in only]
 
 
-def run(device: str, quick: bool, only=None, progress=None) -> list[dict]:
-    """Every selected op's rows; ``progress(name)`` is called before each op."""
+def run(device: str, quick: bool, only=None, progress=None, isolate: bool = True) -> list[dict]:
+    """Every selected op's rows; ``progress(name)`` is called before each op. ``isolate``: each op in
+    a fresh process (see the module docstring); False runs them in this one."""
     rows = []
     for mod in modules(only):
+        name = mod.__name__.rsplit(".", 1)[1]
         if progress is not None:
-            progress(mod.__name__.rsplit(".", 1)[1])
-        rows += mod.run(device, quick)
+            progress(name)
+        rows += run_isolated(name, device, quick) if isolate else mod.run(device, quick)
     return rows
+
+
+def run_isolated(name: str, device: str, quick: bool) -> list[dict]:
+    """One op's rows from a fresh ``python -m sgkernels.bench.ops._worker`` with this process's
+    torch intra-op thread count (its stderr passes through; a failure raises RuntimeError)."""
+    fd, out = tempfile.mkstemp(suffix=".json", prefix=f"sgk-bench-{name}-")
+    os.close(fd)
+    try:
+        cmd = [sys.executable, "-m", f"{__name__}._worker", name, device, str(int(quick)),
+               str(torch.get_num_threads()), out]
+        status = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        if status != 0:
+            raise RuntimeError(f"bench op {name} failed in its process (exit status {status}); see the lines above")
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.unlink(out)
 
 
 def peaks(rows: list[dict], device: str, quick: bool = False) -> dict:
@@ -94,6 +125,11 @@ def table(rows: list[dict], peak: dict) -> str:
     for kind, unit in (("gflops", "GFLOP/s"), ("gbs", "GB/s")):
         if peak[f"{kind}_row"]:
             out.append(f"The {unit} peak is the faster row {peak[f'{kind}_row']}: {peak[kind]:.0f} {unit}.")
+    threads = sorted({(r["op"], r.get("torch_threads"), r.get("faiss_threads")) for r in rows
+                      if r.get("torch_threads") is not None})
+    if threads:
+        out.append("Each op ran in its own process; threads: " + "; ".join(
+            f"{op}: torch {t}" + (f", faiss OpenMP {f}" if f is not None else "") for op, t, f in threads) + ".")
     out.append("Spread: interquartile range / median of the timed blocks. Geometric-mean speed-up per anchor: "
                + "; ".join(f"{k}: {v:.1f}x" for k, v in ratios(rows).items()))
     return "\n".join(out)
