@@ -247,7 +247,9 @@ class FusedLLaDA2Pipeline(LLaDA2Pipeline):
       forward takes no ``past_key_values``, or with ``callback_on_step_end`` (a callback may rewrite
       finished blocks).
 
-    With ``callback_on_step_end`` the stock loop runs (with the fused scheduler step). Randomness: one
+    The progress bars are the stock ones (blocks, then the steps of each block), configured by
+    ``set_progress_bar_config`` (``disable=True`` turns them off). With ``callback_on_step_end`` the
+    stock loop runs (with the fused scheduler step). Randomness: one
     seed per call from ``generator`` (torch's default generator without one), the op offset is the
     step count; greedy decoding (``temperature=0`` or ``sampling_method="greedy"``) is token-for-token
     the stock pipeline's.
