@@ -109,12 +109,14 @@ test-device-versions: $(DVENV)/.deps
 	$(DPY) -m sgkernels.info
 	$(DPY) -m pytest -q -p no:cacheprovider $(DEVICE_TESTS) -m "$(DEVICE_TESTS_M)" $(if $(DEVICE_TESTS_K),-k "$(DEVICE_TESTS_K)")
 
-# diffusers' own tests of BlockRefinementScheduler, EntropyBoundScheduler and LLaDA2Pipeline with the fused
+# diffusers' own tests of BlockRefinementScheduler, EntropyBoundScheduler, LLaDA2Pipeline (and, when the
+# checkout has it, DiffusionGemmaPipeline) with the fused
 # classes swapped in (tools/diffusers_swap.py). UPSTREAM: a folder holding diffusers' tests/ (read from the
 # huggingface/diffusers repository, never committed here); skipped when unset or absent.
 UPSTREAM ?=
 UPSTREAM_TESTS := tests/schedulers/test_scheduler_block_refinement.py tests/schedulers/test_scheduler_entropy_bound.py \
-                  tests/pipelines/llada2/test_llada2.py
+                  tests/pipelines/llada2/test_llada2.py \
+                  $(if $(wildcard $(UPSTREAM)/tests/pipelines/diffusion_gemma/test_diffusion_gemma.py),tests/pipelines/diffusion_gemma/test_diffusion_gemma.py)
 test-diffusers-upstream: install
 	@if [ -z "$(UPSTREAM)" ] || [ ! -f "$(UPSTREAM)/tests/pipelines/llada2/test_llada2.py" ]; then \
 	  echo "test-diffusers-upstream: skipped (set UPSTREAM=/path/to/diffusers, the folder holding its tests/)"; \

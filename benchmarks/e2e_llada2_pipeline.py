@@ -12,7 +12,7 @@ pipeline against diffusers' stock ``BlockRefinementScheduler`` / ``LLaDA2Pipelin
 
 Timings interleaved in one process (``median_ms_interleaved``); peak extra memory of one call each.
 ``python -m benchmarks.e2e_llada2_pipeline [--device cpu|cuda] [--quick] [--e2e] [--gen N] [--steps N]
-[--long-prompt N] [--long-gen N] [--threads N]``.
+[--long-prompt N] [--long-gen N] [--threads N] [--repeats N] [--no-peak] [--no-short]``.
 """
 from __future__ import annotations
 
@@ -65,8 +65,9 @@ def step_rows(device: str, quick: bool) -> list[dict]:
     return rows
 
 
-def e2e_rows(device: str, quick: bool, *, prompt=64, gen=256, d=128, layers=2, steps=32, prefix_cache=False,
-             repeats=2) -> list[dict]:
+def e2e_rows(device: str, quick: bool, *, prompt=64, gen=256, d=128, layers=2, steps=32, caches=(False,),
+             repeats=2, peak=True) -> list[dict]:
+    """The stock pipeline and the fused one with each ``prefix_cache`` of ``caches``, interleaved."""
     from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
 
     from sgkernels.integrations.diffusers import FusedLLaDA2Pipeline
@@ -79,16 +80,18 @@ def e2e_rows(device: str, quick: bool, *, prompt=64, gen=256, d=128, layers=2, s
     ids = torch.randint(0, MASK_ID, (1, prompt), generator=torch.Generator().manual_seed(1)).to(device)
     kw = dict(input_ids=ids, gen_length=gen, block_length=BLOCK, num_inference_steps=steps, mask_token_id=MASK_ID,
               output_type="seq", temperature=0.0)
-    name = "sgkernels (prefix_cache)" if prefix_cache else "sgkernels"
-    fns = {name: lambda: fused(**kw, prefix_cache=prefix_cache).sequences, "diffusers LLaDA2Pipeline":
-           lambda: stock(**kw).sequences}
+    fns = {"diffusers LLaDA2Pipeline": lambda: stock(**kw).sequences}
+    for cache in caches:
+        fns["sgkernels (prefix_cache)" if cache else "sgkernels"] = (
+            lambda cache=cache: fused(**kw, prefix_cache=cache).sequences)
     want = fns["diffusers LLaDA2Pipeline"]()
-    assert torch.equal(fns[name](), want), "greedy: the fused pipeline must be token-equal to the stock one"
+    for name, fn in fns.items():
+        assert torch.equal(fn(), want), f"greedy: {name} must be token-equal to the stock pipeline"
     ms = median_ms_interleaved(fns, device, repeats=repeats, warmup=0)
     shape = (f"e2e prompt {prompt} + gen {gen}, block {BLOCK}, {steps} steps, d={d}, {layers} layers, V={VOCAB} "
              f"(greedy, token-equal)")
-    return [dict(op="llada2_pipeline", shape=shape, dtype="float32", impl=k, ms=v, peak_mb=peak_mb(fns[k], device))
-            for k, v in ms.items()]
+    return [dict(op="llada2_pipeline", shape=shape, dtype="float32", impl=k, ms=v,
+                 peak_mb=peak_mb(fns[k], device) if peak else None) for k, v in ms.items()]
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
@@ -107,29 +110,34 @@ def main(argv=None) -> int:
     p.add_argument("--long-prompt", type=int, default=768, help="prompt of the prefix-cache row (0: skip it)")
     p.add_argument("--long-gen", type=int, default=None, help="generated tokens of the prefix-cache row (default: --gen)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs of the end-to-end rows")
+    p.add_argument("--no-short", action="store_true", help="skip the short-prompt end-to-end rows")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (1 on a shared CPU box: OpenMP barriers of the tiny backbone's small "
                         "ops otherwise dominate both pipelines alike)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = [] if a.no_step else step_rows(a.device, a.quick)
-    if a.e2e:
-        rows += e2e_rows(a.device, a.quick, gen=a.gen, steps=a.steps, repeats=a.repeats)
-        if a.long_prompt:
-            rows += e2e_rows(a.device, a.quick, prompt=a.long_prompt, gen=a.long_gen or a.gen, d=256, layers=4,
-                             steps=a.steps, prefix_cache=True, repeats=a.repeats)
     print("| op | shape | impl | ms | speed-up | peak extra MB |")
-    print("|---|---|---|---:|---:|---:|")
-    base = {}
-    for r in rows:
-        if not r["impl"].startswith("sgkernels"):
-            base[(r["op"], r["shape"])] = r["ms"]
-    for r in rows:
-        ref = base.get((r["op"], r["shape"]))
-        sp = f"{ref / r['ms']:.2f}x" if ref and r["impl"].startswith("sgkernels") else ""
-        pk = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        print(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.1f} | {sp} | {pk} |", flush=True)
+    print("|---|---|---|---:|---:|---:|", flush=True)
+
+    def show(rows):
+        base = {(r["op"], r["shape"]): r["ms"] for r in rows if not r["impl"].startswith("sgkernels")}
+        for r in rows:
+            ref = base.get((r["op"], r["shape"]))
+            sp = f"{ref / r['ms']:.2f}x" if ref and r["impl"].startswith("sgkernels") else ""
+            pk = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+            print(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.1f} | {sp} | {pk} |", flush=True)
+
+    if not a.no_step:
+        show(step_rows(a.device, a.quick))
+    if a.e2e:
+        if not a.no_short:  # the default (no cache) and prefix_cache=True against one stock run
+            show(e2e_rows(a.device, a.quick, gen=a.gen, steps=a.steps, repeats=a.repeats, peak=not a.no_peak,
+                          caches=(False, True)))
+        if a.long_prompt:
+            show(e2e_rows(a.device, a.quick, prompt=a.long_prompt, gen=a.long_gen or a.gen, d=256, layers=4,
+                          steps=a.steps, caches=(True,), repeats=a.repeats, peak=not a.no_peak))
     return 0
 
 

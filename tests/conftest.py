@@ -38,6 +38,8 @@ SLOW_TESTS = {
     "test_filters.py::test_confidence_matches_reference_and_dream[[]triton-interpret-*-multi-tile]":
         "the interpreter's multi-tile path, 32 passes per filter (~35 s each; one-tile stays fast)",
     "test_filters.py::test_filtered_chi_square[[]triton-interpret-*": "chi-square draws in the interpreter (5-20 s each)",
+    "test_filters.py::test_top_p_boundary_kernels[[]triton-interpret-multi-tile]":
+        "the interpreter's multi-tile path, 32 passes per filter, six filter cases (~60-300 s; one-tile stays fast)",
     "test_head_sample.py::test_distribution_is_exact[[]triton-interpret*": "a law test in the Triton interpreter (~33 s)",
     "test_head_sample.py::test_filtered_distribution_is_exact[[]triton-interpret*": "a law test in the interpreter",
     "test_cross_entropy.py::test_half_is_float32_math_rounded_once[[]*triton-interpret*-1000-*":

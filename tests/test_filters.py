@@ -37,9 +37,9 @@ def test_reference_keep_rules_and_ties():
     p = torch.softmax(logits.double(), -1)[0]
     assert keep_mask_reference(logits, top_k=2).tolist() == [[True, True, True, False, False]]  # ties kept
     assert keep_mask_reference(logits, top_k=5).all() and keep_mask_reference(logits, top_k=9).all()
-    # the smallest set with mass >= top_p; a tie at the boundary keeps both
-    assert keep_mask_reference(logits, top_p=float(p[0])).tolist() == [[True, False, False, False, False]]
-    assert keep_mask_reference(logits, top_p=float(p[0]) + 1e-9).tolist() == [[True, True, True, False, False]]
+    # kept while the mass before is <= top_p; the tie with the last one kept is kept too
+    assert keep_mask_reference(logits, top_p=float(p[0]) * (1 - 1e-6)).tolist() == [[True, False, False, False, False]]
+    assert keep_mask_reference(logits, top_p=float(p[0]) + 1e-6).tolist() == [[True, True, True, False, False]]
     assert keep_mask_reference(logits, top_p=1.0).all()
     assert keep_mask_reference(logits, min_p=float(p[1] / p[0]) * (1 - 1e-9)).tolist() == [[True, True, True, False, False]]
     assert keep_mask_reference(logits, min_p=1.0).tolist() == [[True, False, False, False, False]]
@@ -65,6 +65,56 @@ def test_bad_filter_confidence_seed_arguments(kwargs, name, error):
         sgk.guided_sample(x, **kw)
     with pytest.raises(error, match=name):
         sgk.self_guided_step(torch.zeros(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.bool), x, None, 1, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# The top-p boundary: a prefix mass equal to top_p exactly (Dream's and diffusers' "<=" rule)
+
+# exp(x - max) is exact in float32 for these logits: 1, 1/2, 1/4, 1/4 and sixteen 1/8 (sum 4): the
+# prefix masses 1, 1.5, 2 hit top_p * 4 exactly for top_p = 0.25, 0.375, 0.5 (and the top-4 set, sum 2,
+# hits top_p * 2 for top_p = 0.5, 0.75)
+_LN2 = math.log(2.0)
+_BOUNDARY = torch.tensor([0.0, -_LN2, -2 * _LN2, -2 * _LN2] + [-3 * _LN2] * 16, dtype=torch.float32)
+_BOUNDARY_CASES = [  # (filters, kept tokens)
+    (dict(top_p=0.25), {0, 1}),
+    (dict(top_p=0.375), {0, 1, 2, 3}),  # 2 and 3 tie: both kept
+    (dict(top_k=4, top_p=0.5, filter_order="hf"), {0, 1}),
+    (dict(top_k=4, top_p=0.5, filter_order="dream"), {0, 1, 2, 3}),
+    (dict(top_k=4, top_p=0.75, filter_order="hf"), {0, 1, 2, 3}),
+    (dict(top_k=4, top_p=0.25, filter_order="dream"), {0, 1}),
+]
+
+
+def _dream_top_p_keep(logits, top_p):
+    """Dream's / diffusers' rule, written out: sort descending, drop where the previous cumulative
+    float32 mass > top_p (the oracle the "<=" rule is checked against)."""
+    srt, idx = torch.sort(logits, descending=True)
+    cum = torch.softmax(srt, -1).cumsum(-1)
+    drop = torch.zeros_like(cum, dtype=torch.bool)
+    drop[1:] = cum[:-1] > top_p
+    return set(idx[~drop].tolist())
+
+
+def test_top_p_boundary_reference_matches_dream():
+    e = torch.exp(_BOUNDARY - _BOUNDARY.max())
+    assert e.tolist() == [1.0, 0.5, 0.25, 0.25] + [0.125] * 16  # the premise: exact in float32
+    for filt, want in _BOUNDARY_CASES:
+        assert set(torch.nonzero(keep_mask_reference(_BOUNDARY, **filt)).reshape(-1).tolist()) == want, filt
+    # no tie straddles this boundary: Dream's sort-based rule agrees token for token (diffusers' and
+    # transformers' own filters: tests/test_integrations_llada2.py)
+    assert _dream_top_p_keep(_BOUNDARY, 0.25) == {0, 1}
+    assert _dream_top_p_keep(_BOUNDARY, 0.25 * (1 - 1e-6)) == {0}
+
+
+@pytest.mark.parametrize("multi_tile", [False, True], ids=["one-tile", "multi-tile"])
+def test_top_p_boundary_kernels(backend, multi_tile, monkeypatch):
+    """The kernels draw exactly the reference's kept set when a prefix mass equals top_p exactly."""
+    _tiles(backend, monkeypatch, multi_tile)
+    rows = 64 if backend.interpreter else 400  # deterministic draws (fixed seed); every kept token shows up
+    logits = _BOUNDARY.repeat(rows, 1)
+    for filt, want in _BOUNDARY_CASES:
+        tokens, _ = run_on(backend, sgk.guided_sample, logits, temperature=1.0, seed=5, offset=2, **filt)
+        assert set(tokens.tolist()) == want, filt
 
 
 # ------------------------------------------------------------------------------------------------

@@ -118,6 +118,33 @@ def test_uniform_mode_generator_gives_stock_noise_and_resets_per_block():
     assert int(fused._committed.sum()) == 2  # ceil(1 * 8 / 4) after the reset
 
 
+def test_top_p_boundary_as_the_stock_scheduler():
+    """A prefix mass of exactly top_p (probabilities 1/2, 1/4, 1/8, 1/16, 1/16: top_p 0.5 keeps two
+    tokens, as diffusers' _top_p_filtering does; top-k 4, then top_p 0.5 of the renormalised set: two),
+    and transformers' TopPLogitsWarper, which keeps one (the difference docs/ops.md states)."""
+    from sgkernels.ops.filters import keep_mask_reference
+
+    ln2 = math.log(2.0)
+    logits = torch.tensor([[0.0, -ln2, -2 * ln2, -3 * ln2, -3 * ln2]])
+    top4 = torch.tensor([[0.0, -ln2, -2 * ln2, -2 * ln2, -3 * ln2]])  # the top-4 set renormalised: 1/2, 1/4, 1/8, 1/8
+    assert torch.softmax(logits, -1).tolist() == [[0.5, 0.25, 0.125, 0.0625, 0.0625]]  # exact in float32
+    lowest = torch.finfo(torch.float32).min
+    for x, top_k in ((logits, None), (top4, 4)):
+        stock = BlockRefinementScheduler._top_p_filtering(BlockRefinementScheduler._top_k_filtering(x, top_k), 0.5)
+        ours = keep_mask_reference(x, top_k=top_k or 0, top_p=0.5, filter_order="hf")
+        assert ours.tolist() == (stock > lowest).tolist() == [[True, True, False, False, False]], top_k
+    # the fused step draws from that set
+    _, fused = _pair(block_length=64, num_inference_steps=1)
+    fused.set_timesteps(1)
+    rows = logits.expand(1, 64, 5).contiguous()
+    out = fused.step(rows, 0, torch.full((1, 64), 4), mask_token_id=4, temperature=1.0, top_p=0.5,
+                     generator=torch.Generator().manual_seed(0))
+    assert set(out.sampled_tokens.reshape(-1).tolist()) == {0, 1}
+    transformers = pytest.importorskip("transformers")
+    warped = transformers.TopPLogitsWarper(0.5)(None, logits.clone())
+    assert (warped > -math.inf).tolist() == [[True, False, False, False, False]]
+
+
 def test_config_round_trip(tmp_path):
     stock, fused = _pair(block_length=16, num_inference_steps=8, threshold=0.8, editing_threshold=0.4, minimal_topk=2)
     fused.save_pretrained(tmp_path)
@@ -230,6 +257,37 @@ def test_head_only_on_the_active_block(pipes):
     finally:
         h1.remove()
         h2.remove()
+
+
+def _bar_states(text):
+    """The final ``desc: n/total`` of every progress bar tqdm wrote (timings differ between runs)."""
+    import re
+
+    states = {}
+    for desc, n, total in re.findall(r"(Blocks|Block \d+ Inference Steps): *\d+%\|[^|]*\| *(\d+)/(\d+)", text):
+        states[desc] = (int(n), int(total))
+    return states
+
+
+def test_progress_bar_as_stock(pipes):
+    """The stock bars (blocks, then steps per block), configured by set_progress_bar_config."""
+    import io
+
+    got = {}
+    for name, pipe in zip(("stock", "fused"), pipes):
+        buf = io.StringIO()
+        pipe.set_progress_bar_config(file=buf, disable=False)
+        try:
+            _run(pipe)
+        finally:
+            pipe.set_progress_bar_config(disable=True)
+        got[name] = _bar_states(buf.getvalue())
+    assert got["fused"] == got["stock"] and got["fused"]["Blocks"] == (4, 4)  # prompt 11 + gen 27, block 8
+    assert len(got["fused"]) == 5  # and one steps bar per block
+    buf = io.StringIO()
+    pipes[1].set_progress_bar_config(file=buf, disable=True)
+    _run(pipes[1])
+    assert buf.getvalue() == ""
 
 
 def test_sampled_generator_and_tuple_output(pipes):

@@ -5,12 +5,13 @@
 // h = guide_hidden + (1 + s) * (hidden - guide_hidden) in float32 ([R, d], the blend commutes with
 // the linear head, so guidance costs one GEMM). Then two passes over vocabulary tiles of kTileV:
 //
-// Pass 1 (OpenMP over tiles): a thread converts its W tile to float32 once (a view when W is float32),
-// then for every block of up to kRowBlock rows: logits tile = h_block @ W_tile^T (at::mm into a
-// per-thread buffer: BLAS), + bias, and per (row, tile) it keeps: the tile max m_t, the float64 sums
+// Pass 1 (OpenMP over chunks of up to 8 tiles, as many as keep a GEMM's output at 512 KiB): a thread
+// converts its W chunk to float32 once (a view when W is float32), then for every block of up to
+// kRowBlock rows: logits chunk = h_block @ W_chunk^T (at::mm into a per-thread buffer: BLAS), + bias,
+// and per (row, tile) it keeps: the tile max m_t, the float64 sums
 // of exp(g - m_t) and exp((g - m_t) / T), the first argmax, and a NaN/+inf flag. Nothing else of
 // the tile survives: the memory beyond the inputs is R x d (h) + R x ntiles x 32 B (the stats) + per
-// thread one W tile (float32) and one [kRowBlock, kTileV] logits tile.
+// thread one W chunk (float32) and one logits chunk of 512 KiB.
 //
 // Pass 2 (OpenMP over rows): the row's M = max m_t, Z_T = sum_t S_t exp((m_t - M) / T) in float64;
 // the row's Philox uniform u (words w0, w1 of row id, as guided_sample) picks the tile j where the
@@ -49,6 +50,8 @@ namespace {
 
 constexpr int64_t kTileV = 512;      // vocabulary tile (a multiple of kBlock)
 constexpr int64_t kRowBlock = 256;   // rows per GEMM of pass 1
+constexpr int64_t kChunkFloats = 256 * kTileV;  // logits per GEMM of pass 1 (512 KiB): fewer rows, more tiles
+constexpr int64_t kMaxChunkTiles = 8;
 
 struct TileStats {
   float* max;      // [R, nt]
@@ -60,17 +63,18 @@ struct TileStats {
 
 bool is_float_dtype(at::ScalarType t) { return dtype_index(t) >= 0; }
 
-// Per-row statistics of one logits tile row g[0, vp) (g[vlen..vp) = -inf), written at slot i.
+// Per-row statistics of one logits tile row g[0, vlen) (g[vlen..vp) is set to -inf), written at slot i.
+// The max and the NaN / +inf flag by the ISA's vectorised row load (in place), then the first argmax
+// by a scan that stops at the max.
 void tile_row_stats(const SampleKernels& k, float* g, int64_t vlen, int64_t vp, float inv_t, bool greedy,
                     bool temp_one, float* e, double* bsum, const TileStats& st, int64_t i) {
-  float m = -std::numeric_limits<float>::infinity();
+  const LoadResult lr = k.load_plain[0](g, nullptr, vlen, vp, 1.0f, g);
+  const float m = lr.max;
+  const bool bad = lr.bad;
   int32_t arg = 0;
-  bool bad = false;
-  for (int64_t v = 0; v < vlen; ++v) {
-    const float x = g[v];
-    if (x != x || x == std::numeric_limits<float>::infinity()) bad = true;
-    if (x > m) m = x, arg = static_cast<int32_t>(v);
-  }
+  if (!bad)
+    while (arg < vlen && g[arg] != m) ++arg;
+  if (arg == vlen) arg = 0;
   st.max[i] = m;
   st.arg[i] = arg;
   st.bad[i] = bad;
@@ -164,13 +168,20 @@ std::tuple<at::Tensor, at::Tensor> head_sample_cpu(const at::Tensor& hidden, con
   std::vector<uint8_t> s_bad(R * nt);
   const TileStats st{s_max.data(), s_usum.data(), s_tsum.data(), s_arg.data(), s_bad.data()};
 
-  // ---- pass 1: every (tile, row block) GEMM, reduced to per-(row, tile) stats at once ----
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+  // ---- pass 1: every (chunk of tiles, row block) GEMM, reduced to per-(row, tile) stats at once ----
+  // A GEMM covers `chunk` consecutive tiles (kChunkFloats of logits per call, so few rows get wide
+  // calls: 8 tiles at R <= 32): fewer, larger BLAS calls; the stats stay per tile.
+  const int64_t r_block = std::min(kRowBlock, R);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(kMaxChunkTiles, kChunkFloats / (r_block * kTileV)));
+  const int64_t nchunks = (nt + chunk - 1) / chunk;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     const at::NoGradGuard no_grad;
     std::vector<float> wbuf, lbuf, ebuf;
     std::vector<double> bbuf;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t v0 = t * kTileV, vlen = std::min(kTileV, V - v0), vp = padded_len(vlen);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t_first = c * chunk, t_end = std::min(nt, t_first + chunk);
+      const int64_t v0 = t_first * kTileV, vlen = std::min(t_end * kTileV, V) - v0;
+      const int64_t ld = (t_end - t_first) * kTileV;  // every tile's row slot is kTileV (>= its padded length)
       at::Tensor wt;
       if (w_f32) {
         wt = w.narrow(0, v0, vlen);
@@ -178,18 +189,20 @@ std::tuple<at::Tensor, at::Tensor> head_sample_cpu(const at::Tensor& hidden, con
         wt = at::from_blob(grow(wbuf, vlen * D), {vlen, D}, at::TensorOptions().dtype(at::kFloat));
         wt.copy_(w.narrow(0, v0, vlen));
       }
-      float* e = grow(ebuf, vp);
-      double* bsum = grow(bbuf, vp / kBlock);
+      float* e = grow(ebuf, kTileV);
+      double* bsum = grow(bbuf, kTileV / kBlock);
       for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
         const int64_t rn = std::min(kRowBlock, R - r0);
-        at::Tensor lt = at::from_blob(grow(lbuf, rn * vp), {rn, vlen}, {vp, 1}, at::TensorOptions().dtype(at::kFloat));
+        at::Tensor lt = at::from_blob(grow(lbuf, rn * ld), {rn, vlen}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
         at::mm_out(lt, h.narrow(0, r0, rn), wt.t());
         for (int64_t r = 0; r < rn; ++r) {
-          float* g = lbuf.data() + r * vp;
-          if (bp != nullptr)
-            for (int64_t v = 0; v < vlen; ++v) g[v] += bp[v0 + v];
-          for (int64_t v = vlen; v < vp; ++v) g[v] = -std::numeric_limits<float>::infinity();
-          tile_row_stats(k, g, vlen, vp, inv_t, greedy, temp_one, e, bsum, st, (r0 + r) * nt + t);
+          for (int64_t t = t_first; t < t_end; ++t) {
+            const int64_t tv0 = t * kTileV, tlen = std::min(kTileV, V - tv0), tvp = padded_len(tlen);
+            float* g = lbuf.data() + r * ld + (tv0 - v0);
+            if (bp != nullptr)
+              for (int64_t v = 0; v < tlen; ++v) g[v] += bp[tv0 + v];
+            tile_row_stats(k, g, tlen, tvp, inv_t, greedy, temp_one, e, bsum, st, (r0 + r) * nt + t);
+          }
         }
       }
     }

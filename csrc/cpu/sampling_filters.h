@@ -25,9 +25,11 @@ inline float kth_largest(const float* g, int64_t v, int64_t k, std::vector<float
   return buf[static_cast<size_t>(k - 1)];
 }
 
-// The largest logit value t among g[0..v) with sum_{g_i >= t} e_i >= target (0 < target <= sum e):
-// top-p keeps {g_i >= t}. e_i >= 0 is monotone in g_i. Tokens with e_i < (sum e - target) / v are
-// below t (all of them together weigh less than sum e - target), so only the others are searched.
+// The largest logit value t among g[0..v) with sum_{g_i >= t} e_i > target (0 < target < sum e; the
+// smallest value when none): top-p keeps {g_i >= t}, i.e. a token while the mass before it is
+// <= target (Dream's and diffusers' rule; sgkernels/ops/filters.py). e_i >= 0 is monotone in g_i.
+// Tokens with e_i < (sum e - target) / v are below t (the others together weigh more than target),
+// so only the others are searched.
 // min_g: only tokens with g_i >= min_g can matter (filter_order "hf": the top-k cut, which t is at least).
 inline float top_p_threshold(const float* g, const float* e, int64_t v, double total, double target,
                              std::vector<std::pair<float, float>>& buf,
@@ -48,9 +50,9 @@ inline float top_p_threshold(const float* g, const float* e, int64_t v, double t
     for (auto it = lo; it != gt_end; ++it) m_gt += it->second;
     for (auto it = gt_end; it != eq_end; ++it) m_eq += it->second;
     last = pv;
-    if (gt_end != lo && m_gt >= need) {
+    if (gt_end != lo && m_gt > need) {
       hi = gt_end;
-    } else if (m_gt + m_eq >= need || eq_end == hi) {
+    } else if (m_gt + m_eq > need || eq_end == hi) {
       return pv;
     } else {
       need -= m_gt + m_eq;

@@ -8,7 +8,8 @@
   ``transformers``; import the submodule explicitly).
 * :mod:`sgkernels.integrations.diffusers`: ``FusedAmusedScheduler`` and ``FusedAmusedPipeline``, and
   for block diffusion (LLaDA2 / DiffusionGemma, diffusers >= 0.39) ``FusedBlockRefinementScheduler``,
-  ``FusedEntropyBoundScheduler`` and ``FusedLLaDA2Pipeline`` (needs the optional ``diffusers`` and
+  ``FusedEntropyBoundScheduler``, ``FusedLLaDA2Pipeline`` and (diffusers >= 0.42)
+  ``FusedDiffusionGemmaPipeline`` (needs the optional ``diffusers`` and
   ``transformers`` packages; import the submodule explicitly).
 
 Submodules are imported on demand, so ``import sgkernels`` never needs diffusers or transformers.

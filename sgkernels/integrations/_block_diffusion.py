@@ -1,7 +1,8 @@
 """Block diffusion through diffusers (LLaDA2 / DiffusionGemma): the fused schedulers and pipeline.
 
 Imported by :mod:`sgkernels.integrations.diffusers`, which documents them; needs diffusers >= 0.39
-(``BlockRefinementScheduler``, ``EntropyBoundScheduler``, ``LLaDA2Pipeline``).
+(``BlockRefinementScheduler``, ``EntropyBoundScheduler``, ``LLaDA2Pipeline``); ``FusedDiffusionGemmaPipeline``
+needs diffusers >= 0.42 (``DiffusionGemmaPipeline``) and is None before.
 """
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ import inspect
 import numbers
 
 import torch
+from tqdm.auto import tqdm
 from diffusers import BlockRefinementScheduler, EntropyBoundScheduler, LLaDA2Pipeline
 from diffusers.pipelines.llada2.pipeline_llada2 import LLaDA2PipelineOutput
 from transformers import DynamicCache
 from diffusers.schedulers.scheduling_block_refinement import BlockRefinementSchedulerOutput
 from diffusers.schedulers.scheduling_entropy_bound import EntropyBoundSchedulerOutput
+
+try:  # diffusers >= 0.42
+    from diffusers import DiffusionGemmaPipeline
+except ImportError:  # pragma: no cover - depends on the install
+    DiffusionGemmaPipeline = None
 
 from ..ops import _validate, head_sample
 from ..ops.block_refine import block_commit, block_refine_step, check_threshold
@@ -240,7 +247,9 @@ class FusedLLaDA2Pipeline(LLaDA2Pipeline):
       forward takes no ``past_key_values``, or with ``callback_on_step_end`` (a callback may rewrite
       finished blocks).
 
-    With ``callback_on_step_end`` the stock loop runs (with the fused scheduler step). Randomness: one
+    The progress bars are the stock ones (blocks, then the steps of each block), configured by
+    ``set_progress_bar_config`` (``disable=True`` turns them off). With ``callback_on_step_end`` the
+    stock loop runs (with the fused scheduler step). Randomness: one
     seed per call from ``generator`` (torch's default generator without one), the op offset is the
     step count; greedy decoding (``temperature=0`` or ``sampling_method="greedy"``) is token-for-token
     the stock pipeline's.
@@ -317,7 +326,11 @@ class FusedLLaDA2Pipeline(LLaDA2Pipeline):
         cache = DynamicCache() if prefix_cache else None
         global_step = 0
 
-        for blk in range(first_block, n_blocks):
+        # the stock progress bars: one over the blocks, one per block over its steps (set_progress_bar_config)
+        bar_config = getattr(self, "_progress_bar_config", {}).copy()
+        for blk in tqdm(range(first_block, n_blocks), **{**bar_config, "position": 0, "desc": "Blocks"}):
+            steps_bar = tqdm(total=steps, **{**bar_config, "position": 1, "leave": False,
+                                             "desc": f"Block {blk} Inference Steps"})
             start, end = blk * block_length, (blk + 1) * block_length
             prompt_in_block = torch.arange(start, end, device=device) < prompt_length
             if cache is not None and cache.get_seq_length() < start:  # encode the finished blocks once
@@ -357,11 +370,13 @@ class FusedLLaDA2Pipeline(LLaDA2Pipeline):
                 global_step += 1
                 if masks_left:
                     step_idx += 1
+                    steps_bar.update(1)
                 if not self.scheduler.check_block_should_continue(
                         step_idx=step_idx, masks_remaining=masks_left, editing_enabled=editing,
                         editing_transfer_index=edit, post_steps=post_steps, max_post_steps=a["max_post_steps"],
                         finished=finished):
                     break
+            steps_bar.close()
             if eos_early_stop and bool(finished.all()):
                 break
 
@@ -400,3 +415,51 @@ class FusedLLaDA2Pipeline(LLaDA2Pipeline):
         prev, transfer, edit = block_commit(tokens, probs, block, mask_token_id=mask_id, prompt_mask=prompt_mask,
                                             quota=quota, threshold=threshold, editing_threshold=editing_threshold)
         return prev, transfer, edit, tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# DiffusionGemma
+
+
+def fused_scheduler(scheduler):
+    """The fused counterpart of a stock ``BlockRefinementScheduler`` / ``EntropyBoundScheduler`` (same
+    config); any other scheduler (a fused one, ``DiscreteDDIMScheduler``) is returned as it is."""
+    if isinstance(scheduler, BlockRefinementScheduler) and not isinstance(scheduler, FusedBlockRefinementScheduler):
+        return FusedBlockRefinementScheduler.from_config(scheduler.config)
+    if isinstance(scheduler, EntropyBoundScheduler) and not isinstance(scheduler, FusedEntropyBoundScheduler):
+        return FusedEntropyBoundScheduler.from_config(scheduler.config)
+    return scheduler
+
+
+if DiffusionGemmaPipeline is not None:
+
+    class FusedDiffusionGemmaPipeline(DiffusionGemmaPipeline):
+        """diffusers' ``DiffusionGemmaPipeline`` stepping with the fused schedulers (docs/dllm.md).
+
+        ``FusedDiffusionGemmaPipeline.from_pipe(pipe)`` or ``FusedDiffusionGemmaPipeline(**pipe.components)``;
+        ``__call__`` is the stock one (same arguments, outputs, progress bar, callbacks, adaptive
+        stopping, ``cache_implementation``). A stock ``BlockRefinementScheduler`` /
+        ``EntropyBoundScheduler`` becomes :class:`FusedBlockRefinementScheduler` /
+        :class:`FusedEntropyBoundScheduler` with the same config, at construction and when one is
+        assigned to ``pipe.scheduler`` later (checked at each call); ``DiscreteDDIMScheduler`` runs as
+        it is. Greedy output (``temperature=0``) is token-for-token the stock pipeline's: the uniform
+        mode's noise is drawn from ``generator`` as the stock step draws it.
+
+        What is not fused, and why: DiffusionGemma already runs its decoder on the canvas only
+        (the active block) against an encoder KV cache of the finished blocks, so there is no
+        ``[B, window, V]`` waste to remove; and the head cannot be fused away, since each step feeds
+        ``softmax(logits)`` of the whole canvas back as self-conditioning and its logits are soft-capped
+        (``final_logit_softcapping``, not a linear map of the hidden states).
+        """
+
+        def __init__(self, model, scheduler, processor):
+            super().__init__(model=model, scheduler=fused_scheduler(scheduler), processor=processor)
+
+        def __call__(self, *args, **kwargs):
+            fused = fused_scheduler(self.scheduler)
+            if fused is not self.scheduler:
+                self.register_modules(scheduler=fused)
+            return super().__call__(*args, **kwargs)
+
+else:  # pragma: no cover - diffusers < 0.42
+    FusedDiffusionGemmaPipeline = None

@@ -1,6 +1,7 @@
 """diffusers drop-ins: ``FusedAmusedScheduler`` and ``FusedAmusedPipeline`` (needs ``pip install diffusers``),
 and for block diffusion (LLaDA2 / DiffusionGemma, diffusers >= 0.39) ``FusedBlockRefinementScheduler``,
-``FusedEntropyBoundScheduler`` and ``FusedLLaDA2Pipeline`` (:mod:`._block_diffusion`; docs/dllm.md).
+``FusedEntropyBoundScheduler``, ``FusedLLaDA2Pipeline`` and (diffusers >= 0.42) ``FusedDiffusionGemmaPipeline``
+(:mod:`._block_diffusion`; docs/dllm.md).
 
 ``FusedAmusedScheduler`` has diffusers' ``AmusedScheduler`` config, ``set_timesteps``, ``step`` and
 outputs, and does the step with two fused ops (:func:`sgkernels.guided_sample` then
@@ -70,9 +71,17 @@ except ImportError as e:  # pragma: no cover - depends on the install
 else:
     _BLOCK_DIFFUSION_ERROR = None
     __all__ += ["FusedBlockRefinementScheduler", "FusedEntropyBoundScheduler", "FusedLLaDA2Pipeline"]
+    from ._block_diffusion import FusedDiffusionGemmaPipeline as _FusedDiffusionGemmaPipeline
+
+    if _FusedDiffusionGemmaPipeline is not None:  # diffusers >= 0.42
+        FusedDiffusionGemmaPipeline = _FusedDiffusionGemmaPipeline
+        __all__ += ["FusedDiffusionGemmaPipeline"]
 
 
 def __getattr__(name):
+    if name == "FusedDiffusionGemmaPipeline" and _BLOCK_DIFFUSION_ERROR is None:
+        raise ImportError("FusedDiffusionGemmaPipeline needs diffusers >= 0.42 (DiffusionGemmaPipeline): "
+                          "pip install -U diffusers")
     if name.startswith("Fused") and _BLOCK_DIFFUSION_ERROR is not None:
         raise ImportError(f"{name} needs diffusers >= 0.39 (BlockRefinementScheduler, LLaDA2Pipeline): "
                           f"pip install -U diffusers ({_BLOCK_DIFFUSION_ERROR})")

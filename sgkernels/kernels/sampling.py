@@ -161,8 +161,8 @@ def _weights(e, m2, BY_MASS: tl.constexpr):
 @triton.jit
 def _threshold(target, key, e, m2, l_row, guide_row, cols, live, V, stride_lv, stride_guide_v, one_plus_s, inv_t, Mz,
                BY_MASS: tl.constexpr, IN_REGS: tl.constexpr, HAS_GUIDE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Per row: the largest key value t with sum_{key >= t} w >= target [R] (a 32-step bitwise search),
-    w the :func:`_weights` of the row's entries.
+    """Per row: the largest key value t with sum_{key >= t} w >= target [R] (BY_MASS: > target, top-p's
+    rule; 0 when none) by a 32-step bitwise search, w the :func:`_weights` of the row's entries.
 
     IN_REGS: the rows' ``key`` (int64 [R, C], 0 for lanes that never count), ``e`` and valid mask
     ``m2`` are given. Otherwise (key, e, m2 unused) every step reads the rows' tiles again
@@ -184,7 +184,10 @@ def _threshold(target, key, e, m2, l_row, guide_row, cols, live, V, stride_lv, s
                 _g, m2_t, key_t, e_t = _tile_e(l_row, guide_row, (t * BLOCK_V + cols)[None, :], live, V, stride_lv,
                                                stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE)
                 mass += tl.sum(tl.where(key_t >= trial[:, None], _weights(e_t, m2_t, BY_MASS), 0.0), axis=1)
-        thr = tl.where(mass >= target, trial, thr)
+        if BY_MASS:  # top-p: keep a token while the mass before it is <= target (filters.py)
+            thr = tl.where(mass > target, trial, thr)
+        else:  # top-k: at least target tokens
+            thr = tl.where(mass >= target, trial, thr)
     return thr
 
 
@@ -193,7 +196,7 @@ def _filter_thresholds(top_k, top_p, z_all, key, e, m2, l_row, guide_row, cols, 
                        one_plus_s, inv_t, Mz, IN_REGS: tl.constexpr, HAS_GUIDE: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_V: tl.constexpr, HF_ORDER: tl.constexpr = False):
     """(thr_k, thr_p) int64 [R]: the order keys that top-k and top-p keep (key >= thr; 0, all, for a
-    filter that is off). top-p: the largest entries whose mass reaches ``top_p * z_all``; with
+    filter that is off). top-p: the entries kept while the mass before them is <= ``top_p * z_all``; with
     HF_ORDER (filter_order "hf") ``top_p`` times the mass of the top-k set (one more pass in tiles).
     The rows in registers or in tiles: see :func:`_threshold`."""
     thr_k = tl.zeros([BLOCK_R], tl.int64)
@@ -202,17 +205,21 @@ def _filter_thresholds(top_k, top_p, z_all, key, e, m2, l_row, guide_row, cols, 
         thr_k = _threshold(tl.zeros([BLOCK_R], tl.float64) + top_k, key, e, m2, l_row, guide_row, cols, live, V,
                            stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, False, IN_REGS, HAS_GUIDE, BLOCK_V)
     if top_p < 1.0:
-        if HF_ORDER:
-            if top_k > 0:
-                if IN_REGS:
+        if IN_REGS:
+            if HF_ORDER:
+                if top_k > 0:
                     z_all = tl.sum(tl.where(key >= thr_k[:, None], e.to(tl.float64), 0.0), axis=1)
-                else:
-                    z_all = tl.zeros([BLOCK_R], tl.float64)
-                    n_iter = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, tl.cdiv(V, BLOCK_V), 0)
-                    for t in range(0, n_iter):
-                        _g, m2_t, key_t, e_t = _tile_e(l_row, guide_row, (t * BLOCK_V + cols)[None, :], live, V,
-                                                       stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE)
-                        z_all += tl.sum(tl.where(key_t >= thr_k[:, None], e_t.to(tl.float64), 0.0), axis=1)
+        else:
+            # the mass as the threshold search weighs it, the float32 e of every tile summed in float64
+            # (the caller's rescaled tile sums round differently: a prefix mass of exactly top_p would
+            # miss), over the top-k set with HF_ORDER (thr_k is 0, every token, when top-k is off)
+            thr_z = thr_k if HF_ORDER else tl.zeros([BLOCK_R], tl.int64)
+            z_all = tl.zeros([BLOCK_R], tl.float64)
+            n_iter = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, tl.cdiv(V, BLOCK_V), 0)
+            for t in range(0, n_iter):
+                _g, m2_t, key_t, e_t = _tile_e(l_row, guide_row, (t * BLOCK_V + cols)[None, :], live, V,
+                                               stride_lv, stride_guide_v, one_plus_s, inv_t, Mz, HAS_GUIDE)
+                z_all += tl.sum(tl.where(m2_t & (key_t >= thr_z[:, None]), e_t.to(tl.float64), 0.0), axis=1)
         thr_p = _threshold(z_all * top_p, key, e, m2, l_row, guide_row, cols, live, V, stride_lv, stride_guide_v,
                            one_plus_s, inv_t, Mz, True, IN_REGS, HAS_GUIDE, BLOCK_V)
     return thr_k, thr_p

@@ -9,9 +9,16 @@ The token with the highest probability is always kept.
 
 * ``top_k`` (0 = off): keep every token whose logit is >= the k-th largest logit. Ties: every token
   tied with the k-th is kept, so more than k may survive on exact ties.
-* ``top_p`` (1.0 = off): keep the smallest set of most probable tokens whose mass is >= top_p.
-  Ties: tokens tied in probability with the last one needed are all kept. Equivalently, keep
-  ``{i : q_i >= tau}`` for the largest ``tau`` among the ``q_i`` with ``sum_{q_j >= tau} q_j >= top_p``.
+* ``top_p`` (1.0 = off): in the order of decreasing probability, keep a token while the mass *before*
+  it is ``<= top_p`` (Dream's ``top_p_logits`` and diffusers' ``BlockRefinementScheduler``: "remove
+  where the previous cumulative mass > top_p"). Ties: tokens tied with the last one kept are all kept.
+  Equivalently, keep ``{i : x_i >= tau}`` for the largest ``tau`` among the ``x_i`` with
+  ``sum_{x_j >= tau} q_j > top_p`` (all tokens when none has). The masses are computed as the kernels
+  compute them: ``exp(x - max)`` rounded to float32, summed in float64, so a prefix mass that is
+  exactly ``top_p`` (e.g. probabilities 1/2, 1/4, 1/8, 1/8 and ``top_p = 0.5``: two tokens kept) is
+  seen as equal. transformers' ``TopPLogitsWarper`` differs at that boundary: it removes the tokens
+  whose ascending cumulative mass is ``<= 1 - top_p``, i.e. keeps while the mass before is
+  ``< top_p`` (one token in the example).
 * ``min_p`` (0.0 = off): keep the tokens with ``q_i >= min_p * max_j q_j``.
 
 Order (``filter_order``), two named rules, which differ only when top-k and top-p are both set:
@@ -23,9 +30,6 @@ Order (``filter_order``), two named rules, which differ only when top-k and top-
   Face's logits warpers, vLLM and diffusers' ``BlockRefinementScheduler`` do. It keeps at most as
   many tokens as ``"dream"`` (top-p then needs ``top_p`` of the top-k mass, which is <= 1).
   ``min_p`` is a ratio to the top probability, which renormalising does not change: the same in both.
-
-Dream's and Hugging Face's own top-p keep a token while the mass *before* it is <= top_p, which
-differs from the rule above only when a prefix mass equals top_p exactly.
 
 Confidences (the score a remask step keeps the highest of; ``choice_temperature * Gumbel`` noise
 is added to it). ``"logp"`` is the ops' default (MaskGIT's); the other three are Dream's
@@ -72,22 +76,29 @@ def keep_mask_reference(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0
     g = logits if logits.dtype == torch.float64 else logits.float()
     keep = torch.ones_like(g, dtype=torch.bool)
     vocab = g.shape[-1]
+    in_top_k = None
     if top_k > 0 and top_k < vocab:
         kth = torch.topk(g, top_k, dim=-1).values[..., -1:]
-        keep &= g >= kth
+        in_top_k = g >= kth
+        keep &= in_top_k
     if top_p < 1.0 or min_p > 0.0:
         p = torch.softmax(g.double(), dim=-1)
         if min_p > 0.0:
             keep &= p >= min_p * p.amax(-1, keepdim=True)
         if top_p < 1.0:
-            if filter_order == "hf" and top_k > 0 and top_k < vocab:  # top-p on the renormalised top-k set
-                p = torch.softmax(g.double().masked_fill(~keep, -math.inf), dim=-1)
-            sorted_p = torch.sort(p, dim=-1, descending=True).values
-            mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
-            # the last sorted position still needed: mass before it < top_p; its probability is tau
-            n_needed = (mass_before < top_p).sum(-1, keepdim=True).clamp_min(1)
-            tau = sorted_p.gather(-1, n_needed - 1)
-            keep &= p >= tau
+            # the masses as the kernels compute them (and as Dream / diffusers do, in float32): e = exp(x - max)
+            # rounded to float32, sums in float64, so that a prefix mass that equals top_p exactly is seen as equal
+            x = g.double()
+            if filter_order == "hf" and in_top_k is not None:  # top-p on the renormalised top-k set
+                x = x.masked_fill(~in_top_k, -math.inf)
+            e = torch.exp((x - x.amax(-1, keepdim=True)).float()).double()
+            sorted_x, order = torch.sort(x, dim=-1, descending=True)
+            sorted_e = e.gather(-1, order)
+            mass_before = torch.cat([torch.zeros_like(sorted_e[..., :1]), torch.cumsum(sorted_e, dim=-1)[..., :-1]], -1)
+            # a sorted position is kept while the mass before it is <= top_p (Dream's and diffusers' rule);
+            # every token tied with the last kept one is kept
+            n_needed = (mass_before <= top_p * e.sum(-1, keepdim=True)).sum(-1, keepdim=True).clamp_min(1)
+            keep &= x >= sorted_x.gather(-1, n_needed - 1)
     return keep
 
 
