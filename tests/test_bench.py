@@ -349,9 +349,9 @@ def test_bench_ops_smoke(tmp_path, capsys):
     assert data["command"] == "ops" and {"gflops", "gbs", "gflops_measured", "gbs_measured"} <= set(data["roofline"])
     assert {r["impl"] for r in data["rows"]} == {"sgkernels", "eager Gumbel+sort"}
     assert all({"op", "shape", "dtype", "impl", "ms", "spread", "peak_mb"} <= set(r) for r in data["rows"])
-    # run in a fresh process, with this process's intra-op threads (1 here), stated below the table
+    # the threads each op ran with, stated below the table
     assert {r["torch_threads"] for r in data["rows"]} == {torch.get_num_threads()}
-    assert f"Each op ran in its own process; threads: remask_lowest_confidence: torch {torch.get_num_threads()}." in out
+    assert f"Threads per op: remask_lowest_confidence: torch {torch.get_num_threads()}." in out
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -405,6 +405,17 @@ def test_bench_check_compares_quoted_ratios():
 def test_bench_check_quoted_rows_name_known_ops():
     bc = _bench_check()
     assert all(op in bc.MODULE and bc.MODULE[op] in ops.OPS for rows in bc.QUOTED.values() for op, _, _ in rows)
+
+
+def test_ops_run_each_op_in_its_own_process(monkeypatch):
+    """Several ops: each in a fresh process with this process's threads; one op: in this process."""
+    calls = []
+    monkeypatch.setattr(ops, "run_isolated", lambda name, device, quick: calls.append(name) or [dict(op=name)])
+    monkeypatch.setattr(ops.modules(["remask_lowest_confidence"])[0], "run", lambda device, quick: [dict(op="here")])
+    assert ops.run("cpu", True, ["remask_lowest_confidence", "guided_sample"]) == [dict(op="guided_sample"),
+                                                                                 dict(op="remask_lowest_confidence")]
+    assert calls == ["guided_sample", "remask_lowest_confidence"]
+    assert [r["op"] for r in ops.run("cpu", True, ["remask_lowest_confidence"])] == ["here"] and len(calls) == 2
 
 
 def test_readme_performance_table_is_generated_from_results():

@@ -5,8 +5,8 @@ impl, ms, peak_mb`` and optionally ``spread`` (interquartile range / median), ``
 bandwidth) or ``gflops``; the row whose impl is ``"sgkernels"`` is the one the ratios are taken
 against. The baselines ("anchors") are in :mod:`sgkernels.bench.anchors`.
 
-:func:`run` runs each op in a fresh Python process (:mod:`sgkernels.bench.ops._worker`), with this
-process's torch thread count, so an op's numbers do not depend on which ops ran before it. (When
+:func:`run` runs each op in a fresh Python process (:mod:`sgkernels.bench.ops._worker`; when it runs
+more than one), with this process's torch thread count, so an op's numbers do not depend on which ops ran before it. (When
 they shared one process, ``self_guided_step`` B=8 N=256 measured 74x in ``make bench-check``, after
 3 ops, and 43x in ``python -m benchmarks``, after 8, on the same quiet machine the same day.)
 """
@@ -40,13 +40,27 @@ def modules(only=None) -> list:
 
 def run(device: str, quick: bool, only=None, progress=None, isolate: bool = True) -> list[dict]:
     """Every selected op's rows; ``progress(name)`` is called before each op. ``isolate``: each op in
-    a fresh process (see the module docstring); False runs them in this one."""
-    rows = []
-    for mod in modules(only):
+    a fresh process (see the module docstring) when more than one is selected (one op runs in this
+    process, which no other op has used: ``gpu_suite.sh`` runs one op per process); False runs them
+    all in this one. Every row states the thread counts it ran with."""
+    rows, mods = [], modules(only)
+    for mod in mods:
         name = mod.__name__.rsplit(".", 1)[1]
         if progress is not None:
             progress(name)
-        rows += run_isolated(name, device, quick) if isolate else mod.run(device, quick)
+        if isolate and len(mods) > 1:
+            rows += run_isolated(name, device, quick)
+        else:
+            rows += with_threads(mod.run(device, quick))
+    return rows
+
+
+def with_threads(rows: list[dict]) -> list[dict]:
+    """``rows`` with the thread counts this process ran them with (vq_lookup sets faiss's equal to torch's)."""
+    from ..machine import faiss_threads
+
+    for r in rows:
+        r.update(torch_threads=torch.get_num_threads(), faiss_threads=faiss_threads())
     return rows
 
 
@@ -128,7 +142,7 @@ def table(rows: list[dict], peak: dict) -> str:
     threads = sorted({(r["op"], r.get("torch_threads"), r.get("faiss_threads")) for r in rows
                       if r.get("torch_threads") is not None})
     if threads:
-        out.append("Each op ran in its own process; threads: " + "; ".join(
+        out.append("Threads per op: " + "; ".join(
             f"{op}: torch {t}" + (f", faiss OpenMP {f}" if f is not None else "") for op, t, f in threads) + ".")
     out.append("Spread: interquartile range / median of the timed blocks. Geometric-mean speed-up per anchor: "
                + "; ".join(f"{k}: {v:.1f}x" for k, v in ratios(rows).items()))

@@ -15,11 +15,9 @@ import torch
 def main(argv: list[str]) -> int:
     name, device, quick, threads, out = argv
     torch.set_num_threads(int(threads))
-    rows = importlib.import_module(f"sgkernels.bench.ops.{name}").run(device, bool(int(quick)))
-    from sgkernels.bench.machine import faiss_threads
+    from sgkernels.bench.ops import with_threads
 
-    for r in rows:  # the thread counts the op ran with (vq_lookup sets faiss's equal to torch's)
-        r.update(torch_threads=torch.get_num_threads(), faiss_threads=faiss_threads())
+    rows = with_threads(importlib.import_module(f"sgkernels.bench.ops.{name}").run(device, bool(int(quick))))
     with open(out, "w") as f:
         json.dump(rows, f)
     return 0
