@@ -1,8 +1,9 @@
 """``python -m benchmarks [--device cpu|cuda] [--quick] [--only OP ...] [--out FILE]``.
 
-Runs every op of :mod:`sgkernels.bench.ops` (the rows ``sgkernels bench ops`` prints: one code path)
-in one process, prints one table, and rewrites this device's section of ``benchmarks/RESULTS.md``
-(the other device's section is kept).
+Runs every op of :mod:`sgkernels.bench.ops` (the rows ``sgkernels bench ops`` prints: one code path;
+each op in a fresh process), prints one table, and rewrites this device's section of
+``benchmarks/RESULTS.md`` (the other device's section is kept). With ``--only`` nothing is written
+unless ``--out`` names a file: a section of RESULTS.md is one full run, from one day and one machine.
 """
 from __future__ import annotations
 
@@ -48,8 +49,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke runs)")
     parser.add_argument("--only", nargs="*", choices=ops.OPS, metavar="OP", help="op names: " + ", ".join(ops.OPS))
-    parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown results file ('' to skip)")
+    parser.add_argument("--out", default=None, help="markdown results file ('' to skip; default: benchmarks/RESULTS.md "
+                        "for a full run, nothing with --only: a partial run would replace the whole section)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = "" if args.only else os.path.join(HERE, "RESULTS.md")
+        if args.only:
+            print("not writing benchmarks/RESULTS.md: its section is one full run (pass --out FILE to write this one)",
+                  file=sys.stderr)
     ops.peaks([], args.device, args.quick)  # the roofline, measured before the rows
     rows = ops.run(args.device, args.quick, args.only,
                    progress=lambda op: print(f"running {op} on {args.device} ...", file=sys.stderr, flush=True))

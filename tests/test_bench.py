@@ -446,3 +446,56 @@ def test_readme_block_replaces_only_the_generated_lines():
     assert bc.readme_with_block(new, block) == new
     with pytest.raises(SystemExit, match="marker"):
         bc.readme_with_block("# no marker\n", block)
+
+
+# The ops whose rows this test builds with real inputs (paper_realsize writes 270 M parameters of folders:
+# its own tests use a small config; head_sample and vqgan_encode build models of seconds).
+INTERLEAVE_CHECKED = ("amused_step", "cross_entropy", "guided_sample", "llada_step", "remask_lowest_confidence",
+                      "sampler", "self_guided_step", "vq_lookup")
+
+
+@pytest.mark.parametrize("name", INTERLEAVE_CHECKED)
+def test_op_rows_time_their_implementations_interleaved(name, monkeypatch):
+    """Every (op, shape, dtype) row group comes from one autorange over all its implementations (rounds
+    interleaved: load hits them alike), never from a separate timing of each."""
+    calls = []
+
+    def fake_autorange(fns, device, **kw):
+        calls.append(len(fns))
+        return {k: timing.Stats(1.0, 1.0, 1.0, 1.0, 1) for k in fns}
+
+    monkeypatch.setattr(timing, "autorange", fake_autorange)
+    monkeypatch.setattr(timing, "peak_mb", lambda fn, device: None)
+    (mod,) = ops.modules([name])
+    rows = mod.run("cpu", True)
+    if not rows:
+        pytest.skip(f"{name}: nothing to time here (an optional package is missing)")
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["shape"], r["dtype"]), set()).add(r["impl"])
+    assert all("sgkernels" in impls and len(impls) >= 2 for impls in groups.values()), groups
+    assert sorted(calls) == sorted(len(impls) for impls in groups.values())
+
+
+def test_benchmarks_only_writes_results_md_only_when_asked(tmp_path, monkeypatch, capsys):
+    """``python -m benchmarks --only OP`` prints its rows and leaves RESULTS.md alone (a section is one
+    full run); with ``--out FILE`` it writes FILE."""
+    import importlib
+
+    monkeypatch.syspath_prepend(ROOT)
+    main = importlib.import_module("benchmarks.__main__")
+    rows = [dict(op="remask_lowest_confidence", shape="s", dtype="float32", impl=i, ms=m, peak_mb=0)
+            for i, m in (("sgkernels", 1.0), ("eager Gumbel+sort", 2.0))]
+    monkeypatch.setattr(ops, "run", lambda *a, **k: rows)
+    monkeypatch.setattr(ops, "peaks", lambda rows, device, quick=False: dict(
+        gflops=100.0, gbs=10.0, gflops_measured=100.0, gbs_measured=10.0, gemm="x", copy_mb=1, gflops_row=None,
+        gbs_row=None))
+    written = []
+    monkeypatch.setattr(main, "write_results", lambda path, device, text: written.append(path))
+    assert main.main(["--device", "cpu", "--only", "remask_lowest_confidence"]) == 0
+    out = capsys.readouterr()
+    assert written == [] and "| remask_lowest_confidence | s | float32 | eager Gumbel+sort | 2.000 | 2.0x |" in out.out
+    assert "not writing benchmarks/RESULTS.md" in out.err
+    assert main.main(["--device", "cpu", "--only", "remask_lowest_confidence", "--out", str(tmp_path / "r.md")]) == 0
+    assert written == [str(tmp_path / "r.md")]
+    assert main.main(["--device", "cpu"]) == 0 and written[-1] == os.path.join(ROOT, "benchmarks", "RESULTS.md")

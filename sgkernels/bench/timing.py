@@ -148,13 +148,6 @@ def autorange(fns: dict, device, *, warmup: int = 1, min_repeats: int = 3, max_r
     return {name: Stats.of(t, number[name]) for name, t in times.items()}
 
 
-def median_ms(fn, device: str, *, repeats: int = 10, warmup: int = 2, min_time: float = 0.0) -> float:
-    """Median wall time of ``fn()`` in ms over at least ``repeats`` timed blocks after ``warmup`` calls
-    (:func:`autorange` with one callable)."""
-    return autorange({0: fn}, device, warmup=warmup, min_repeats=repeats, max_repeats=10 * repeats,
-                     min_time=min_time)[0].median_ms
-
-
 def median_ms_interleaved(fns: dict, device: str, *, repeats: int = 10, warmup: int = 2) -> dict:
     """Median ms of each of several ``fns`` (name -> callable), interleaved in every round, so load
     from other processes on a shared machine hits them alike (:func:`autorange`)."""
@@ -196,15 +189,6 @@ def peak_mb(fn, device: str) -> float | None:
         return max(0, _rss_kb("VmHWM:") - base) / 1024
     finally:
         _mmap_threshold(_MMAP_FOR_TIMING)
-
-
-def measure(fn, device: str, quick: bool, **row) -> dict:
-    """One result row: median ms (and its spread) and peak extra memory of ``fn``."""
-    st = autorange({0: fn}, device, warmup=1 if quick else 3, min_repeats=3 if quick else 10,
-                   max_repeats=3 if quick else 30, max_time=30.0)[0]
-    row.update(ms=st.median_ms, spread=st.spread)
-    row["peak_mb"] = peak_mb(fn, device)
-    return row
 
 
 def measure_interleaved(impls: list[tuple], device: str, quick: bool, **common) -> list[dict]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..timing import measure
+from ..timing import measure_interleaved
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
@@ -39,6 +39,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             return fused.step(cond, t, sample, uncond_logits=uncond, guidance_scale=w,
                               generator=torch.Generator(device=device).manual_seed(1))
 
-        rows.append(measure(ours, device, quick, impl="sgkernels", bytes=2 * cond.numel() * 4, **common))
-        rows.append(measure(reference, device, quick, impl="diffusers blend + AmusedScheduler.step", **common))
+        rows += measure_interleaved([(ours, dict(impl="sgkernels", bytes=2 * cond.numel() * 4)),
+                                     (reference, dict(impl="diffusers blend + AmusedScheduler.step"))],
+                                    device, quick, **common)
     return rows

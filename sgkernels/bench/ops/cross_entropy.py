@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import sgkernels  # noqa: F401  (loads the ops)
 from sgkernels.ops.cross_entropy import fused_cross_entropy
 
-from ..timing import measure
+from ..timing import measure_interleaved
 
 
 def _liger():
@@ -52,12 +52,11 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         # forward: read logits, write the gradient; backward: read it, write grad * grad_output
         # (single tile; the multi-tile path, V > 8192, reads the logits twice)
         nbytes = 4 * logits.numel() * logits.element_size()
-        rows.append(measure(_step(fused_cross_entropy, logits, target), device, quick, impl="sgkernels", bytes=nbytes,
-                            **common))
         inplace = _step(lambda x, t: fused_cross_entropy(x, t, inplace_grad=True), logits, target, copy=True)
-        rows.append(measure(inplace, device, quick, impl="sgkernels inplace_grad (+copy)", **common))
-        rows.append(measure(_step(F.cross_entropy, logits, target), device, quick, impl="F.cross_entropy", **common))
+        impls = [(_step(fused_cross_entropy, logits, target), dict(impl="sgkernels", bytes=nbytes)),
+                 (inplace, dict(impl="sgkernels inplace_grad (+copy)")),
+                 (_step(F.cross_entropy, logits, target), dict(impl="F.cross_entropy"))]
         if liger is not None:
-            rows.append(measure(_step(liger, logits, target, copy=True), device, quick,
-                                impl="liger_cross_entropy (+copy)", **common))
+            impls.append((_step(liger, logits, target, copy=True), dict(impl="liger_cross_entropy (+copy)")))
+        rows += measure_interleaved(impls, device, quick, **common)
     return rows

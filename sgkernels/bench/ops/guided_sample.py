@@ -5,7 +5,7 @@ import torch
 
 import sgkernels as sgk
 
-from ..timing import measure
+from ..timing import measure_interleaved
 
 
 def eager_guided_sample(logits, guide, s, temperature):
@@ -28,8 +28,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         logits = torch.randn(batch, n_tok, vocab, generator=gen, device=device).to(dtype)
         guide = torch.randn(batch, n_tok, vocab, generator=gen, device=device).to(dtype)
         common = dict(op="guided_sample", shape=f"B={batch} N={n_tok} V={vocab}", dtype=str(dtype).replace("torch.", ""))
-        rows.append(measure(lambda: sgk.guided_sample(logits, guide, guidance_scale=1.0, seed=0), device, quick,
-                            impl="sgkernels", bytes=2 * logits.numel() * logits.element_size(), **common))
-        rows.append(measure(lambda: eager_guided_sample(logits, guide, 1.0, 1.0), device, quick,
-                            impl="eager softmax+multinomial", **common))
+        rows += measure_interleaved([
+            (lambda: sgk.guided_sample(logits, guide, guidance_scale=1.0, seed=0),
+             dict(impl="sgkernels", bytes=2 * logits.numel() * logits.element_size())),
+            (lambda: eager_guided_sample(logits, guide, 1.0, 1.0), dict(impl="eager softmax+multinomial")),
+        ], device, quick, **common)
     return rows

@@ -26,7 +26,7 @@ import torch
 
 import sgkernels as sgk
 
-from ..timing import measure, median_ms_interleaved, peak_mb
+from ..timing import measure_interleaved, median_ms_interleaved, peak_mb
 
 
 def _setup(device, rows_total, d, vocab, dtype, seed=0):
@@ -78,8 +78,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         baseline, fused = _fns(h, hu, w, b, n_dec, cfg, opts)
         common = dict(op="head_sample", shape=f"{name} L={rows_total} rows={n_dec} d={d} V={vocab}",
                       dtype=str(dtype).replace("torch.", ""))
-        out.append(measure(fused, device, quick, impl="sgkernels", gflops=None, **common))
-        out.append(measure(baseline, device, quick, impl="torch matmul + guided_sample", **common))
+        out += measure_interleaved([(fused, dict(impl="sgkernels", gflops=None)),
+                                    (baseline, dict(impl="torch matmul + guided_sample"))], device, quick, **common)
     return out
 
 

@@ -5,7 +5,7 @@ import torch
 
 import sgkernels as sgk
 
-from ..timing import measure
+from ..timing import measure_interleaved
 
 
 def eager_remask(logp, is_masked, n, tau):
@@ -24,7 +24,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         is_masked = torch.rand(batch, n_tok, generator=gen, device=device) < 0.8
         n = torch.full((batch,), n_tok // 3, device=device)
         common = dict(op="remask_lowest_confidence", shape=f"B={batch} N={n_tok}", dtype="float32")
-        rows.append(measure(lambda: sgk.remask_lowest_confidence(logp, is_masked, n, choice_temperature=4.5, seed=0),
-                            device, quick, impl="sgkernels", bytes=logp.numel() * 5, **common))
-        rows.append(measure(lambda: eager_remask(logp, is_masked, n, 4.5), device, quick, impl="eager Gumbel+sort", **common))
+        rows += measure_interleaved([
+            (lambda: sgk.remask_lowest_confidence(logp, is_masked, n, choice_temperature=4.5, seed=0),
+             dict(impl="sgkernels", bytes=logp.numel() * 5)),
+            (lambda: eager_remask(logp, is_masked, n, 4.5), dict(impl="eager Gumbel+sort")),
+        ], device, quick, **common)
     return rows

@@ -13,7 +13,7 @@ import torch
 import sgkernels as sgk
 
 from .. import anchors
-from ..timing import measure
+from ..timing import measure_interleaved
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
@@ -31,9 +31,10 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     shape = f"{'MaskGIT-256' if device != 'cpu' else 'd=128 L=2'} B={batch} N={cfg.num_tokens} T={steps} guided"
     common = dict(op="SelfGuidedSampler", shape=shape, dtype="float32")
     sampler = sgk.SelfGuidedSampler(model, guide, steps=steps, guidance_scale=1.0, choice_temperature=25.0)
-    rows = [measure(lambda: sampler(labels, seed=0), device, quick, impl="sgkernels", **common),
-            measure(lambda: anchors.official_sampling_loop(sampler, labels), device, quick, impl="official-style loop (eager step)", **common)]
+    impls = [(lambda: sampler(labels, seed=0), dict(impl="sgkernels")),
+             (lambda: anchors.official_sampling_loop(sampler, labels), dict(impl="official-style loop (eager step)"))]
     if device != "cpu":
         graphed = sgk.SelfGuidedSampler(model, guide, steps=steps, guidance_scale=1.0, choice_temperature=25.0, cuda_graph=True)
-        rows.append(measure(lambda: graphed(labels, seed=0), device, quick, impl="sgkernels + CUDA graph, whole step (< 1x: graph faster)", **common))
-    return rows
+        impls.append((lambda: graphed(labels, seed=0),
+                      dict(impl="sgkernels + CUDA graph, whole step (< 1x: graph faster)")))
+    return measure_interleaved(impls, device, quick, **common)

@@ -6,7 +6,7 @@ import torch
 import sgkernels as sgk
 
 from .. import anchors
-from ..timing import measure
+from ..timing import measure_interleaved
 
 CPU_SHAPES = [(8, 256, 1024, torch.float32), (8, 1024, 1024, torch.float32), (2, 1024, 8192, torch.float32)]
 GPU_SHAPES = [(32, 1024, 1024, torch.bfloat16), (64, 256, 1024, torch.bfloat16), (64, 1024, 1024, torch.bfloat16)]
@@ -28,19 +28,16 @@ def step_rows(batch, n_tok, vocab, dtype, device, quick, *, masked_fraction=1.0,
     shape = f"B={batch} N={n_tok} V={vocab}" + ("" if masked_fraction == 1.0 else f" masked={masked_fraction:.0%}")
     common = dict(op="self_guided_step", shape=shape, dtype=str(dtype).replace("torch.", ""))
     read = int(is_masked.sum()) * vocab * logits.element_size() * 2
-    rows = [
-        measure(
-            lambda: sgk.self_guided_step(tokens, is_masked, logits, guide, n, guidance_scale=S, temperature=T,
-                                         choice_temperature=TAU, seed=0, offset=1),
-            device, quick, impl="sgkernels", bytes=read, **common,
-        )
-    ]
+
+    def ours():
+        return sgk.self_guided_step(tokens, is_masked, logits, guide, n, guidance_scale=S, temperature=T,
+                                    choice_temperature=TAU, seed=0, offset=1)
 
     def eager():
         return anchors.open_muse_step(tokens, is_masked, logits, guide, n, guidance_scale=S, temperature=T,
                                       choice_temperature=TAU, mask_id=vocab)
 
-    rows.append(measure(eager, device, quick, impl="open-muse eager step", **common))
+    impls = [(ours, dict(impl="sgkernels", bytes=read)), (eager, dict(impl="open-muse eager step"))]
     if compile_anchor:
         compiled = torch.compile(anchors.open_muse_step, dynamic=False)
 
@@ -48,8 +45,8 @@ def step_rows(batch, n_tok, vocab, dtype, device, quick, *, masked_fraction=1.0,
             return compiled(tokens, is_masked, logits, guide, n, guidance_scale=S, temperature=T,
                             choice_temperature=TAU, mask_id=vocab)
 
-        rows.append(measure(eager_compiled, device, quick, impl="torch.compile(open-muse step)", **common))
-    return rows
+        impls.append((eager_compiled, dict(impl="torch.compile(open-muse step)")))
+    return measure_interleaved(impls, device, quick, **common)
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
