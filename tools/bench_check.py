@@ -204,9 +204,9 @@ def main(argv=None) -> int:
     from sgkernels.bench.machine import header_lines, machine_info
 
     only = sorted({MODULE[op] for op, _, _ in quoted})
-    print("\n".join(header_lines(machine_info(a.device))), flush=True)
     print(f"rerunning {', '.join(only)} on {a.device} ...", file=sys.stderr, flush=True)
     today = ops.run(a.device, a.quick, only)
+    print("\n".join(header_lines(machine_info(a.device))), flush=True)  # after the run: its load
     results, ok = compare(recorded, today, quoted, a.tolerance)
     print(render(results))
     print(f"bench-check: {'PASS' if ok else 'FAIL'} ({sum(r['status'] == 'ok' for r in results)}/{len(results)} "
