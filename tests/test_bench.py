@@ -398,7 +398,7 @@ def test_bench_check_compares_quoted_ratios():
     today[1]["ms"] = 13.0
     results, ok = bc.compare(recorded, today, quoted[:1], 0.25)
     assert not ok and results[0]["status"] == "moved more than 25%"
-    assert "| a | s1 | eager | 10.0x | 13.0x | +30% | moved more than 25% |" in bc.render(results)
+    assert "| a | s1 | eager | 10.0x | 13.0x | +30% | moved more than 25% | 1 / 10 | 1 / 13 |" in bc.render(results)
     assert bc.readme_table(recorded, quoted).splitlines()[2] == "| `a` s1 | 1 ms | eager 10 ms | 10.0x |"
 
 

@@ -87,12 +87,18 @@ def parse_section(text: str, title: str) -> list[dict]:
     return rows
 
 
-def ratio(rows: list[dict], op: str, shape: str, impl: str):
-    """anchor ms / sgkernels ms of (op, shape), or None when either row is missing."""
+def times(rows: list[dict], op: str, shape: str, impl: str):
+    """(sgkernels ms, anchor ms) of (op, shape), or None when either row is missing."""
     found = {r["impl"]: r["ms"] for r in rows if r["op"] == op and r["shape"] == shape}
     if impl not in found or "sgkernels" not in found or found["sgkernels"] <= 0:
         return None
-    return found[impl] / found["sgkernels"]
+    return found["sgkernels"], found[impl]
+
+
+def ratio(rows: list[dict], op: str, shape: str, impl: str):
+    """anchor ms / sgkernels ms of (op, shape), or None when either row is missing."""
+    t = times(rows, op, shape, impl)
+    return None if t is None else t[1] / t[0]
 
 
 def compare(recorded: list[dict], today: list[dict], quoted, tolerance: float) -> tuple[list[dict], bool]:
@@ -107,17 +113,22 @@ def compare(recorded: list[dict], today: list[dict], quoted, tolerance: float) -
             change = r1 / r0 - 1
             status = "ok" if abs(change) <= tolerance else f"moved more than {tolerance:.0%}"
         ok &= status == "ok"
-        out.append(dict(op=op, shape=shape, anchor=impl, recorded=r0, today=r1, change=change, status=status))
+        out.append(dict(op=op, shape=shape, anchor=impl, recorded=r0, today=r1, change=change, status=status,
+                        ms_recorded=times(recorded, op, shape, impl), ms_today=times(today, op, shape, impl)))
     return out, ok
 
 
 def render(results: list[dict]) -> str:
-    lines = ["| op | shape | anchor | recorded | today | change | |", "|---|---|---|---:|---:|---:|---|"]
+    """The check's table: each quoted row's ratio recorded and today, and both times (sgkernels / anchor
+    ms), so that a moved ratio shows which side moved."""
+    lines = ["| op | shape | anchor | recorded | today | change | | ms recorded (ours / anchor) | ms today |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|"]
     for r in results:
         f = lambda v: "" if v is None else f"{v:.1f}x"  # noqa: E731
+        ms = lambda t: "" if t is None else f"{t[0]:.3g} / {t[1]:.3g}"  # noqa: E731
         ch = "" if r["change"] is None else f"{100 * r['change']:+.0f}%"
         lines.append(f"| {r['op']} | {r['shape']} | {r['anchor']} | {f(r['recorded'])} | {f(r['today'])} | {ch} | "
-                     f"{r['status']} |")
+                     f"{r['status']} | {ms(r.get('ms_recorded'))} | {ms(r.get('ms_today'))} |")
     return "\n".join(lines)
 
 
