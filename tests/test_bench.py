@@ -418,6 +418,29 @@ def test_ops_run_each_op_in_its_own_process(monkeypatch):
     assert [r["op"] for r in ops.run("cpu", True, ["remask_lowest_confidence"])] == ["here"] and len(calls) == 2
 
 
+def test_op_with_processes_takes_each_shape_from_the_anchors_fastest_process(monkeypatch):
+    """vq_lookup on CPU: PROCESSES fresh processes; per shape, every row of the process where faiss ran
+    fastest (so a ratio never mixes processes), each row stating all the processes' times."""
+    vq = ops.modules(["vq_lookup"])[0]
+    monkeypatch.setattr(vq, "PROCESSES", 3)
+    faiss_ms = iter([(20.0, 50.0), (12.0, 70.0), (13.0, 52.0)])  # per process: shape s1, shape s2
+
+    def fake(name, device, quick):
+        a, b = next(faiss_ms)
+        return [dict(op=name, shape=s, dtype="float32", impl=i, ms=ms) for s, f in (("s1", a), ("s2", b))
+                for i, ms in (("sgkernels", 10.0 + f / 100), (vq.BEST_OF, f))]
+
+    monkeypatch.setattr(ops, "run_isolated", fake)
+    rows = {(r["shape"], r["impl"]): r for r in ops.run("cpu", False, ["vq_lookup"])}
+    assert rows[("s1", vq.BEST_OF)]["ms"] == 12.0 and rows[("s1", "sgkernels")]["ms"] == 10.12
+    assert rows[("s2", vq.BEST_OF)]["ms"] == 50.0 and rows[("s2", "sgkernels")]["ms"] == 10.5
+    assert rows[("s1", vq.BEST_OF)]["ms_per_process"] == [20.0, 12.0, 13.0] and rows[("s2", "sgkernels")]["processes"] == 3
+    assert ops.processes_of(vq, "cpu", quick=True) == 1 and ops.processes_of(vq, "cuda", quick=False) == 1
+    with pytest.raises(ValueError, match="some processes and not others"):
+        ops.fastest_process([[dict(shape="s", dtype="f", impl="a", ms=1.0)],
+                             [dict(shape="s", dtype="f", impl="b", ms=1.0)]], "b")
+
+
 def test_readme_performance_table_is_generated_from_results():
     """README's and docs/performance.md's numbers are RESULTS.md's: the block under the marker is what
     --write-readme writes."""

@@ -16,14 +16,21 @@ import torch
 
 
 def _mmap_threshold(nbytes: int) -> None:
-    """Set glibc's M_MMAP_THRESHOLD: blocks above it are mmapped, and unmapped on free.
+    """Set glibc's M_MMAP_THRESHOLD (blocks above it are mmapped, and unmapped on free) and, as
+    glibc's own dynamic rule does, M_TRIM_THRESHOLD to twice that.
 
     The peak-RSS measurement sets it low, so every big tensor shows up as fresh RSS (by default
     freed blocks stay resident and the CPU peak would read ~0); timing runs set it high, as glibc's
     own steady state, since mmapping every tensor would slow the eager baselines several-fold.
+    Setting M_MMAP_THRESHOLD by hand freezes M_TRIM_THRESHOLD at its 128 KiB default, so a big
+    block freed at the top of the heap would go back to the system and be faulted in again on the
+    next call, in some processes and not others: faiss's 16 MB distance buffer ran 12 or 19 ms at
+    D=256 depending on where the heap put it. The trim threshold set with it removes that.
     """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2 * nbytes)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
